@@ -1,0 +1,92 @@
+package namespace
+
+import (
+	"errors"
+	"regexp"
+	"sort"
+)
+
+// PLACEHOLDER: a plain loop with the final API, so that other packages
+// compile. The indexed matcher replaces this file.
+
+// Matcher answers which owners' patterns match an ID. Safe for concurrent use.
+type Matcher struct {
+	plain *Plain
+}
+
+// Compile builds a matcher from patterns. Every bad pattern is reported, as a
+// *PatternError joined with errors.Join.
+func Compile(patterns []Pattern) (*Matcher, error) {
+	p, err := NewPlain(patterns)
+	if err != nil {
+		return nil, err
+	}
+	return &Matcher{plain: p}, nil
+}
+
+// Match returns the owners whose patterns of kind match id, sorted by owner.
+func (m *Matcher) Match(kind Kind, id string) []Hit { return m.AppendMatch(nil, kind, id) }
+
+// AppendMatch appends the hits for id to dst and returns it; it does not
+// allocate when dst has room.
+func (m *Matcher) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
+	return m.plain.AppendMatch(dst, kind, id)
+}
+
+// Plain is the reference matcher: every regex tried one by one. It is what
+// the indexed Matcher is checked and benchmarked against.
+type Plain struct {
+	pats []Pattern
+	res  []*regexp.Regexp
+}
+
+// NewPlain compiles patterns for the plain loop.
+func NewPlain(patterns []Pattern) (*Plain, error) {
+	p := &Plain{pats: patterns, res: make([]*regexp.Regexp, len(patterns))}
+	var errs []error
+	for i, pat := range patterns {
+		re, err := compileAnchored(pat.Regex)
+		if err != nil {
+			errs = append(errs, &PatternError{Index: i, Regex: pat.Regex, Reason: err.Error(), Err: err})
+			continue
+		}
+		p.res[i] = re
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return p, nil
+}
+
+// AppendMatch is Matcher.AppendMatch done the slow way.
+func (p *Plain) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
+	start := len(dst)
+	for i, pat := range p.pats {
+		if pat.Kind != kind || !p.res[i].MatchString(id) {
+			continue
+		}
+		found := false
+		for j := start; j < len(dst); j++ {
+			if dst[j].Owner == pat.Owner {
+				dst[j].Exclusive = dst[j].Exclusive || pat.Exclusive
+				found = true
+				break
+			}
+		}
+		if !found {
+			dst = append(dst, Hit{Owner: pat.Owner, Exclusive: pat.Exclusive})
+		}
+	}
+	sort.Slice(dst[start:], func(a, b int) bool { return dst[start+a].Owner < dst[start+b].Owner })
+	return dst
+}
+
+// Validate reports whether regex is a usable namespace pattern.
+func Validate(regex string) error {
+	_, err := compileAnchored(regex)
+	return err
+}
+
+func compileAnchored(regex string) (*regexp.Regexp, error) {
+	return regexp.Compile(`^(?:` + regex + `)`)
+}

@@ -1,0 +1,169 @@
+// Package txnstore is the durable state of the dispatcher: every item
+// (event, ephemeral event, to-device message) stored once, one ordered
+// stream per application service referencing it, the transactions frozen for
+// each AS, and each AS's delivery state.
+//
+// Sequence numbers (Seq) are assigned at commit, strictly increasing in
+// commit order, and never reused, even after garbage collection. An AS's
+// stream is the ordered set of seqs appended for it. A transaction covers
+// every item of one AS's stream in a half-open range (After, Last]; because
+// items are immutable and the range is fixed when the transaction is frozen,
+// the transaction's content is fixed too.
+//
+// SQLite (Open) is the embedded default; the interface is kept narrow and the
+// SQL portable so that other backends (PostgreSQL) can follow.
+package txnstore
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Kind says which part of a transaction body an item goes into.
+type Kind uint8
+
+// Item kinds.
+const (
+	KindEvent     Kind = 1 // "events": PDUs in client format
+	KindEphemeral Kind = 2 // "ephemeral": typing, receipts, presence
+	KindToDevice  Kind = 3 // "to_device": to-device messages
+)
+
+// ASKey is the store's compact, stable number for an application service id.
+type ASKey int32
+
+// Item is one stored unit of delivery.
+type Item struct {
+	Seq  int64
+	Kind Kind
+	// Data is the item's JSON exactly as it goes into a transaction body.
+	// Callers must not modify it.
+	Data []byte
+}
+
+// Entry asks Append to store one item and add it to the streams of Targets.
+type Entry struct {
+	Kind Kind
+	Data []byte
+	// Targets are the ASes whose streams get the item, sorted ascending,
+	// without duplicates. An entry without targets is not stored.
+	Targets []ASKey
+}
+
+// Committed is an entry as committed: its seq and targets. It is what
+// Options.OnCommit receives, in commit order.
+type Committed struct {
+	Item    Item
+	Targets []ASKey
+}
+
+// Range is the half-open seq range (After, Last] of one AS's stream.
+type Range struct {
+	After int64
+	Last  int64
+}
+
+// Txn is a frozen transaction of one AS.
+type Txn struct {
+	AS ASKey
+	// ID is unique per AS forever: a per-AS counter that is durably advanced
+	// before the transaction is first sent.
+	ID    int64
+	Range Range
+	// Format is the body layout the transaction was built with (opaque to
+	// the store), so a rebuild after a restart lays the body out the same way.
+	Format uint32
+	// Len and Checksum (CRC-32C) describe the body sent the first time.
+	Len      int
+	Checksum uint32
+	// Body is the exact body, stored after the first failed attempt so every
+	// retry, across restarts too, repeats it byte for byte. Nil until then.
+	Body []byte
+}
+
+// State is an AS's delivery state as last recorded.
+type State struct {
+	Up bool
+	// Failures counts consecutive failed attempts (0 when up).
+	Failures    int
+	LastSuccess time.Time
+	LastError   string
+	LastErrorAt time.Time
+	NextRetry   time.Time
+}
+
+// Status is a snapshot of one AS for operators.
+type Status struct {
+	ID  string
+	Key ASKey
+	State
+	// Delivered is the last seq the AS acknowledged (its cursor).
+	Delivered int64
+	// PendingItems counts stream items after Delivered (including those in
+	// frozen transactions); PendingTxns counts frozen transactions.
+	PendingItems int64
+	PendingTxns  int
+	// OldestPending is when the oldest pending item was committed (zero if none).
+	OldestPending time.Time
+}
+
+// ErrClosed is returned by every call after Close.
+var ErrClosed = errors.New("txnstore: closed")
+
+// Store is the durable state. All methods are safe for concurrent use.
+// Writes of concurrent callers are merged into shared commits (group commit);
+// a method that writes returns once its write is durable.
+type Store interface {
+	// EnsureAS returns the key for an AS id, creating its stream if it is new.
+	// A new AS starts at the current end of the log: it receives nothing
+	// committed before it existed.
+	EnsureAS(ctx context.Context, id string) (ASKey, error)
+
+	// Append durably stores the entries and appends each to its targets'
+	// streams, in order. It returns the seq assigned to each entry (0 for an
+	// entry without targets).
+	Append(ctx context.Context, entries []Entry) ([]int64, error)
+
+	// Read returns up to max items of as's stream with seq > after, oldest
+	// first.
+	Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error)
+
+	// Delivered returns as's cursor: every item up to it was acknowledged.
+	Delivered(ctx context.Context, as ASKey) (int64, error)
+
+	// Freeze durably records new transactions for as, taking the next ids of
+	// its counter in order, and deletes the transaction replace (if non-zero)
+	// in the same commit (used to split a transaction the AS refused as too
+	// large). The ranges must follow each other and every frozen one.
+	Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error)
+
+	// SaveBody stores the exact body of a frozen transaction.
+	SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error
+
+	// Frozen returns as's frozen transactions, oldest first.
+	Frozen(ctx context.Context, as ASKey) ([]Txn, error)
+
+	// Complete records that the AS acknowledged transaction id: it is
+	// deleted, the AS's cursor moves to its Range.Last, and stream entries
+	// and items no stream needs any more become garbage.
+	Complete(ctx context.Context, as ASKey, id int64) error
+
+	// SetState records as's delivery state.
+	SetState(ctx context.Context, as ASKey, st State) error
+
+	// Statuses returns a snapshot of every AS the store knows.
+	Statuses(ctx context.Context) ([]Status, error)
+
+	// Close waits for pending writes and closes the store.
+	Close() error
+}
+
+// Options configure a store.
+type Options struct {
+	// OnCommit, if set, is called from the committing goroutine after each
+	// commit that appended items, with those items in seq order, before the
+	// Append calls of that commit return. It must be fast and must not call
+	// the store.
+	OnCommit func([]Committed)
+}
