@@ -1,0 +1,32 @@
+// Package queue runs one sender per application service: it batches the
+// AS's pending items into transactions, strictly oldest first with one
+// transaction in flight, freezes each transaction in the txnstore before it
+// is first sent, and retries the same id and body with backoff until the AS
+// accepts it.
+package queue
+
+import (
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/asapi"
+)
+
+// Options configure the senders. Zero values take the defaults.
+type Options struct {
+	// RetryInitial and RetryMax bound the exponential backoff (with jitter)
+	// between attempts while an AS is down. Defaults 2s and 512s.
+	RetryInitial time.Duration
+	RetryMax     time.Duration
+	// MaxEvents, MaxEphemeral and MaxToDevice cap the items of each kind in
+	// one transaction (default 100 each); MaxBytes caps the body size
+	// (default 4 MiB).
+	MaxEvents    int
+	MaxEphemeral int
+	MaxToDevice  int
+	MaxBytes     int
+	// Client sends the transactions; nil builds one with default options.
+	Client *asapi.Client
+	Logger *zap.Logger
+}
