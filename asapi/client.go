@@ -1,39 +1,224 @@
 package asapi
 
-// PLACEHOLDER until the real client lands.
-
 import (
+	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
-	"net/http"
 
 	"github.com/asdispatch/asdispatch/secret"
 )
 
 // Target is the AS a request goes to.
 type Target struct {
-	ID      string
+	// ID names the AS in errors and logs.
+	ID string
+	// URL is the AS's base URL; empty for `url: null`.
 	URL     string
 	HSToken secret.Token
-	Legacy  bool
+	// Legacy also sends ?access_token= and falls back to the unprefixed
+	// paths when the v1 path is not recognised.
+	Legacy bool
 }
 
-// Options configure a Client.
+// Options configure a Client. Zero values take the defaults.
 type Options struct {
-	TxnTimeout, QueryTimeout, PingTimeout, DialTimeout time.Duration
-	Logger                                             *zap.Logger
-	Transport                                          http.RoundTripper
+	// TxnTimeout bounds one transaction (default 90s: mautrix-go handles a
+	// transaction synchronously, and a short timeout turns slowness into
+	// duplicates).
+	TxnTimeout time.Duration
+	// QueryTimeout bounds user and alias queries (default 5s).
+	QueryTimeout time.Duration
+	// PingTimeout bounds a ping (default 10s).
+	PingTimeout time.Duration
+	// DialTimeout bounds connecting (default 5s).
+	DialTimeout time.Duration
+	Logger      *zap.Logger
+	// Transport replaces the pooled default transport (tests).
+	Transport http.RoundTripper
 }
 
-// Client talks to application services.
-type Client struct{ opts Options }
+// Sentinel errors, matched with errors.Is.
+var (
+	// ErrNoURL: the AS is registered with `url: null`.
+	ErrNoURL = errors.New("appservice has no url")
+	// ErrTokenMismatch: the AS answered 401 or 403, i.e. it does not accept
+	// our hs_token (mautrix-go answers 401 where the spec says 403).
+	ErrTokenMismatch = errors.New("appservice rejected the hs_token")
+	// ErrTooLarge: the AS answered 413.
+	ErrTooLarge = errors.New("appservice refused the request as too large")
+	// ErrConnection: the AS could not be reached (refused, reset, DNS).
+	ErrConnection = errors.New("appservice connection failed")
+	// ErrTimeout: the AS did not answer in time.
+	ErrTimeout = errors.New("appservice timed out")
+)
 
-// New returns a client.
-func New(opts Options) *Client { return &Client{opts: opts} }
+// StatusError is a non-2xx answer of an AS.
+type StatusError struct {
+	AS     string
+	Status int
+	// Body is the start of the AS's answer.
+	Body string
+}
 
-// PutTransaction sends one transaction.
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("appservice %s answered %d: %s", e.AS, e.Status, e.Body)
+}
+
+// Is makes errors.Is(err, ErrTokenMismatch) and ErrTooLarge work.
+func (e *StatusError) Is(target error) bool {
+	switch target {
+	case ErrTokenMismatch:
+		return e.Status == http.StatusUnauthorized || e.Status == http.StatusForbidden
+	case ErrTooLarge:
+		return e.Status == http.StatusRequestEntityTooLarge
+	}
+	return false
+}
+
+// Client talks to application services. Safe for concurrent use.
+type Client struct {
+	opts Options
+	http *http.Client
+}
+
+// New returns a client with a pooled keep-alive transport.
+func New(opts Options) *Client {
+	if opts.TxnTimeout <= 0 {
+		opts.TxnTimeout = 90 * time.Second
+	}
+	if opts.QueryTimeout <= 0 {
+		opts.QueryTimeout = 5 * time.Second
+	}
+	if opts.PingTimeout <= 0 {
+		opts.PingTimeout = 10 * time.Second
+	}
+	if opts.DialTimeout <= 0 {
+		opts.DialTimeout = 5 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	tr := opts.Transport
+	if tr == nil {
+		tr = &http.Transport{
+			Proxy:               nil, // ASes are reached directly, never via a proxy
+			DialContext:         (&net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 8,
+			IdleConnTimeout:     90 * time.Second,
+		}
+	}
+	return &Client{opts: opts, http: &http.Client{Transport: tr}}
+}
+
+// maxErrorBody bounds what is kept of an error answer.
+const maxErrorBody = 512
+
+// PutTransaction sends one transaction: PUT /_matrix/app/v1/transactions/{txnID}
+// with body exactly as given.
 func (c *Client) PutTransaction(ctx context.Context, t Target, txnID string, body []byte) error {
-	panic("asapi: PutTransaction not implemented yet")
+	ctx, cancel := context.WithTimeout(ctx, c.opts.TxnTimeout)
+	defer cancel()
+	_, _, err := c.do(ctx, t, http.MethodPut, "/transactions/"+url.PathEscape(txnID), nil, body)
+	return err
+}
+
+// do sends a request to the AS's v1 path (falling back to the legacy path
+// in legacy mode) and returns the status and body of a 2xx answer, or an
+// error for anything else.
+func (c *Client) do(ctx context.Context, t Target, method, path string, query url.Values, body []byte) (int, []byte, error) {
+	if t.URL == "" {
+		return 0, nil, fmt.Errorf("appservice %s: %w", t.ID, ErrNoURL)
+	}
+	status, resp, err := c.once(ctx, t, method, "/_matrix/app/v1"+path, query, body)
+	if t.Legacy && err != nil && unrecognised(status, resp) {
+		status, resp, err = c.once(ctx, t, method, path, query, body)
+	}
+	return status, resp, err
+}
+
+// unrecognised reports an answer meaning "no such endpoint" (the spec's
+// rule for falling back to legacy paths): 405, or 404 with M_UNRECOGNIZED
+// or without a Matrix error body.
+func unrecognised(status int, body []byte) bool {
+	if status == http.StatusMethodNotAllowed {
+		return true
+	}
+	return status == http.StatusNotFound && (bytes.Contains(body, []byte("M_UNRECOGNIZED")) || !bytes.Contains(body, []byte("errcode")))
+}
+
+func (c *Client) once(ctx context.Context, t Target, method, path string, query url.Values, body []byte) (int, []byte, error) {
+	u := strings.TrimRight(t.URL, "/") + path
+	q := url.Values{}
+	for k, v := range query {
+		q[k] = v
+	}
+	if t.Legacy {
+		q.Set("access_token", t.HSToken.Reveal())
+	}
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, rd)
+	if err != nil {
+		return 0, nil, fmt.Errorf("appservice %s: bad url: %w", t.ID, redact(err, t))
+	}
+	req.Header.Set("Authorization", "Bearer "+t.HSToken.Reveal())
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+			return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrTimeout, redact(err, t))
+		}
+		if ctx.Err() != nil {
+			return 0, nil, fmt.Errorf("appservice %s: %w", t.ID, ctx.Err())
+		}
+		return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrConnection, redact(err, t))
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 == 2 {
+		data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		if err != nil {
+			return resp.StatusCode, nil, fmt.Errorf("appservice %s: reading answer: %w", t.ID, redact(err, t))
+		}
+		return resp.StatusCode, data, nil
+	}
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // reuse the connection
+	return resp.StatusCode, data, &StatusError{AS: t.ID, Status: resp.StatusCode, Body: strings.ReplaceAll(string(data), t.HSToken.Reveal(), secret.Redacted)}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// redactedError hides the token a URL error may quote (legacy ?access_token=).
+type redactedError struct {
+	msg string
+	err error
+}
+
+func (e *redactedError) Error() string { return e.msg }
+func (e *redactedError) Unwrap() error { return e.err }
+
+func redact(err error, t Target) error {
+	if t.HSToken.IsZero() {
+		return err
+	}
+	return &redactedError{msg: strings.ReplaceAll(err.Error(), t.HSToken.Reveal(), secret.Redacted), err: err}
 }

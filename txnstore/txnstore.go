@@ -141,7 +141,8 @@ type Store interface {
 	// SaveBody stores the exact body of a frozen transaction.
 	SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error
 
-	// Frozen returns as's frozen transactions, oldest first.
+	// Frozen returns as's frozen transactions in stream order (by
+	// Range.After), which after a split is not id order.
 	Frozen(ctx context.Context, as ASKey) ([]Txn, error)
 
 	// Complete records that the AS acknowledged transaction id: it is

@@ -1,0 +1,470 @@
+package queue
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/secret"
+	"github.com/asdispatch/asdispatch/txnstore"
+)
+
+// fakeAS is an application service on 127.0.0.1 that records every
+// transaction attempt and answers with respond (200 when nil).
+type fakeAS struct {
+	t       *testing.T
+	srv     *httptest.Server
+	token   string
+	mu      sync.Mutex
+	reqs    []attempt
+	respond func(n int, a attempt) int
+	got     chan struct{}
+}
+
+type attempt struct {
+	id     string
+	body   []byte
+	events []string // "body" fields of the events, in order
+	eph    map[string]int
+	auth   string
+	ctype  string
+}
+
+func newFakeAS(t *testing.T, respond func(n int, a attempt) int) *fakeAS {
+	f := &fakeAS{t: t, token: "hs-" + t.Name(), respond: respond, got: make(chan struct{}, 1)}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	t.Cleanup(f.srv.Close)
+	return f
+}
+
+func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	id := strings.TrimPrefix(r.URL.Path, "/_matrix/app/v1/transactions/")
+	a := attempt{id: id, body: body, auth: r.Header.Get("Authorization"), ctype: r.Header.Get("Content-Type"), eph: map[string]int{}}
+	var parsed map[string][]json.RawMessage
+	if err := json.Unmarshal(body, &parsed); err != nil {
+		f.t.Errorf("body is not JSON: %v: %s", err, body)
+	}
+	for _, e := range parsed["events"] {
+		var ev struct {
+			Content struct {
+				Body string `json:"body"`
+			} `json:"content"`
+		}
+		_ = json.Unmarshal(e, &ev)
+		a.events = append(a.events, ev.Content.Body)
+	}
+	for k, v := range parsed {
+		if k != "events" {
+			a.eph[k] = len(v)
+		}
+	}
+	f.mu.Lock()
+	n := len(f.reqs)
+	f.reqs = append(f.reqs, a)
+	respond := f.respond
+	f.mu.Unlock()
+	code := http.StatusOK
+	if respond != nil {
+		code = respond(n, a)
+	}
+	w.WriteHeader(code)
+	_, _ = w.Write([]byte("{}"))
+	select {
+	case f.got <- struct{}{}:
+	default:
+	}
+}
+
+func (f *fakeAS) attempts() []attempt {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]attempt(nil), f.reqs...)
+}
+
+// delivered returns the events of the accepted attempts, in order, keeping
+// one copy of a txn id accepted twice.
+func (f *fakeAS) delivered() []string {
+	var out []string
+	seen := map[string]bool{}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, a := range f.reqs {
+		code := 200
+		if f.respond != nil {
+			code = f.respond(i, a)
+		}
+		if code/100 != 2 || seen[a.id] {
+			continue
+		}
+		seen[a.id] = true
+		out = append(out, a.events...)
+	}
+	return out
+}
+
+func (f *fakeAS) target(id string) AS {
+	return AS{ID: id, Target: asapi.Target{ID: id, URL: f.srv.URL, HSToken: secret.New(f.token)}}
+}
+
+// waitFor polls cond until it holds or the test times out.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+type harness struct {
+	t     *testing.T
+	path  string
+	store *txnstore.SQLite
+	q     *Queues
+	opts  Options
+}
+
+func newHarness(t *testing.T, path string, opts Options) *harness {
+	t.Helper()
+	h := &harness{t: t, path: path, opts: opts}
+	if h.opts.Logger == nil {
+		h.opts.Logger = zaptest.NewLogger(t)
+	}
+	if h.opts.RetryInitial == 0 {
+		h.opts.RetryInitial = 5 * time.Millisecond
+		h.opts.RetryMax = 20 * time.Millisecond
+	}
+	st, err := txnstore.Open(context.Background(), path, txnstore.Options{
+		OnCommit: func(c []txnstore.Committed) { h.q.OnCommit(c) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.store = st
+	h.q = New(st, h.opts)
+	return h
+}
+
+func (h *harness) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := h.q.Close(ctx); err != nil {
+		h.t.Errorf("close queues: %v", err)
+	}
+	if err := h.store.Close(); err != nil {
+		h.t.Errorf("close store: %v", err)
+	}
+}
+
+func (h *harness) start(f *fakeAS, id string) txnstore.ASKey {
+	h.t.Helper()
+	key, err := h.store.EnsureAS(context.Background(), id)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	as := f.target(id)
+	as.Key = key
+	h.q.Start(as)
+	return key
+}
+
+func event(body string) []byte {
+	return []byte(fmt.Sprintf(`{"type":"m.room.message","room_id":"!r:hs","content":{"body":%q}}`, body))
+}
+
+func (h *harness) appendEvents(kind txnstore.Kind, targets []txnstore.ASKey, bodies ...string) {
+	h.t.Helper()
+	entries := make([]txnstore.Entry, len(bodies))
+	for i, b := range bodies {
+		entries[i] = txnstore.Entry{Kind: kind, Data: event(b), Targets: targets}
+	}
+	if _, err := h.store.Append(context.Background(), entries); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func seqBodies(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s%04d", prefix, i)
+	}
+	return out
+}
+
+func TestDeliversInOrderAcrossManyTransactions(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	defer h.close()
+	as := newFakeAS(t, nil)
+	key := h.start(as, "a")
+	want := seqBodies("e", 450)
+	for i := 0; i < len(want); i += 50 {
+		h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, want[i:i+50]...)
+	}
+	waitFor(t, "all events", func() bool { return len(as.delivered()) >= len(want) })
+	if got := as.delivered(); !equal(got, want) {
+		t.Fatalf("delivered out of order or duplicated:\n got %v\nwant %v", got, want)
+	}
+	prev := int64(0)
+	for _, a := range as.attempts() {
+		if len(a.events) > 100 {
+			t.Errorf("txn %s has %d events, cap is 100", a.id, len(a.events))
+		}
+		var id int64
+		fmt.Sscan(a.id, &id)
+		if id <= prev {
+			t.Errorf("txn ids not increasing: %d after %d", id, prev)
+		}
+		prev = id
+		if a.auth != "Bearer "+as.token || a.ctype != "application/json" {
+			t.Errorf("headers: auth %q content-type %q", a.auth, a.ctype)
+		}
+	}
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func TestRetrySendsSameIDAndBytes(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	defer h.close()
+	as := newFakeAS(t, func(n int, _ attempt) int {
+		if n < 3 {
+			return http.StatusInternalServerError
+		}
+		return http.StatusOK
+	})
+	key := h.start(as, "a")
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "x", "y")
+	waitFor(t, "success", func() bool { return len(as.attempts()) >= 4 })
+	at := as.attempts()
+	for _, a := range at[1:4] {
+		if a.id != at[0].id || !bytes.Equal(a.body, at[0].body) {
+			t.Fatalf("retry differs: id %s body %s, first id %s body %s", a.id, a.body, at[0].id, at[0].body)
+		}
+	}
+	waitFor(t, "up again", func() bool { l, _ := h.q.Live(key); return l.Up })
+}
+
+func TestDownASDoesNotHoldUpOthers(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{RetryInitial: time.Hour, RetryMax: time.Hour})
+	defer h.close()
+	down := newFakeAS(t, func(int, attempt) int { return http.StatusServiceUnavailable })
+	up := newFakeAS(t, nil)
+	kd := h.start(down, "down")
+	ku := h.start(up, "up")
+	want := seqBodies("e", 300)
+	for i := 0; i < len(want); i += 30 {
+		h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{kd, ku}, want[i:i+30]...)
+	}
+	waitFor(t, "the healthy AS to get everything", func() bool { return len(up.delivered()) == len(want) })
+	if n := len(down.attempts()); n != 1 {
+		t.Errorf("down AS got %d attempts within its first backoff, want 1", n)
+	}
+	l, _ := h.q.Live(kd)
+	if l.Up || l.Failures != 1 || l.LastError == "" {
+		t.Errorf("down AS live state = %+v", l)
+	}
+	// Wake retries at once, with the same transaction.
+	down.mu.Lock()
+	down.respond = nil
+	down.mu.Unlock()
+	h.q.Wake("down")
+	waitFor(t, "the woken AS to catch up", func() bool { return len(down.delivered()) == len(want) })
+	if at := down.attempts(); at[0].id != at[1].id || !bytes.Equal(at[0].body, at[1].body) {
+		t.Errorf("after wake: first retry is txn %s, want %s with the same body", at[1].id, at[0].id)
+	}
+}
+
+func TestRestartMidTransactionResendsSameIDAndBody(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "q.db")
+	release := make(chan struct{})
+	var once sync.Once
+	hang := newFakeAS(t, func(n int, _ attempt) int {
+		if n == 0 {
+			<-release // the AS got the body but never answers
+		}
+		return http.StatusOK
+	})
+	h := newHarness(t, path, Options{})
+	key := h.start(hang, "a")
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, seqBodies("e", 5)...)
+	waitFor(t, "first attempt", func() bool { return len(hang.attempts()) == 1 })
+	// Abandon the send in flight, as a crash would.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	_ = h.q.Close(ctx)
+	cancel()
+	if err := h.store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	once.Do(func() { close(release) })
+
+	h2 := newHarness(t, path, Options{})
+	defer h2.close()
+	h2.start(hang, "a")
+	waitFor(t, "resend", func() bool { return len(hang.attempts()) >= 2 })
+	at := hang.attempts()
+	if at[1].id != at[0].id || !bytes.Equal(at[1].body, at[0].body) {
+		t.Fatalf("after restart sent txn %s %s, want txn %s with identical body %s", at[1].id, at[1].body, at[0].id, at[0].body)
+	}
+	// New events after the restart get a new, larger id.
+	h2.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "later")
+	waitFor(t, "later event", func() bool { return len(hang.attempts()) >= 3 })
+	var first, third int64
+	fmt.Sscan(at[0].id, &first)
+	fmt.Sscan(hang.attempts()[2].id, &third)
+	if third <= first {
+		t.Errorf("txn id %d after restart does not follow %d", third, first)
+	}
+}
+
+func TestTxnIDsNeverRepeatAcrossRestarts(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "q.db")
+	as := newFakeAS(t, nil)
+	seen := map[string]bool{}
+	total := 0
+	for round := 0; round < 3; round++ {
+		h := newHarness(t, path, Options{})
+		key := h.start(as, "a")
+		h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, seqBodies(fmt.Sprintf("r%d-", round), 3)...)
+		total += 3
+		waitFor(t, "delivery", func() bool { return len(as.delivered()) == total })
+		h.close()
+	}
+	for _, a := range as.attempts() {
+		if seen[a.id] {
+			t.Fatalf("txn id %s used twice", a.id)
+		}
+		seen[a.id] = true
+	}
+}
+
+func TestNullURLCountsAsDelivered(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	defer h.close()
+	key, err := h.store.EnsureAS(context.Background(), "nourl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.q.Start(AS{ID: "nourl", Key: key})
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "a", "b")
+	waitFor(t, "nothing pending", func() bool {
+		sts, err := h.store.Statuses(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range sts {
+			if s.Key == key {
+				return s.PendingItems == 0 && s.PendingTxns == 0 && s.Delivered > 0
+			}
+		}
+		return false
+	})
+}
+
+func TestTooLargeSplits(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	defer h.close()
+	as := newFakeAS(t, func(_ int, a attempt) int {
+		if len(a.events) > 3 {
+			return http.StatusRequestEntityTooLarge
+		}
+		return http.StatusOK
+	})
+	key := h.start(as, "a")
+	want := seqBodies("e", 20)
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, want...)
+	waitFor(t, "all events", func() bool { return len(as.delivered()) == len(want) })
+	if got := as.delivered(); !equal(got, want) {
+		t.Fatalf("delivered %v, want %v", got, want)
+	}
+	ids := map[string][]byte{}
+	for _, a := range as.attempts() {
+		if prev, ok := ids[a.id]; ok && !bytes.Equal(prev, a.body) {
+			t.Fatalf("txn %s sent with two bodies", a.id)
+		}
+		ids[a.id] = a.body
+	}
+}
+
+func TestByteCap(t *testing.T) {
+	const capBytes = 1000
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{MaxBytes: capBytes})
+	defer h.close()
+	as := newFakeAS(t, nil)
+	key := h.start(as, "a")
+	want := seqBodies(strings.Repeat("x", 100), 40)
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, want...)
+	waitFor(t, "all events", func() bool { return len(as.delivered()) == len(want) })
+	for _, a := range as.attempts() {
+		if len(a.body) > capBytes {
+			t.Errorf("txn %s is %d bytes, cap %d", a.id, len(a.body), capBytes)
+		}
+	}
+	if n := len(as.attempts()); n < 6 {
+		t.Errorf("40 events of ~170 bytes under a 1000-byte cap came in %d txns", n)
+	}
+}
+
+func TestEphemeralKeysFollowFormat(t *testing.T) {
+	tests := []struct {
+		name   string
+		format Format
+		want   []string
+	}{
+		{"stable", EphemeralStable, []string{"ephemeral"}},
+		{"unstable", EphemeralUnstable, []string{"de.sorunome.msc2409.ephemeral"}},
+		{"both", EphemeralStable | EphemeralUnstable, []string{"ephemeral", "de.sorunome.msc2409.ephemeral"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+			defer h.close()
+			as := newFakeAS(t, nil)
+			key, _ := h.store.EnsureAS(context.Background(), "a")
+			a := as.target("a")
+			a.Key, a.Format = key, tt.format
+			h.q.Start(a)
+			h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "pdu")
+			h.appendEvents(txnstore.KindEphemeral, []txnstore.ASKey{key}, "typing")
+			h.appendEvents(txnstore.KindToDevice, []txnstore.ASKey{key}, "todevice")
+			waitFor(t, "items", func() bool {
+				n := 0
+				for _, at := range as.attempts() {
+					n += len(at.events) + at.eph[tt.want[0]] + at.eph["de.sorunome.msc2409.to_device"]
+				}
+				return n == 3
+			})
+			for _, at := range as.attempts() {
+				for _, k := range tt.want {
+					if _, ok := at.eph[k]; !ok && at.eph[tt.want[0]] > 0 {
+						t.Errorf("body %s lacks key %q", at.body, k)
+					}
+				}
+			}
+		})
+	}
+}

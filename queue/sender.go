@@ -1,0 +1,548 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/txnstore"
+)
+
+// txn is a frozen transaction ready to send.
+type txn struct {
+	txnstore.Txn
+	items []txnstore.Item
+	body  []byte
+	saved bool // body stored in the txnstore
+}
+
+// sender delivers one AS's stream. Three goroutines: build freezes
+// transactions ahead into ready, run sends them one at a time, and storeOps
+// applies completions and state changes in order without holding up run.
+type sender struct {
+	q   *Queues
+	key txnstore.ASKey
+	as  atomic.Pointer[AS]
+	log *zap.Logger
+
+	mu            sync.Mutex
+	mem           []txnstore.Item // items pushed by OnCommit, seq ascending
+	completeAfter int64           // mem holds every item with seq > completeAfter
+	overflows     uint64
+
+	signal chan struct{} // new items
+	wake   chan struct{} // retry now
+
+	liveMu sync.Mutex
+	live   Live
+
+	ready chan *txn
+	ops   chan func(context.Context)
+
+	buildCtx   context.Context // ends on stop: no new transactions
+	stopBuild  context.CancelFunc
+	sendCtx    context.Context // ends when stop's ctx ends: abandon the send in flight
+	cancelSend context.CancelFunc
+	done       chan struct{}
+	// predecessor, if set, is a stopping sender of the same AS to wait for.
+	predecessor *sender
+}
+
+func newSender(q *Queues, as AS) *sender {
+	s := &sender{
+		q:             q,
+		key:           as.Key,
+		log:           q.log.With(zap.String("appservice", as.ID)),
+		completeAfter: unknown,
+		signal:        make(chan struct{}, 1),
+		wake:          make(chan struct{}, 1),
+		ready:         make(chan *txn, pipelineDepth),
+		ops:           make(chan func(context.Context), 64),
+		done:          make(chan struct{}),
+		live:          Live{Up: true},
+	}
+	s.as.Store(&as)
+	s.buildCtx, s.stopBuild = context.WithCancel(context.Background())
+	s.sendCtx, s.cancelSend = context.WithCancel(context.Background())
+	return s
+}
+
+func (s *sender) poke(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// push appends committed items to the sender's memory.
+func (s *sender) push(items []txnstore.Item) {
+	s.mu.Lock()
+	if len(s.mem)+len(items) > memLimit {
+		// The AS is far behind: forget, and read the backlog from the store.
+		s.mem = nil
+		s.completeAfter = unknown
+		s.overflows++
+	} else {
+		s.mem = append(s.mem, items...)
+	}
+	s.mu.Unlock()
+	s.poke(s.signal)
+}
+
+func (s *sender) stop(ctx context.Context) error {
+	s.stopBuild()
+	select {
+	case <-s.done:
+		return nil
+	case <-ctx.Done():
+		s.cancelSend()
+		<-s.done
+		return ctx.Err()
+	}
+}
+
+func (s *sender) run() {
+	defer close(s.done)
+	var opsDone sync.WaitGroup
+	opsDone.Add(1)
+	go func() {
+		defer opsDone.Done()
+		for op := range s.ops {
+			op(s.sendCtx)
+		}
+	}()
+	defer func() {
+		close(s.ops)
+		opsDone.Wait()
+	}()
+
+	if p := s.predecessor; p != nil {
+		select {
+		case <-p.done:
+		case <-s.buildCtx.Done():
+			return
+		}
+		s.predecessor = nil
+	}
+	frozen, after, ok := s.recover()
+	if !ok {
+		return
+	}
+	go s.build(frozen, after)
+	for t := range s.ready {
+		if s.buildCtx.Err() != nil {
+			// Stopping: what is frozen stays frozen for the next run.
+			continue
+		}
+		s.deliver(t)
+	}
+}
+
+// recover loads the AS's frozen transactions and where new ones start.
+func (s *sender) recover() ([]txnstore.Txn, int64, bool) {
+	var frozen []txnstore.Txn
+	var delivered int64
+	err := s.retryStore(s.buildCtx, "recover", func(ctx context.Context) error {
+		var err error
+		if frozen, err = s.q.store.Frozen(ctx, s.key); err != nil {
+			return err
+		}
+		delivered, err = s.q.store.Delivered(ctx, s.key)
+		return err
+	})
+	if err != nil {
+		return nil, 0, false
+	}
+	after := delivered
+	if n := len(frozen); n > 0 && frozen[n-1].Range.Last > after {
+		after = frozen[n-1].Range.Last
+	}
+	return frozen, after, true
+}
+
+// build feeds ready: first the transactions frozen by an earlier run, then
+// new ones cut from the stream after `after`.
+func (s *sender) build(frozen []txnstore.Txn, after int64) {
+	defer close(s.ready)
+	ctx := s.buildCtx
+	for _, ft := range frozen {
+		t, err := s.rebuild(ctx, ft)
+		if err != nil {
+			return
+		}
+		select {
+		case s.ready <- t:
+		case <-ctx.Done():
+			return
+		}
+	}
+	lim := s.q.limits()
+	for {
+		room := cap(s.ready) - len(s.ready)
+		if room < 1 {
+			room = 1
+		}
+		items, err := s.next(ctx, after, room*(lim.events+lim.ephemeral+lim.toDevice))
+		if err != nil {
+			return
+		}
+		f := s.as.Load().Format
+		var txns []*txn
+		var recs []txnstore.Txn
+		prev := after
+		for len(items) > 0 && len(txns) < room {
+			n := cut(items, lim, f)
+			body := encode(items[:n], f)
+			last := items[n-1].Seq
+			t := &txn{
+				Txn: txnstore.Txn{
+					AS: s.key, Range: txnstore.Range{After: prev, Last: last}, Format: uint32(f),
+					Len: len(body), Checksum: checksum(body),
+				},
+				items: items[:n:n],
+				body:  body,
+			}
+			txns = append(txns, t)
+			recs = append(recs, t.Txn)
+			items = items[n:]
+			prev = last
+		}
+		var ids []int64
+		err = s.retryStore(ctx, "freeze", func(ctx context.Context) error {
+			var err error
+			ids, err = s.q.store.Freeze(ctx, s.key, 0, recs)
+			return err
+		})
+		if err != nil {
+			return
+		}
+		for i, t := range txns {
+			t.ID = ids[i]
+			select {
+			case s.ready <- t:
+			case <-ctx.Done():
+				return
+			}
+		}
+		after = prev
+	}
+}
+
+// next returns up to max items after seq `after`, waiting for at least one.
+func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Item, error) {
+	for {
+		s.mu.Lock()
+		if after >= s.completeAfter {
+			i := 0
+			for i < len(s.mem) && s.mem[i].Seq <= after {
+				i++
+			}
+			s.mem = s.mem[i:]
+			if n := len(s.mem); n > 0 {
+				if n > max {
+					n = max
+				}
+				items := append([]txnstore.Item(nil), s.mem[:n]...)
+				s.mu.Unlock()
+				return items, nil
+			}
+			if cap(s.mem) > 4*memLimit/5 {
+				s.mem = nil // let a large drained buffer go
+			}
+			s.mu.Unlock()
+			select {
+			case <-s.signal:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		gen := s.overflows
+		s.mu.Unlock()
+
+		var items []txnstore.Item
+		err := s.retryStore(ctx, "read", func(ctx context.Context) error {
+			var err error
+			items, err = s.q.store.Read(ctx, s.key, after, max)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		if len(items) < max {
+			// The read saw every committed item of the stream; anything
+			// committed after it was pushed to memory since this sender
+			// exists, unless memory overflowed meanwhile.
+			last := after
+			if len(items) > 0 {
+				last = items[len(items)-1].Seq
+			}
+			s.mu.Lock()
+			if s.overflows == gen {
+				s.completeAfter = last
+			}
+			s.mu.Unlock()
+		}
+		if len(items) > 0 {
+			return items, nil
+		}
+	}
+}
+
+// rebuild turns a transaction frozen by an earlier run back into a body: the
+// stored one if a send had failed, else rebuilt from the immutable items of
+// its range, laid out in its recorded format.
+func (s *sender) rebuild(ctx context.Context, ft txnstore.Txn) (*txn, error) {
+	t := &txn{Txn: ft}
+	var items []txnstore.Item
+	err := s.retryStore(ctx, "read", func(ctx context.Context) error {
+		items = items[:0]
+		after := ft.Range.After
+		for after < ft.Range.Last {
+			got, err := s.q.store.Read(ctx, s.key, after, 1000)
+			if err != nil {
+				return err
+			}
+			if len(got) == 0 {
+				break
+			}
+			for _, it := range got {
+				if it.Seq <= ft.Range.Last {
+					items = append(items, it)
+				}
+			}
+			after = got[len(got)-1].Seq
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	t.items = items
+	if ft.Body != nil {
+		t.body, t.saved = ft.Body, true
+		return t, nil
+	}
+	t.body = encode(items, Format(ft.Format))
+	if len(t.body) != ft.Len || checksum(t.body) != ft.Checksum {
+		s.log.Error("rebuilt transaction differs from the one first sent; sending the rebuilt body",
+			zap.Int64("txn_id", ft.ID), zap.Int("len", len(t.body)), zap.Int("first_len", ft.Len))
+	}
+	return t, nil
+}
+
+// deliver sends t until the AS accepts it or the sender stops.
+func (s *sender) deliver(t *txn) {
+	ctx := s.sendCtx
+	bo := s.newBackoff()
+	attempt := 0
+	for {
+		as := s.as.Load()
+		if as.Target.URL == "" {
+			s.completed(t, attempt, time.Time{})
+			return
+		}
+		attempt++
+		s.setInFlight(t.ID)
+		start := time.Now()
+		err := s.q.client.PutTransaction(ctx, as.Target, strconv.FormatInt(t.ID, 10), t.body)
+		s.setInFlight(0)
+		if err == nil {
+			s.completed(t, attempt, start)
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, asapi.ErrTooLarge) {
+			if len(t.items) > 1 {
+				if parts, ok := s.split(t); ok {
+					for _, p := range parts {
+						s.deliver(p)
+					}
+					return
+				}
+			} else {
+				s.log.Error("appservice refuses a single item as too large; dropping it",
+					zap.Int64("txn_id", t.ID), zap.Int("bytes", len(t.body)))
+				s.completed(t, attempt, time.Time{})
+				return
+			}
+		}
+		wait := bo.NextBackOff()
+		s.failed(t, err, attempt, wait)
+		timer := time.NewTimer(wait)
+		select {
+		case <-timer.C:
+		case <-s.wake:
+			timer.Stop()
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-s.buildCtx.Done():
+			// Stopping while the AS is down: leave t frozen.
+			timer.Stop()
+			return
+		}
+	}
+}
+
+// split replaces t, refused as too large, by two transactions of half its
+// items each.
+func (s *sender) split(t *txn) ([]*txn, bool) {
+	mid := len(t.items) / 2
+	f := Format(t.Format)
+	halves := [][]txnstore.Item{t.items[:mid], t.items[mid:]}
+	parts := make([]*txn, 2)
+	recs := make([]txnstore.Txn, 2)
+	after := t.Range.After
+	for i, items := range halves {
+		body := encode(items, f)
+		last := items[len(items)-1].Seq
+		if i == 1 {
+			last = t.Range.Last
+		}
+		parts[i] = &txn{
+			Txn:   txnstore.Txn{AS: s.key, Range: txnstore.Range{After: after, Last: last}, Format: t.Format, Len: len(body), Checksum: checksum(body)},
+			items: items,
+			body:  body,
+		}
+		recs[i] = parts[i].Txn
+		after = last
+	}
+	var ids []int64
+	err := s.retryStore(s.sendCtx, "split", func(ctx context.Context) error {
+		var err error
+		ids, err = s.q.store.Freeze(ctx, s.key, t.ID, recs)
+		return err
+	})
+	if err != nil {
+		return nil, false
+	}
+	for i := range parts {
+		parts[i].ID = ids[i]
+	}
+	s.log.Info("transaction too large for the appservice; split in two",
+		zap.Int64("txn_id", t.ID), zap.Int64s("new_txn_ids", ids), zap.Int("events", len(t.items)))
+	return parts, true
+}
+
+func (s *sender) newBackoff() backoff.BackOff {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = s.q.opts.RetryInitial
+	b.MaxInterval = s.q.opts.RetryMax
+	b.Multiplier = 2
+	b.RandomizationFactor = 0.5
+	b.MaxElapsedTime = 0 // never give up: nothing is dropped
+	b.Reset()
+	return b
+}
+
+func (s *sender) setInFlight(id int64) {
+	s.liveMu.Lock()
+	s.live.InFlight = id
+	s.liveMu.Unlock()
+}
+
+// completed records an accepted (or never sendable) transaction.
+func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
+	now := time.Now()
+	s.liveMu.Lock()
+	wasDown := !s.live.Up
+	failures := s.live.Failures
+	s.live.Up, s.live.Failures, s.live.NextRetry = true, 0, time.Time{}
+	s.live.LastSuccess = now
+	st := txnstore.State{Up: true, LastSuccess: now, LastError: s.live.LastError}
+	s.liveMu.Unlock()
+	if wasDown {
+		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempts),
+			zap.Int("failures", failures), zap.Int("events", len(t.items)))
+	} else if !sentAt.IsZero() {
+		s.log.Debug("transaction sent", zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
+			zap.Duration("took", now.Sub(sentAt)))
+	}
+	id := t.ID
+	s.ops <- func(ctx context.Context) {
+		if wasDown {
+			_ = s.q.store.SetState(ctx, s.key, st)
+		}
+		if err := s.q.store.Complete(ctx, s.key, id); err != nil && ctx.Err() == nil {
+			// The transaction stays frozen and is resent, same id and body,
+			// after a restart: the AS drops it as a duplicate.
+			s.log.Warn("recording a delivered transaction failed", zap.Int64("txn_id", id), zap.Error(err))
+		}
+	}
+}
+
+// failed records a failed attempt and the wait before the next.
+func (s *sender) failed(t *txn, err error, attempt int, wait time.Duration) {
+	now := time.Now()
+	s.liveMu.Lock()
+	wasUp := s.live.Up
+	s.live.Up = false
+	s.live.Failures++
+	s.live.LastError = err.Error()
+	s.live.NextRetry = now.Add(wait)
+	st := txnstore.State{Up: false, Failures: s.live.Failures, LastSuccess: s.live.LastSuccess,
+		LastError: s.live.LastError, LastErrorAt: now, NextRetry: s.live.NextRetry}
+	s.liveMu.Unlock()
+
+	fields := []zap.Field{zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
+		zap.Int("attempt", attempt), zap.Duration("backoff", wait), zap.Error(err)}
+	var se *asapi.StatusError
+	if errors.As(err, &se) {
+		fields = append(fields, zap.Int("status", se.Status))
+	}
+	switch {
+	case errors.Is(err, asapi.ErrTokenMismatch) && wasUp:
+		s.log.Error("appservice rejected our hs_token (token mismatch); check its registration", fields...)
+	case wasUp:
+		s.log.Warn("appservice down", fields...)
+	default:
+		s.log.Debug("appservice still down", fields...)
+	}
+
+	body, needSave := t.body, !t.saved
+	t.saved = true
+	id := t.ID
+	s.ops <- func(ctx context.Context) {
+		if needSave {
+			if err := s.q.store.SaveBody(ctx, s.key, id, body); err != nil && ctx.Err() == nil {
+				s.log.Warn("storing a transaction body failed", zap.Int64("txn_id", id), zap.Error(err))
+			}
+		}
+		_ = s.q.store.SetState(ctx, s.key, st)
+	}
+}
+
+// retryStore runs op until it succeeds or ctx ends: a store error (disk
+// full, locked) must not lose the queue, only delay it.
+func (s *sender) retryStore(ctx context.Context, what string, op func(context.Context) error) error {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 50 * time.Millisecond
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = 0
+	for {
+		err := op(ctx)
+		if err == nil || ctx.Err() != nil {
+			if err != nil {
+				return err
+			}
+			return nil
+		}
+		wait := bo.NextBackOff()
+		s.log.Warn("store operation failed; retrying", zap.String("op", what), zap.Duration("backoff", wait), zap.Error(err))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

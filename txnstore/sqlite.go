@@ -1,0 +1,756 @@
+package txnstore
+
+import (
+	"context"
+	"database/sql"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	_ "github.com/mattn/go-sqlite3" // the embedded default backend
+)
+
+// Errors of individual calls; they fail only the call that caused them.
+var (
+	ErrUnknownAS  = errors.New("txnstore: unknown appservice")
+	ErrUnknownTxn = errors.New("txnstore: unknown transaction")
+	ErrBadRange   = errors.New("txnstore: transaction ranges do not follow the stream")
+)
+
+// callError marks an error found before an op wrote anything: it fails
+// that op alone, not the commit it shares.
+type callError struct{ error }
+
+func (e callError) Unwrap() error { return e.error }
+
+// SQLite is the embedded Store: one file, WAL, synchronous=FULL so a write
+// that returned survives power loss. One writer goroutine merges the writes
+// of all callers into shared commits.
+type SQLite struct {
+	opts Options
+	wdb  *sql.DB // one connection, used only by the writer goroutine
+	rdb  *sql.DB
+
+	mu     sync.RWMutex // guards closed against sends on ops
+	closed bool
+	ops    chan *op
+	done   chan struct{}
+
+	// Owned by the writer goroutine.
+	nextSeq int64
+	ases    map[ASKey]*asRow
+	ids     map[string]ASKey
+	commits int64
+	sinceGC int
+}
+
+// asRow is the writer's cache of an appservices row.
+type asRow struct {
+	nextTxn    int64
+	delivered  int64
+	lastFrozen int64
+}
+
+// Stats are counters for tests and benchmarks.
+type Stats struct {
+	Commits int64
+}
+
+type op struct {
+	ctx  context.Context
+	fn   func(tx *sql.Tx, b *batch) error
+	done chan error
+}
+
+// batch is what the ops of one commit add up to.
+type batch struct {
+	now       int64
+	committed []Committed
+	streams   map[ASKey][]int64
+}
+
+// Open opens (creating if needed) the store at path.
+func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
+	dsn := "file:" + url.PathEscape(path) + "?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_foreign_keys=off"
+	wdb, err := sql.Open("sqlite3", dsn+"&_txlock=immediate")
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
+	}
+	wdb.SetMaxOpenConns(1)
+	rdb, err := sql.Open("sqlite3", dsn)
+	if err != nil {
+		wdb.Close()
+		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
+	}
+	rdb.SetMaxOpenConns(4)
+	s := &SQLite{opts: opts, wdb: wdb, rdb: rdb, ops: make(chan *op, 1024), done: make(chan struct{}),
+		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}}
+	if err := s.migrate(ctx); err != nil {
+		wdb.Close()
+		rdb.Close()
+		return nil, fmt.Errorf("txnstore: %s: %w", path, err)
+	}
+	go s.writer()
+	return s, nil
+}
+
+var migrations = []string{
+	`CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+	INSERT INTO meta (key, value) VALUES ('next_seq', 1);
+	CREATE TABLE items (seq INTEGER PRIMARY KEY, kind INTEGER NOT NULL, data BLOB NOT NULL, created_ms INTEGER NOT NULL);
+	CREATE TABLE streams (as_key INTEGER NOT NULL, last_seq INTEGER NOT NULL, first_seq INTEGER NOT NULL, seqs BLOB NOT NULL,
+		PRIMARY KEY (as_key, last_seq));
+	CREATE TABLE appservices (as_key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, next_txn INTEGER NOT NULL,
+		delivered INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 1, failures INTEGER NOT NULL DEFAULT 0,
+		last_success_ms INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+		last_error_ms INTEGER NOT NULL DEFAULT 0, next_retry_ms INTEGER NOT NULL DEFAULT 0);
+	CREATE TABLE txns (as_key INTEGER NOT NULL, txn_id INTEGER NOT NULL, after_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+		format INTEGER NOT NULL, len INTEGER NOT NULL, checksum INTEGER NOT NULL, body BLOB,
+		PRIMARY KEY (as_key, txn_id));`,
+}
+
+func (s *SQLite) migrate(ctx context.Context) error {
+	tx, err := s.wdb.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+		return err
+	}
+	var v int
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+		return err
+	}
+	if v > len(migrations) {
+		return fmt.Errorf("schema version %d is newer than this program knows (%d)", v, len(migrations))
+	}
+	for i := v; i < len(migrations); i++ {
+		for _, stmt := range strings.Split(migrations[i], ";") {
+			if strings.TrimSpace(stmt) == "" {
+				continue
+			}
+			if _, err := tx.ExecContext(ctx, stmt); err != nil {
+				return fmt.Errorf("migration %d: %w", i+1, err)
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (?)`, i+1); err != nil {
+			return err
+		}
+	}
+	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'next_seq'`).Scan(&s.nextSeq); err != nil {
+		return err
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT a.as_key, a.id, a.next_txn, a.delivered, COALESCE(MAX(t.last_seq), 0)
+		FROM appservices a LEFT JOIN txns t ON t.as_key = a.as_key GROUP BY a.as_key, a.id, a.next_txn, a.delivered`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var k ASKey
+		var id string
+		r := &asRow{}
+		if err := rows.Scan(&k, &id, &r.nextTxn, &r.delivered, &r.lastFrozen); err != nil {
+			return err
+		}
+		s.ases[k], s.ids[id] = r, k
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// do hands fn to the writer and waits for its commit.
+func (s *SQLite) do(ctx context.Context, fn func(tx *sql.Tx, b *batch) error) error {
+	o := &op{ctx: ctx, fn: fn, done: make(chan error, 1)}
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		return ErrClosed
+	}
+	select {
+	case s.ops <- o:
+	case <-ctx.Done():
+		s.mu.RUnlock()
+		return ctx.Err()
+	}
+	s.mu.RUnlock()
+	// Once queued, the op is committed or failed whatever ctx says: a caller
+	// that gave up must not leave a write it believes undone.
+	return <-o.done
+}
+
+const maxOpsPerCommit = 4096
+
+func (s *SQLite) writer() {
+	defer close(s.done)
+	for {
+		o, ok := <-s.ops
+		if !ok {
+			return
+		}
+		ops := []*op{o}
+	drain:
+		for len(ops) < maxOpsPerCommit {
+			select {
+			case o, ok := <-s.ops:
+				if !ok {
+					break drain
+				}
+				ops = append(ops, o)
+			default:
+				break drain
+			}
+		}
+		s.commit(ops)
+		s.maybeGC(len(s.ops) == 0)
+	}
+}
+
+func (s *SQLite) commit(ops []*op) {
+	seq0 := s.nextSeq
+	saved := make(map[ASKey]asRow, len(s.ases))
+	for k, r := range s.ases {
+		saved[k] = *r
+	}
+	ids := make(map[string]ASKey, len(s.ids))
+	for k, v := range s.ids {
+		ids[k] = v
+	}
+	errs := make([]error, len(ops))
+	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}}
+	err := func() error {
+		tx, err := s.wdb.Begin()
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		for i, o := range ops {
+			if err := o.fn(tx, b); err != nil {
+				var ce callError
+				if errors.As(err, &ce) {
+					errs[i] = ce.error
+					continue
+				}
+				return err
+			}
+		}
+		if err := s.flushStreams(tx, b, seq0); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
+		// Nothing of this batch happened: restore the writer's caches.
+		s.nextSeq = seq0
+		s.ases = make(map[ASKey]*asRow, len(saved))
+		for k, r := range saved {
+			r := r
+			s.ases[k] = &r
+		}
+		s.ids = ids
+		for _, o := range ops {
+			o.done <- fmt.Errorf("txnstore: commit: %w", err)
+		}
+		return
+	}
+	s.commits++
+	if len(b.committed) > 0 && s.opts.OnCommit != nil {
+		s.opts.OnCommit(b.committed)
+	}
+	for i, o := range ops {
+		o.done <- errs[i]
+	}
+}
+
+func (s *SQLite) flushStreams(tx *sql.Tx, b *batch, seq0 int64) error {
+	if s.nextSeq == seq0 {
+		return nil
+	}
+	for k, seqs := range b.streams {
+		if _, err := tx.Exec(`INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES (?, ?, ?, ?)`,
+			k, seqs[len(seqs)-1], seqs[0], encodeSeqs(seqs)); err != nil {
+			return err
+		}
+	}
+	_, err := tx.Exec(`UPDATE meta SET value = ? WHERE key = 'next_seq'`, s.nextSeq)
+	return err
+}
+
+// maybeGC deletes stream rows and items nothing needs any more, now and
+// then, so its cost is spread thin.
+func (s *SQLite) maybeGC(idle bool) {
+	s.sinceGC++
+	if s.sinceGC < 256 && !(idle && s.sinceGC > 1) {
+		return
+	}
+	s.sinceGC = 0
+	_, _ = s.wdb.Exec(`DELETE FROM streams WHERE last_seq <= (SELECT delivered FROM appservices a WHERE a.as_key = streams.as_key)`)
+	_, _ = s.wdb.Exec(`DELETE FROM items WHERE seq < COALESCE((SELECT MIN(first_seq) FROM streams), ?)`, s.nextSeq)
+}
+
+func encodeSeqs(seqs []int64) []byte {
+	out := make([]byte, 0, len(seqs)*2)
+	prev := int64(0)
+	for _, q := range seqs {
+		out = binary.AppendUvarint(out, uint64(q-prev))
+		prev = q
+	}
+	return out
+}
+
+func decodeSeqs(b []byte) ([]int64, error) {
+	var out []int64
+	prev := int64(0)
+	for len(b) > 0 {
+		d, n := binary.Uvarint(b)
+		if n <= 0 {
+			return nil, errors.New("txnstore: corrupt stream row")
+		}
+		prev += int64(d)
+		out = append(out, prev)
+		b = b[n:]
+	}
+	return out, nil
+}
+
+// EnsureAS implements Store.
+func (s *SQLite) EnsureAS(ctx context.Context, id string) (ASKey, error) {
+	var key ASKey
+	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		if k, ok := s.ids[id]; ok {
+			key = k
+			return nil
+		}
+		// A new AS starts at the end of the log.
+		res, err := tx.Exec(`INSERT INTO appservices (id, next_txn, delivered) VALUES (?, 1, ?)`, id, s.nextSeq-1)
+		if err != nil {
+			return err
+		}
+		k, err := res.LastInsertId()
+		if err != nil {
+			return err
+		}
+		key = ASKey(k)
+		s.ids[id] = key
+		s.ases[key] = &asRow{nextTxn: 1, delivered: s.nextSeq - 1}
+		return nil
+	})
+	return key, err
+}
+
+const rowsPerInsert = 64
+
+var insertMany = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", rowsPerInsert), ", ")
+
+// Append implements Store.
+func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
+	seqs := make([]int64, len(entries))
+	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		for _, e := range entries {
+			for _, k := range e.Targets {
+				if s.ases[k] == nil {
+					return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, k)}
+				}
+			}
+		}
+		args := make([]any, 0, 4*rowsPerInsert)
+		flush := func(n int) error {
+			if n == 0 {
+				return nil
+			}
+			q := insertMany
+			if n < rowsPerInsert {
+				q = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
+			}
+			_, err := tx.Exec(q, args...)
+			args = args[:0]
+			return err
+		}
+		n := 0
+		for i, e := range entries {
+			if len(e.Targets) == 0 {
+				continue
+			}
+			seq := s.nextSeq
+			s.nextSeq++
+			seqs[i] = seq
+			args = append(args, seq, int(e.Kind), e.Data, b.now)
+			n++
+			if n == rowsPerInsert {
+				if err := flush(n); err != nil {
+					return err
+				}
+				n = 0
+			}
+			for _, k := range e.Targets {
+				b.streams[k] = append(b.streams[k], seq)
+			}
+			b.committed = append(b.committed, Committed{Item: Item{Seq: seq, Kind: e.Kind, Data: e.Data}, Targets: e.Targets})
+		}
+		return flush(n)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return seqs, nil
+}
+
+// Read implements Store.
+func (s *SQLite) Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`, as, after)
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: read: %w", err)
+	}
+	var want []int64
+	for rows.Next() && len(want) < max {
+		var blob []byte
+		if err := rows.Scan(&blob); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("txnstore: read: %w", err)
+		}
+		seqs, err := decodeSeqs(blob)
+		if err != nil {
+			rows.Close()
+			return nil, err
+		}
+		for _, q := range seqs {
+			if q > after && len(want) < max {
+				want = append(want, q)
+			}
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("txnstore: read: %w", err)
+	}
+	if len(want) == 0 {
+		return nil, nil
+	}
+	return s.items(ctx, want)
+}
+
+// items loads the items of want (ascending seqs).
+func (s *SQLite) items(ctx context.Context, want []int64) ([]Item, error) {
+	out := make([]Item, 0, len(want))
+	idx := make(map[int64]int, len(want))
+	for i, q := range want {
+		idx[q] = i
+	}
+	got := make([]*Item, len(want))
+	scan := func(rows *sql.Rows) error {
+		defer rows.Close()
+		for rows.Next() {
+			var it Item
+			var kind int
+			if err := rows.Scan(&it.Seq, &kind, &it.Data); err != nil {
+				return err
+			}
+			it.Kind = Kind(kind)
+			if i, ok := idx[it.Seq]; ok {
+				got[i] = &it
+			}
+		}
+		return rows.Err()
+	}
+	lo, hi := want[0], want[len(want)-1]
+	if hi-lo+1 <= int64(4*len(want)) {
+		rows, err := s.rdb.QueryContext(ctx, `SELECT seq, kind, data FROM items WHERE seq BETWEEN ? AND ?`, lo, hi)
+		if err != nil {
+			return nil, fmt.Errorf("txnstore: read items: %w", err)
+		}
+		if err := scan(rows); err != nil {
+			return nil, fmt.Errorf("txnstore: read items: %w", err)
+		}
+	} else {
+		for i := 0; i < len(want); i += 500 {
+			chunk := want[i:min(i+500, len(want))]
+			args := make([]any, len(chunk))
+			for j, q := range chunk {
+				args[j] = q
+			}
+			rows, err := s.rdb.QueryContext(ctx, `SELECT seq, kind, data FROM items WHERE seq IN (?`+strings.Repeat(",?", len(chunk)-1)+`)`, args...)
+			if err != nil {
+				return nil, fmt.Errorf("txnstore: read items: %w", err)
+			}
+			if err := scan(rows); err != nil {
+				return nil, fmt.Errorf("txnstore: read items: %w", err)
+			}
+		}
+	}
+	for i, it := range got {
+		if it == nil {
+			return nil, fmt.Errorf("txnstore: item %d of a stream is missing", want[i])
+		}
+		out = append(out, *it)
+	}
+	return out, nil
+}
+
+// Delivered implements Store.
+func (s *SQLite) Delivered(ctx context.Context, as ASKey) (int64, error) {
+	var d int64
+	err := s.rdb.QueryRowContext(ctx, `SELECT delivered FROM appservices WHERE as_key = ?`, as).Scan(&d)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("%w: key %d", ErrUnknownAS, as)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("txnstore: delivered: %w", err)
+	}
+	return d, nil
+}
+
+// Freeze implements Store.
+func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
+	ids := make([]int64, len(txns))
+	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		r := s.ases[as]
+		if r == nil {
+			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+		}
+		if len(txns) == 0 {
+			return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
+		}
+		start, end := max(r.delivered, r.lastFrozen), int64(-1)
+		if replace != 0 {
+			err := tx.QueryRow(`SELECT after_seq, last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, replace).Scan(&start, &end)
+			if errors.Is(err, sql.ErrNoRows) {
+				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
+			}
+			if err != nil {
+				return err
+			}
+		}
+		prev := start
+		for _, t := range txns {
+			if t.Range.After != prev || t.Range.Last <= t.Range.After {
+				return callError{fmt.Errorf("%w: (%d, %d] after %d", ErrBadRange, t.Range.After, t.Range.Last, prev)}
+			}
+			prev = t.Range.Last
+		}
+		if replace != 0 {
+			if prev != end {
+				return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
+			}
+			if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, replace); err != nil {
+				return err
+			}
+		}
+		for i, t := range txns {
+			id := r.nextTxn
+			r.nextTxn++
+			if _, err := tx.Exec(`INSERT INTO txns (as_key, txn_id, after_seq, last_seq, format, len, checksum) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+				as, id, t.Range.After, t.Range.Last, t.Format, t.Len, t.Checksum); err != nil {
+				return err
+			}
+			ids[i] = id
+		}
+		if prev > r.lastFrozen {
+			r.lastFrozen = prev
+		}
+		_, err := tx.Exec(`UPDATE appservices SET next_txn = ? WHERE as_key = ?`, r.nextTxn, as)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return ids, nil
+}
+
+// SaveBody implements Store.
+func (s *SQLite) SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error {
+	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		res, err := tx.Exec(`UPDATE txns SET body = ? WHERE as_key = ? AND txn_id = ? AND body IS NULL`, body, as, id)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			var one int
+			if tx.QueryRow(`SELECT 1 FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&one) != nil {
+				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+			}
+		}
+		return nil
+	})
+}
+
+// Frozen implements Store.
+func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
+	rows, err := s.rdb.QueryContext(ctx, `SELECT txn_id, after_seq, last_seq, format, len, checksum, body
+		FROM txns WHERE as_key = ? ORDER BY after_seq`, as)
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: frozen: %w", err)
+	}
+	defer rows.Close()
+	var out []Txn
+	for rows.Next() {
+		t := Txn{AS: as}
+		if err := rows.Scan(&t.ID, &t.Range.After, &t.Range.Last, &t.Format, &t.Len, &t.Checksum, &t.Body); err != nil {
+			return nil, fmt.Errorf("txnstore: frozen: %w", err)
+		}
+		out = append(out, t)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("txnstore: frozen: %w", err)
+	}
+	return out, nil
+}
+
+// Complete implements Store.
+func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
+	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		r := s.ases[as]
+		if r == nil {
+			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+		}
+		var last int64
+		err := tx.QueryRow(`SELECT last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&last)
+		if errors.Is(err, sql.ErrNoRows) {
+			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, id); err != nil {
+			return err
+		}
+		if last > r.delivered {
+			r.delivered = last
+		}
+		_, err = tx.Exec(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`, r.delivered, b.now, as)
+		return err
+	})
+}
+
+// SetState implements Store.
+func (s *SQLite) SetState(ctx context.Context, as ASKey, st State) error {
+	up := 0
+	if st.Up {
+		up = 1
+	}
+	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
+		_, err := tx.Exec(`UPDATE appservices SET up = ?, failures = ?, last_success_ms = MAX(last_success_ms, ?),
+			last_error = ?, last_error_ms = ?, next_retry_ms = ? WHERE as_key = ?`,
+			up, st.Failures, ms(st.LastSuccess), st.LastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
+		return err
+	})
+}
+
+func ms(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixMilli()
+}
+
+func fromMS(v int64) time.Time {
+	if v == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(v)
+}
+
+// Statuses implements Store.
+func (s *SQLite) Statuses(ctx context.Context) ([]Status, error) {
+	return statuses(ctx, s.rdb)
+}
+
+func statuses(ctx context.Context, db *sql.DB) ([]Status, error) {
+	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
+		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key) FROM appservices a ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	var out []Status
+	for rows.Next() {
+		var st Status
+		var up int
+		var ls, le, nr int64
+		if err := rows.Scan(&st.Key, &st.ID, &st.Delivered, &up, &st.Failures, &ls, &st.LastError, &le, &nr, &st.PendingTxns); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("txnstore: statuses: %w", err)
+		}
+		st.Up, st.LastSuccess, st.LastErrorAt, st.NextRetry = up == 1, fromMS(ls), fromMS(le), fromMS(nr)
+		out = append(out, st)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	for i := range out {
+		st := &out[i]
+		srows, err := db.QueryContext(ctx, `SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`, st.Key, st.Delivered)
+		if err != nil {
+			return nil, fmt.Errorf("txnstore: statuses: %w", err)
+		}
+		oldest := int64(0)
+		for srows.Next() {
+			var blob []byte
+			if err := srows.Scan(&blob); err != nil {
+				srows.Close()
+				return nil, fmt.Errorf("txnstore: statuses: %w", err)
+			}
+			seqs, err := decodeSeqs(blob)
+			if err != nil {
+				srows.Close()
+				return nil, err
+			}
+			for _, q := range seqs {
+				if q > st.Delivered {
+					st.PendingItems++
+					if oldest == 0 {
+						oldest = q
+					}
+				}
+			}
+		}
+		srows.Close()
+		if oldest != 0 {
+			var created int64
+			if err := db.QueryRowContext(ctx, `SELECT created_ms FROM items WHERE seq = ?`, oldest).Scan(&created); err == nil {
+				st.OldestPending = fromMS(created)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Stats returns counters of the store's work.
+func (s *SQLite) Stats() Stats {
+	var n int64
+	_ = s.do(context.Background(), func(*sql.Tx, *batch) error { n = s.commits; return nil })
+	return Stats{Commits: n}
+}
+
+// Close implements Store.
+func (s *SQLite) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.ops)
+	s.mu.Unlock()
+	<-s.done
+	return errors.Join(s.wdb.Close(), s.rdb.Close())
+}
+
+// OpenStatus opens the store at path read-only, for `asdispatch status`
+// while another process writes, and returns every AS's status.
+func OpenStatus(ctx context.Context, path string) ([]Status, error) {
+	db, err := sql.Open("sqlite3", "file:"+url.PathEscape(path)+"?mode=ro&_busy_timeout=10000")
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
+	}
+	defer db.Close()
+	return statuses(ctx, db)
+}
+
+var _ Store = (*SQLite)(nil)
