@@ -1,13 +1,20 @@
 package dispatcher
 
-// PLACEHOLDER API: the implementation is being written.
-
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/namespace"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
 	"github.com/asdispatch/asdispatch/txnstore"
@@ -15,48 +22,358 @@ import (
 
 // Config configures a Dispatcher.
 type Config struct {
-	// Registry holds the current registration set.
+	// Registry holds the current registration set. Required.
 	Registry *registry.Registry
-	// DataDir holds the SQLite store (dispatcher.db); ignored when Store is set.
+	// DataDir holds the SQLite store (dispatcher.db); ignored when OpenStore
+	// is set. Created if missing.
 	DataDir string
-	// OpenStore, if set, opens the store instead of SQLite in DataDir.
+	// OpenStore, if set, opens the store instead of SQLite in DataDir. It
+	// must pass opts on to the store.
 	OpenStore func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error)
-	// RoomState answers for rooms the dispatcher has not seen yet.
+	// RoomState answers for rooms the dispatcher has not seen yet. Without
+	// it, room interest comes only from the events the dispatcher sees.
 	RoomState RoomState
-	Queue     queue.Options
-	Logger    *zap.Logger
+	// RoomCacheSize bounds the rooms whose interest is kept (default 100,000).
+	RoomCacheSize int
+	Queue         queue.Options
+	Logger        *zap.Logger
 }
 
+// stopTimeout bounds the wait for a removed AS's send in flight.
+const stopTimeout = 10 * time.Second
+
+// ErrClosed is returned by calls after Close.
+var ErrClosed = errors.New("dispatcher: closed")
+
 // Status is one AS's delivery state for operators.
-type Status = txnstore.Status
+type Status struct {
+	txnstore.Status
+	// Registered is false for an AS removed from the registrations: its
+	// queue is kept, paused, until it comes back.
+	Registered bool
+	// InFlight is the id of the transaction being sent, if any.
+	InFlight int64
+}
+
+// view is everything derived from one registration Set.
+type view struct {
+	set   *registry.Set
+	keys  []txnstore.ASKey // by AS index
+	push  []bool           // the AS has a URL
+	eph   []bool           // the AS receives ephemeral events and to-device messages
+	rooms *rooms
+}
 
 // Dispatcher is safe for concurrent use.
-type Dispatcher struct{}
+type Dispatcher struct {
+	cfg    Config
+	log    *zap.Logger
+	store  txnstore.Store
+	queues *queue.Queues
+	view   atomic.Pointer[view]
+	closed atomic.Bool
 
-var errTODO = errors.New("dispatcher: not implemented yet")
+	reloadMu sync.Mutex
+}
 
-// New opens the store and starts a sender per AS.
-func New(ctx context.Context, cfg Config) (*Dispatcher, error) { return nil, errTODO }
+// New opens the store and starts a sender for every AS of the registry's
+// current set.
+func New(ctx context.Context, cfg Config) (*Dispatcher, error) {
+	if cfg.Registry == nil || cfg.Registry.Current() == nil {
+		return nil, errors.New("dispatcher: Config.Registry with a current set is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.RoomCacheSize <= 0 {
+		cfg.RoomCacheSize = 100_000
+	}
+	if cfg.Queue.Logger == nil {
+		cfg.Queue.Logger = cfg.Logger
+	}
+	d := &Dispatcher{cfg: cfg, log: cfg.Logger}
+	// The store calls OnCommit; the queues need the store: close the loop
+	// through d, which the store cannot call before the first Append.
+	opts := txnstore.Options{OnCommit: func(c []txnstore.Committed) { d.queues.OnCommit(c) }}
+	var err error
+	if cfg.OpenStore != nil {
+		d.store, err = cfg.OpenStore(ctx, opts)
+	} else {
+		if cfg.DataDir == "" {
+			return nil, errors.New("dispatcher: Config.DataDir or Config.OpenStore is required")
+		}
+		if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+			return nil, fmt.Errorf("dispatcher: data dir: %w", err)
+		}
+		d.store, err = txnstore.Open(ctx, filepath.Join(cfg.DataDir, "dispatcher.db"), opts)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: open store: %w", err)
+	}
+	d.queues = queue.New(d.store, cfg.Queue)
+	if err := d.Reload(ctx, cfg.Registry.Current()); err != nil {
+		_ = d.store.Close()
+		return nil, err
+	}
+	return d, nil
+}
 
-// Submit decides interest and returns once the events are durably queued for
-// every interested AS.
-func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error { return errTODO }
+// Reload makes set the current registration set: new ASes start receiving
+// events from now, changed ones use their new URL and token from their next
+// attempt, removed ones keep their queue on disk, paused, until they return.
+func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	all := set.All()
+	v := &view{
+		set:   set,
+		keys:  make([]txnstore.ASKey, len(all)),
+		push:  make([]bool, len(all)),
+		eph:   make([]bool, len(all)),
+		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize),
+	}
+	for i, as := range all {
+		key, err := d.store.EnsureAS(ctx, as.ID)
+		if err != nil {
+			return fmt.Errorf("dispatcher: reload: appservice %s: %w", as.ID, err)
+		}
+		v.keys[i] = key
+		v.push[i] = as.HasURL
+		v.eph[i] = as.ReceiveEphemeral
+	}
+	old := d.view.Swap(v)
+	d.cfg.Registry.Swap(set)
 
-// SubmitEphemeral queues ephemeral events for the ASes that asked for them.
-func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) error { return errTODO }
+	for i, as := range all {
+		d.queues.Start(queueAS(as, v.keys[i]))
+	}
+	if old != nil {
+		for i, key := range old.keys {
+			if !slices.Contains(v.keys, key) {
+				id := old.set.All()[i].ID
+				d.log.Warn("appservice removed from the registrations; its queue is kept, paused",
+					zap.String("appservice", id))
+				// A send in flight may take a transaction timeout to end:
+				// do not hold the reload for it.
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+					defer cancel()
+					if err := d.queues.Stop(ctx, key); err != nil {
+						d.log.Warn("stopping a removed appservice's sender abandoned its send in flight",
+							zap.String("appservice", id), zap.Error(err))
+					}
+				}()
+			}
+		}
+	}
+	return nil
+}
 
-// SubmitToDevice queues to-device messages for the ASes that asked for them.
-func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error { return errTODO }
+func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+	var f queue.Format
+	if as.ReceiveEphemeral {
+		if as.EphemeralUnstable {
+			f |= queue.EphemeralUnstable
+		} else {
+			f |= queue.EphemeralStable
+		}
+	}
+	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, Legacy: as.Legacy}
+	if as.HasURL {
+		t.URL = as.URL
+	}
+	return queue.AS{ID: as.ID, Key: key, Target: t, Format: f}
+}
+
+// Submit decides which ASes are interested in each event and returns once
+// the events are durably queued for all of them. Events of one room must be
+// submitted in their order; concurrent calls share commits.
+func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
+	if d.closed.Load() {
+		return ErrClosed
+	}
+	v := d.view.Load()
+	entries := make([]txnstore.Entry, 0, len(events))
+	var sc scratch
+	for i := range events {
+		targets, err := d.decide(ctx, v, &events[i], &sc)
+		if err != nil {
+			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
+		}
+		if len(targets) > 0 {
+			entries = append(entries, txnstore.Entry{Kind: txnstore.KindEvent, Data: events[i].JSON, Targets: targets})
+		}
+	}
+	return d.append(ctx, entries)
+}
+
+func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	if _, err := d.store.Append(ctx, entries); err != nil {
+		return fmt.Errorf("dispatcher: queue: %w", err)
+	}
+	return nil
+}
+
+// scratch holds buffers reused across the events of one call.
+type scratch struct {
+	hits []namespace.Hit
+	idx  []int32
+}
+
+// decide returns the store keys of the ASes interested in ev, sorted, after
+// applying ev to the room's interest.
+func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch) ([]txnstore.ASKey, error) {
+	set := v.set
+	sc.hits = set.UsersInterested(sc.hits[:0], ev.Sender)
+	if ev.Type == "m.room.member" && ev.StateKey != nil {
+		sc.hits = set.UsersInterested(sc.hits, *ev.StateKey)
+	}
+	sc.hits = set.RoomsInterested(sc.hits, ev.RoomID)
+	sc.idx = sc.idx[:0]
+	for _, h := range sc.hits {
+		sc.idx = append(sc.idx, int32(h.Owner))
+	}
+	if ev.RoomID != "" {
+		r, err := v.rooms.lock(ctx, ev.RoomID)
+		if err != nil {
+			return nil, err
+		}
+		v.rooms.apply(ctx, r, ev.RoomID, ev)
+		sc.idx = append(sc.idx, r.interested...)
+		r.mu.Unlock()
+	}
+	return v.targets(sc.idx, v.push), nil
+}
+
+// targets maps AS indices to the sorted, unique store keys of those allowed.
+func (v *view) targets(idx []int32, allowed ...[]bool) []txnstore.ASKey {
+	if len(idx) == 0 {
+		return nil
+	}
+	out := make([]txnstore.ASKey, 0, len(idx))
+next:
+	for _, i := range idx {
+		for _, a := range allowed {
+			if !a[i] {
+				continue next
+			}
+		}
+		out = append(out, v.keys[i])
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// SubmitEphemeral queues ephemeral events for the ASes that asked for them
+// (receive_ephemeral): typing and receipts to ASes interested in the room,
+// private receipts only to ASes whose users namespace covers the user,
+// presence to ASes interested in the user or in one of its rooms.
+func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) error {
+	if d.closed.Load() {
+		return ErrClosed
+	}
+	v := d.view.Load()
+	var sc scratch
+	entries := make([]txnstore.Entry, 0, len(evs))
+	for i := range evs {
+		e := &evs[i]
+		sc.idx = sc.idx[:0]
+		sc.hits = sc.hits[:0]
+		for _, u := range e.Users {
+			sc.hits = v.set.UsersInterested(sc.hits, u)
+		}
+		for _, h := range sc.hits {
+			sc.idx = append(sc.idx, int32(h.Owner))
+		}
+		if !e.Private {
+			rooms := e.Rooms
+			if e.RoomID != "" {
+				rooms = append([]string{e.RoomID}, rooms...)
+			}
+			for _, roomID := range rooms {
+				for _, h := range v.set.RoomsInterested(sc.hits[:0], roomID) {
+					sc.idx = append(sc.idx, int32(h.Owner))
+				}
+				r, err := v.rooms.lock(ctx, roomID)
+				if err != nil {
+					return fmt.Errorf("dispatcher: ephemeral %s: %w", e.Type, err)
+				}
+				sc.idx = append(sc.idx, r.interested...)
+				r.mu.Unlock()
+			}
+		}
+		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
+			entries = append(entries, txnstore.Entry{Kind: txnstore.KindEphemeral, Data: e.JSON, Targets: t})
+		}
+	}
+	return d.append(ctx, entries)
+}
+
+// SubmitToDevice queues to-device messages for the ASes that asked for
+// ephemeral data and whose users namespace covers the recipient.
+func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error {
+	if d.closed.Load() {
+		return ErrClosed
+	}
+	v := d.view.Load()
+	var sc scratch
+	entries := make([]txnstore.Entry, 0, len(msgs))
+	for i := range msgs {
+		sc.hits = v.set.UsersInterested(sc.hits[:0], msgs[i].ToUser)
+		sc.idx = sc.idx[:0]
+		for _, h := range sc.hits {
+			sc.idx = append(sc.idx, int32(h.Owner))
+		}
+		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
+			entries = append(entries, txnstore.Entry{Kind: txnstore.KindToDevice, Data: msgs[i].JSON, Targets: t})
+		}
+	}
+	return d.append(ctx, entries)
+}
 
 // InvalidateRoom forgets what the dispatcher knows about a room, for changes
 // it does not see as events (aliases added in the room directory).
-func (d *Dispatcher) InvalidateRoom(roomID string) {}
+func (d *Dispatcher) InvalidateRoom(roomID string) {
+	d.view.Load().rooms.forget(roomID)
+}
 
 // Wake makes the AS's sender retry at once (after a successful ping).
-func (d *Dispatcher) Wake(asID string) {}
+func (d *Dispatcher) Wake(asID string) { d.queues.Wake(asID) }
 
-// Statuses reports every AS's delivery state.
-func (d *Dispatcher) Statuses(ctx context.Context) ([]Status, error) { return nil, errTODO }
+// Statuses reports every AS the store knows, registered or not.
+func (d *Dispatcher) Statuses(ctx context.Context) ([]Status, error) {
+	sts, err := d.store.Statuses(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: statuses: %w", err)
+	}
+	v := d.view.Load()
+	out := make([]Status, len(sts))
+	for i, st := range sts {
+		out[i] = Status{Status: st, Registered: slices.Contains(v.keys, st.Key)}
+		if live, ok := d.queues.Live(st.Key); ok {
+			out[i].Up, out[i].Failures, out[i].NextRetry = live.Up, live.Failures, live.NextRetry
+			out[i].InFlight = live.InFlight
+			if !live.LastSuccess.IsZero() {
+				out[i].LastSuccess = live.LastSuccess
+			}
+			if live.LastError != "" {
+				out[i].LastError = live.LastError
+			}
+		}
+	}
+	return out, nil
+}
 
-// Close stops accepting events, drains in-flight sends and closes the store.
-func (d *Dispatcher) Close(ctx context.Context) error { return errTODO }
+// Close stops accepting events, lets sends in flight finish (until ctx ends)
+// and closes the store. Everything queued stays queued for the next start.
+func (d *Dispatcher) Close(ctx context.Context) error {
+	if d.closed.Swap(true) {
+		return nil
+	}
+	qerr := d.queues.Close(ctx)
+	serr := d.store.Close()
+	return errors.Join(qerr, serr)
+}

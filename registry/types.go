@@ -81,9 +81,3 @@ type AppService struct {
 	// SenderUserID is @sender_localpart:server_name.
 	SenderUserID string
 }
-
-// Set is an immutable, validated set of application services.
-type Set struct {
-	serverName string
-	ases       []*AppService
-}

@@ -1,0 +1,325 @@
+package registry
+
+import (
+	"fmt"
+	"net/url"
+	"regexp"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/asdispatch/asdispatch/namespace"
+	"github.com/asdispatch/asdispatch/secret"
+)
+
+// Problem is one thing wrong with a registration file.
+type Problem struct {
+	Line   int
+	Column int
+	// Field is the path of the offending key, like namespaces.users[0].regex.
+	Field  string
+	Reason string
+}
+
+// FileError lists every problem of one file.
+type FileError struct {
+	File     string
+	Problems []Problem
+}
+
+func (e *FileError) Error() string {
+	var b strings.Builder
+	for i, p := range e.Problems {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		fmt.Fprintf(&b, "%s:%d: %s: %s", e.File, p.Line, p.Field, p.Reason)
+	}
+	return b.String()
+}
+
+// Warning is a lint finding: valid, but surely not what was meant.
+type Warning struct {
+	File    string
+	Line    int
+	Field   string
+	Message string
+}
+
+func (w Warning) String() string {
+	return fmt.Sprintf("%s:%d: %s: %s", w.File, w.Line, w.Field, w.Message)
+}
+
+// localpartRE is the historical Matrix user localpart grammar (lenient, as
+// homeservers accept existing localparts).
+var localpartRE = regexp.MustCompile(`^[a-zA-Z0-9._=\-/+]+$`)
+
+type parser struct {
+	file     string
+	problems []Problem
+	warnings []Warning
+}
+
+func (p *parser) fail(n *yaml.Node, field, format string, args ...any) {
+	pr := Problem{Field: field, Reason: fmt.Sprintf(format, args...)}
+	if n != nil {
+		pr.Line, pr.Column = n.Line, n.Column
+	}
+	p.problems = append(p.problems, pr)
+}
+
+func (p *parser) warn(n *yaml.Node, field, format string, args ...any) {
+	w := Warning{File: p.file, Field: field, Message: fmt.Sprintf(format, args...)}
+	if n != nil {
+		w.Line = n.Line
+	}
+	p.warnings = append(p.warnings, w)
+}
+
+// Parse reads one registration. Every problem of the file is reported in
+// one *FileError; warnings do not stop it.
+func Parse(file string, data []byte) (*Registration, []Warning, error) {
+	p := &parser{file: file}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, nil, &FileError{File: file, Problems: []Problem{{Line: yamlErrLine(err), Field: "(file)", Reason: "not valid YAML: " + err.Error()}}}
+	}
+	if len(doc.Content) == 0 {
+		return nil, nil, &FileError{File: file, Problems: []Problem{{Line: 1, Field: "(file)", Reason: "empty file"}}}
+	}
+	root := doc.Content[0]
+	if root.Kind != yaml.MappingNode {
+		p.fail(root, "(file)", "a registration is a mapping of keys, got %s", kindName(root))
+		return nil, nil, &FileError{File: file, Problems: p.problems}
+	}
+	r := &Registration{File: file, RateLimited: true, Extra: map[string]any{}}
+	seen := map[string]*yaml.Node{}
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k, v := root.Content[i], root.Content[i+1]
+		if _, dup := seen[k.Value]; dup {
+			p.fail(k, k.Value, "key appears twice")
+		}
+		seen[k.Value] = v
+		switch k.Value {
+		case "id":
+			r.ID = p.str(v, "id")
+			if strings.Contains(r.ID, "|") {
+				p.fail(v, "id", "must not contain '|' (third-party instance ids use it as a separator)")
+			} else if r.ID == "" && v.Tag != "!!null" {
+				p.fail(v, "id", "must not be empty")
+			}
+		case "url":
+			if v.Tag == "!!null" {
+				break // explicit null: no pushes, no queries
+			}
+			r.URL, r.HasURL = p.str(v, "url"), true
+			if u, err := url.Parse(r.URL); r.URL != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
+				p.fail(v, "url", "must be an http(s) URL or null, got %q", r.URL)
+			}
+		case "as_token":
+			r.ASToken = secret.New(p.str(v, "as_token"))
+		case "hs_token":
+			r.HSToken = secret.New(p.str(v, "hs_token"))
+		case "sender_localpart":
+			r.SenderLocalpart = p.str(v, "sender_localpart")
+			if r.SenderLocalpart != "" && !localpartRE.MatchString(r.SenderLocalpart) {
+				p.fail(v, "sender_localpart", "%q is not a valid user localpart", r.SenderLocalpart)
+			}
+		case "namespaces":
+			p.namespaces(v, &r.Namespaces)
+		case "rate_limited":
+			r.RateLimited = p.boolean(v, "rate_limited")
+		case "protocols":
+			r.Protocols = p.strings(v, "protocols")
+		case "receive_ephemeral":
+			r.ReceiveEphemeral = p.boolean(v, k.Value) || r.ReceiveEphemeral
+		case "de.sorunome.msc2409.push_ephemeral", "push_ephemeral":
+			if p.boolean(v, k.Value) {
+				r.ReceiveEphemeral, r.EphemeralUnstable = true, true
+			}
+		case "org.matrix.msc3202":
+			r.MSC3202 = p.boolean(v, k.Value)
+		case "io.element.msc4190":
+			r.MSC4190 = p.boolean(v, k.Value)
+		case "asdispatch.legacy":
+			r.Legacy = p.boolean(v, k.Value)
+		default:
+			var x any
+			_ = v.Decode(&x)
+			r.Extra[k.Value] = x
+		}
+	}
+	for _, req := range []string{"id", "url", "as_token", "hs_token", "sender_localpart", "namespaces"} {
+		if v, ok := seen[req]; !ok {
+			reason := "required"
+			if req == "url" {
+				reason = "required (use `url: null` for an AS that receives nothing)"
+			}
+			p.fail(root, req, "%s", reason)
+		} else if req != "url" && req != "namespaces" && (v.Tag == "!!null" || v.Value == "") && v.Kind == yaml.ScalarNode {
+			p.fail(v, req, "must not be empty")
+		}
+	}
+	if len(p.problems) > 0 {
+		return nil, p.warnings, &FileError{File: file, Problems: p.problems}
+	}
+	p.lint(r)
+	return r, p.warnings, nil
+}
+
+func yamlErrLine(err error) int {
+	var line int
+	if _, e := fmt.Sscanf(strings.TrimPrefix(err.Error(), "yaml: "), "line %d:", &line); e == nil {
+		return line
+	}
+	return 1
+}
+
+func kindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.ScalarNode:
+		if n.Tag == "!!null" {
+			return "null"
+		}
+		return fmt.Sprintf("%s %q", strings.TrimPrefix(n.Tag, "!!"), n.Value)
+	}
+	return "an alias"
+}
+
+func (p *parser) str(n *yaml.Node, field string) string {
+	if n.Kind != yaml.ScalarNode || (n.Tag != "!!str" && n.Tag != "!!int" && n.Tag != "!!float") {
+		if n.Tag == "!!null" {
+			return ""
+		}
+		p.fail(n, field, "must be a string, got %s", p.describe(n, field))
+		return ""
+	}
+	return n.Value
+}
+
+// describe names a node's type without quoting a token's value.
+func (p *parser) describe(n *yaml.Node, field string) string {
+	if strings.HasSuffix(field, "_token") && n.Kind == yaml.ScalarNode {
+		return strings.TrimPrefix(n.Tag, "!!")
+	}
+	return kindName(n)
+}
+
+func (p *parser) boolean(n *yaml.Node, field string) bool {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
+		p.fail(n, field, "must be true or false, got %s", kindName(n))
+		return false
+	}
+	var b bool
+	_ = n.Decode(&b)
+	return b
+}
+
+func (p *parser) strings(n *yaml.Node, field string) []string {
+	if n.Kind != yaml.SequenceNode {
+		p.fail(n, field, "must be a list of strings, got %s", kindName(n))
+		return nil
+	}
+	out := make([]string, 0, len(n.Content))
+	for i, c := range n.Content {
+		out = append(out, p.str(c, fmt.Sprintf("%s[%d]", field, i)))
+	}
+	return out
+}
+
+func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
+	if n.Kind != yaml.MappingNode {
+		p.fail(n, "namespaces", "must be a mapping with users, aliases and rooms lists, got %s", kindName(n))
+		return
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		field := "namespaces." + k.Value
+		var dst *[]Namespace
+		var kind namespace.Kind
+		switch k.Value {
+		case "users":
+			dst, kind = &ns.Users, namespace.Users
+		case "aliases":
+			dst, kind = &ns.Aliases, namespace.Aliases
+		case "rooms":
+			dst, kind = &ns.Rooms, namespace.Rooms
+		default:
+			p.fail(k, field, "unknown namespace kind (want users, aliases or rooms)")
+			continue
+		}
+		if v.Tag == "!!null" {
+			continue // omitted list, as mautrix registrations write it
+		}
+		if v.Kind != yaml.SequenceNode {
+			p.fail(v, field, "must be a list of {regex, exclusive}, got %s", kindName(v))
+			continue
+		}
+		for j, e := range v.Content {
+			ef := fmt.Sprintf("%s[%d]", field, j)
+			if e.Kind != yaml.MappingNode {
+				p.fail(e, ef, "must be a mapping {regex: string, exclusive: bool}, got %s", kindName(e))
+				continue
+			}
+			entry := Namespace{Line: e.Line}
+			var hasRegex, hasExcl bool
+			for m := 0; m+1 < len(e.Content); m += 2 {
+				ek, ev := e.Content[m], e.Content[m+1]
+				switch ek.Value {
+				case "regex":
+					hasRegex = true
+					entry.Regex = p.str(ev, ef+".regex")
+					if err := namespace.Validate(entry.Regex); err != nil {
+						p.fail(ev, ef+".regex", "%v", err)
+					}
+				case "exclusive":
+					hasExcl = true
+					entry.Exclusive = p.boolean(ev, ef+".exclusive")
+				}
+			}
+			if !hasRegex {
+				p.fail(e, ef+".regex", "required")
+			}
+			if !hasExcl {
+				p.fail(e, ef+".exclusive", "required")
+			}
+			_ = kind
+			*dst = append(*dst, entry)
+		}
+	}
+}
+
+// lint warns about what is valid but will surely go wrong.
+func (p *parser) lint(r *Registration) {
+	sigils := map[namespace.Kind]string{namespace.Users: "@", namespace.Aliases: "#", namespace.Rooms: "!"}
+	for _, kind := range []namespace.Kind{namespace.Users, namespace.Aliases, namespace.Rooms} {
+		for i, n := range r.Namespaces.Of(kind) {
+			field := fmt.Sprintf("namespaces.%s[%d].regex", kind, i)
+			re, err := regexp.Compile(`^(?:` + n.Regex + `)`)
+			if err != nil {
+				continue
+			}
+			sig := sigils[kind]
+			if lit, _ := re.LiteralPrefix(); lit != "" && !strings.HasPrefix(lit, sig) && !strings.HasPrefix(sig, lit) {
+				p.warnLine(n.Line, field, "can never match: %s IDs start with %q", kind, sig)
+			}
+			if re.MatchString(sig) && (re.MatchString(sig+"a:b") && re.MatchString(sig+"zz_9:other.example")) && kind != namespace.Rooms {
+				p.warnLine(n.Line, field, "%q matches every %s", n.Regex, kind)
+			}
+			if kind == namespace.Rooms && strings.Contains(n.Regex, ":") {
+				p.warnLine(n.Line, field, "names a server part; room IDs of room version 12 have none")
+			}
+		}
+	}
+	if r.HasURL && r.URL == "" {
+		p.warn(nil, "url", "empty url: nothing can be sent; use `url: null` to say so")
+	}
+}
+
+func (p *parser) warnLine(line int, field, format string, args ...any) {
+	p.warnings = append(p.warnings, Warning{File: p.file, Line: line, Field: field, Message: fmt.Sprintf(format, args...)})
+}
