@@ -1,0 +1,334 @@
+package txnstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+func open(t testing.TB, path string, opts Options) *SQLite {
+	t.Helper()
+	s, err := Open(context.Background(), path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func ensure(t testing.TB, s *SQLite, id string) ASKey {
+	t.Helper()
+	k, err := s.EnsureAS(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func appendN(t testing.TB, s *SQLite, n int, kind Kind, targets ...ASKey) []int64 {
+	t.Helper()
+	es := make([]Entry, n)
+	for i := range es {
+		es[i] = Entry{Kind: kind, Data: []byte(fmt.Sprintf(`{"n":%d}`, i)), Targets: targets}
+	}
+	seqs, err := s.Append(context.Background(), es)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return seqs
+}
+
+func count(t testing.TB, s *SQLite, table string) int {
+	var n int
+	if err := s.rdb.QueryRow("SELECT COUNT(*) FROM " + table).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestAppendReadStreams(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{})
+	defer s.Close()
+	a, b := ensure(t, s, "a"), ensure(t, s, "b")
+	seqs := appendN(t, s, 10, KindEvent, a, b)
+	appendN(t, s, 5, KindEphemeral, b) // only b
+	more := appendN(t, s, 3, KindToDevice, a)
+	none, err := s.Append(ctx, []Entry{{Kind: KindEvent, Data: []byte("{}")}})
+	if err != nil || none[0] != 0 {
+		t.Fatalf("entry without targets: %v %v", none, err)
+	}
+	tests := []struct {
+		name  string
+		as    ASKey
+		after int64
+		max   int
+		want  int
+		first int64
+	}{
+		{"all of a", a, 0, 100, 13, seqs[0]},
+		{"a after 5 events", a, seqs[4], 100, 8, seqs[5]},
+		{"a capped", a, 0, 4, 4, seqs[0]},
+		{"a sparse tail", a, seqs[9], 100, 3, more[0]},
+		{"all of b", b, 0, 100, 15, seqs[0]},
+		{"nothing after the end", b, 1000, 100, 0, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			items, err := s.Read(ctx, tt.as, tt.after, tt.max)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(items) != tt.want {
+				t.Fatalf("got %d items, want %d", len(items), tt.want)
+			}
+			for i := 1; i < len(items); i++ {
+				if items[i].Seq <= items[i-1].Seq {
+					t.Fatalf("items out of order: %v", items)
+				}
+			}
+			if len(items) > 0 && items[0].Seq != tt.first {
+				t.Errorf("first seq %d, want %d", items[0].Seq, tt.first)
+			}
+		})
+	}
+	if got := count(t, s, "items"); got != 18 {
+		t.Errorf("%d item rows, want 18: each item stored once", got)
+	}
+}
+
+func TestFreezeCompleteAndGC(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "s.db")
+	s := open(t, path, Options{})
+	a := ensure(t, s, "a")
+	seqs := appendN(t, s, 6, KindEvent, a)
+	ids, err := s.Freeze(ctx, a, 0, []Txn{
+		{Range: Range{0, seqs[2]}, Len: 10, Checksum: 7},
+		{Range: Range{seqs[2], seqs[5]}},
+	})
+	if err != nil || ids[0] != 1 || ids[1] != 2 {
+		t.Fatalf("Freeze = %v, %v", ids, err)
+	}
+	bad := []struct {
+		name    string
+		replace int64
+		txns    []Txn
+		want    error
+	}{
+		{"gap", 0, []Txn{{Range: Range{seqs[5] + 1, seqs[5] + 2}}}, ErrBadRange},
+		{"overlap", 0, []Txn{{Range: Range{seqs[4], seqs[5]}}}, ErrBadRange},
+		{"empty", 0, []Txn{{Range: Range{seqs[5], seqs[5]}}}, ErrBadRange},
+		{"split short", 2, []Txn{{Range: Range{seqs[2], seqs[3]}}}, ErrBadRange},
+		{"unknown txn", 99, []Txn{{Range: Range{0, 1}}}, ErrUnknownTxn},
+	}
+	for _, tt := range bad {
+		if _, err := s.Freeze(ctx, a, tt.replace, tt.txns); !errors.Is(err, tt.want) {
+			t.Errorf("%s: err = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+	// Split txn 2 in two: new ids, stream order kept.
+	split, err := s.Freeze(ctx, a, 2, []Txn{{Range: Range{seqs[2], seqs[3]}}, {Range: Range{seqs[3], seqs[5]}}})
+	if err != nil || split[0] != 3 || split[1] != 4 {
+		t.Fatalf("split = %v, %v", split, err)
+	}
+	if err := s.SaveBody(ctx, a, 3, []byte(`{"events":[]}`)); err != nil {
+		t.Fatal(err)
+	}
+	frozen, err := s.Frozen(ctx, a)
+	if err != nil || len(frozen) != 3 || frozen[0].ID != 1 || frozen[1].ID != 3 || frozen[2].ID != 4 ||
+		string(frozen[1].Body) != `{"events":[]}` || frozen[0].Body != nil || frozen[0].Len != 10 || frozen[0].Checksum != 7 {
+		t.Fatalf("Frozen = %+v, %v", frozen, err)
+	}
+	for _, id := range []int64{1, 3, 4} {
+		if err := s.Complete(ctx, a, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Complete(ctx, a, 1); !errors.Is(err, ErrUnknownTxn) {
+		t.Errorf("completing twice: %v", err)
+	}
+	if d, _ := s.Delivered(ctx, a); d != seqs[5] {
+		t.Errorf("delivered %d, want %d", d, seqs[5])
+	}
+	s.Close()
+
+	// Reopen: ids go on from 5, seqs from where they were, GC cleans up.
+	s = open(t, path, Options{})
+	defer s.Close()
+	a = ensure(t, s, "a")
+	next := appendN(t, s, 1, KindEvent, a)
+	if next[0] != seqs[5]+1 {
+		t.Errorf("seq after reopen %d, want %d", next[0], seqs[5]+1)
+	}
+	ids, err = s.Freeze(ctx, a, 0, []Txn{{Range: Range{seqs[5], next[0]}}})
+	if err != nil || ids[0] != 5 {
+		t.Fatalf("txn id after reopen = %v, %v; want 5", ids, err)
+	}
+	if err := s.Complete(ctx, a, 5); err != nil {
+		t.Fatal(err)
+	}
+	// Ask the writer to collect garbage after its next commit; the commit
+	// after that sees the result.
+	_ = s.do(ctx, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
+	_ = s.Stats()
+	if n := count(t, s, "items"); n != 0 {
+		t.Errorf("%d items left after everything was delivered", n)
+	}
+	if n := count(t, s, "streams"); n != 0 {
+		t.Errorf("%d stream rows left after everything was delivered", n)
+	}
+	after := appendN(t, s, 1, KindEvent, a)
+	if after[0] != next[0]+1 {
+		t.Errorf("seq reused after GC: %d", after[0])
+	}
+}
+
+func TestNewASStartsFromNow(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{})
+	defer s.Close()
+	a := ensure(t, s, "a")
+	appendN(t, s, 5, KindEvent, a)
+	b := ensure(t, s, "b")
+	if d, _ := s.Delivered(ctx, b); d != 5 {
+		t.Errorf("new AS starts at %d, want 5", d)
+	}
+	if again := ensure(t, s, "a"); again != a {
+		t.Errorf("EnsureAS gave a new key for an existing id")
+	}
+}
+
+func TestGroupCommitAndOnCommitOrder(t *testing.T) {
+	var mu sync.Mutex
+	var seen []int64
+	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{OnCommit: func(c []Committed) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, x := range c {
+			seen = append(seen, x.Item.Seq)
+		}
+	}})
+	defer s.Close()
+	a := ensure(t, s, "a")
+	before := s.Stats().Commits
+	const writers, per = 16, 25
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < per; i++ {
+				appendN(t, s, 1, KindEvent, a)
+			}
+		}()
+	}
+	wg.Wait()
+	commits := s.Stats().Commits - before
+	if commits >= writers*per {
+		t.Errorf("%d appends took %d commits: no group commit", writers*per, commits)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != writers*per {
+		t.Fatalf("OnCommit saw %d items, want %d", len(seen), writers*per)
+	}
+	for i := 1; i < len(seen); i++ {
+		if seen[i] != seen[i-1]+1 {
+			t.Fatalf("OnCommit order broken at %d: %d after %d", i, seen[i], seen[i-1])
+		}
+	}
+	t.Logf("%d appends in %d commits", writers*per, commits)
+}
+
+func TestFailedOpFailsAloneAndStatus(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "s.db")
+	s := open(t, path, Options{})
+	defer s.Close()
+	a := ensure(t, s, "a")
+	if _, err := s.Append(ctx, []Entry{{Kind: KindEvent, Data: []byte("{}"), Targets: []ASKey{99}}}); !errors.Is(err, ErrUnknownAS) {
+		t.Errorf("append to unknown AS: %v", err)
+	}
+	appendN(t, s, 3, KindEvent, a)
+	if err := s.SetState(ctx, a, State{Up: false, Failures: 2, LastError: "boom"}); err != nil {
+		t.Fatal(err)
+	}
+	sts, err := OpenStatus(ctx, path) // a read-only reader beside the writer
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sts) != 1 || sts[0].ID != "a" || sts[0].Up || sts[0].Failures != 2 || sts[0].LastError != "boom" ||
+		sts[0].PendingItems != 3 || sts[0].OldestPending.IsZero() {
+		t.Errorf("status = %+v", sts)
+	}
+	s.Close()
+	if _, err := s.Append(ctx, nil); !errors.Is(err, ErrClosed) {
+		t.Errorf("after Close: %v", err)
+	}
+}
+
+func BenchmarkAppend(b *testing.B) {
+	s := open(b, filepath.Join(b.TempDir(), "s.db"), Options{})
+	defer s.Close()
+	targets := make([]ASKey, 10)
+	for i := range targets {
+		targets[i] = ensure(b, s, fmt.Sprintf("as%d", i))
+	}
+	data := make([]byte, 500)
+	benchWriters(b, func(n int) error {
+		es := make([]Entry, n)
+		for i := range es {
+			es[i] = Entry{Kind: KindEvent, Data: data, Targets: targets}
+		}
+		_, err := s.Append(context.Background(), es)
+		return err
+	})
+}
+
+// BenchmarkRawInsert is the limit Append is measured against: the same
+// bytes into a bare table, same durability, same group commit.
+func BenchmarkRawInsert(b *testing.B) {
+	s := open(b, filepath.Join(b.TempDir(), "s.db"), Options{})
+	defer s.Close()
+	if _, err := s.wdb.Exec(`CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`); err != nil {
+		b.Fatal(err)
+	}
+	data := make([]byte, 500)
+	benchWriters(b, func(n int) error {
+		return s.do(context.Background(), func(tx *sql.Tx, _ *batch) error {
+			for i := 0; i < n; i++ {
+				if _, err := tx.Exec(`INSERT INTO raw (data) VALUES (?)`, data); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	})
+}
+
+// benchWriters runs b.N events through write from 8 concurrent writers in
+// batches of 50 and reports events/s.
+func benchWriters(b *testing.B, write func(n int) error) {
+	const writers, batchSize = 8, 50
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	per := (b.N + writers - 1) / writers
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for done := 0; done < per; done += batchSize {
+				if err := write(min(batchSize, per-done)); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.ReportMetric(float64(per*writers)/b.Elapsed().Seconds(), "events/s")
+}
