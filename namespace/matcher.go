@@ -2,8 +2,11 @@ package namespace
 
 import (
 	"errors"
+	"fmt"
 	"regexp"
+	"regexp/syntax"
 	"sort"
+	"strings"
 )
 
 // PLACEHOLDER: a plain loop with the final API, so that other packages
@@ -87,6 +90,27 @@ func Validate(regex string) error {
 	return err
 }
 
+// maxPatternLen bounds a pattern: RE2 is linear in the input, but its
+// program grows with the pattern.
+const maxPatternLen = 4096
+
 func compileAnchored(regex string) (*regexp.Regexp, error) {
-	return regexp.Compile(`^(?:` + regex + `)`)
+	if len(regex) > maxPatternLen {
+		return nil, fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
+	}
+	re, err := regexp.Compile(`^(?:` + regex + `)`)
+	if err == nil {
+		return re, nil
+	}
+	var se *syntax.Error
+	if errors.As(err, &se) {
+		switch {
+		case se.Code == syntax.ErrInvalidPerlOp && (strings.HasPrefix(se.Expr, "(?=") || strings.HasPrefix(se.Expr, "(?!") ||
+			strings.HasPrefix(se.Expr, "(?<=") || strings.HasPrefix(se.Expr, "(?<!")):
+			return nil, fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround): %w", se.Expr, err)
+		case se.Code == syntax.ErrInvalidEscape && len(se.Expr) == 2 && se.Expr[1] >= '1' && se.Expr[1] <= '9':
+			return nil, fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
+		}
+	}
+	return nil, err
 }

@@ -304,7 +304,8 @@ func (p *parser) lint(r *Registration) {
 				continue
 			}
 			sig := sigils[kind]
-			if lit, _ := re.LiteralPrefix(); lit != "" && !strings.HasPrefix(lit, sig) && !strings.HasPrefix(sig, lit) {
+			plain, _ := regexp.Compile(n.Regex)
+			if lit, _ := plain.LiteralPrefix(); lit != "" && !strings.HasPrefix(lit, sig) && !strings.HasPrefix(sig, lit) {
 				p.warnLine(n.Line, field, "can never match: %s IDs start with %q", kind, sig)
 			}
 			if re.MatchString(sig) && (re.MatchString(sig+"a:b") && re.MatchString(sig+"zz_9:other.example")) && kind != namespace.Rooms {
