@@ -52,7 +52,9 @@ func TestParseVariants(t *testing.T) {
 		{"mautrix omits lists", "id: t\nurl: http://x:1\nas_token: a\nhs_token: h\nsender_localpart: b\nnamespaces:\n  users:\n    - regex: '@t_.*'\n      exclusive: true\n",
 			func(r *Registration) bool { return len(r.Namespaces.Aliases) == 0 && len(r.Namespaces.Users) == 1 }},
 		{"flags", valid + "rate_limited: false\norg.matrix.msc3202: true\nio.element.msc4190: true\nasdispatch.legacy: true\nprotocols: [irc]\n",
-			func(r *Registration) bool { return !r.RateLimited && r.MSC3202 && r.MSC4190 && r.Legacy && r.Protocols[0] == "irc" }},
+			func(r *Registration) bool {
+				return !r.RateLimited && r.MSC3202 && r.MSC4190 && r.Legacy && r.Protocols[0] == "irc"
+			}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
