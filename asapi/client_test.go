@@ -1,0 +1,150 @@
+package asapi
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/asdispatch/asdispatch/secret"
+)
+
+func TestPutTransactionRequest(t *testing.T) {
+	var got *http.Request
+	var body []byte
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, body = r, must(io.ReadAll(r.Body))
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	c := New(Options{})
+	sent := []byte(`{"events":[{"b":"\u00e9  "}]}`)
+	if err := c.PutTransaction(context.Background(), Target{ID: "a", URL: srv.URL + "/", HSToken: secret.New("hs-tok")}, "12/x", sent); err != nil {
+		t.Fatal(err)
+	}
+	if got.Method != http.MethodPut || got.URL.EscapedPath() != "/_matrix/app/v1/transactions/12%2Fx" {
+		t.Errorf("request %s %s", got.Method, got.URL.EscapedPath())
+	}
+	if got.Header.Get("Authorization") != "Bearer hs-tok" || got.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("headers %v", got.Header)
+	}
+	if got.URL.Query().Get("access_token") != "" {
+		t.Error("access_token sent outside legacy mode")
+	}
+	if string(body) != string(sent) {
+		t.Errorf("body re-encoded: %s", body)
+	}
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func TestPutTransactionErrors(t *testing.T) {
+	status := func(code int) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(code)
+			w.Write([]byte(`{"errcode":"M_X","error":"echo hs-secret"}`))
+		}
+	}
+	tests := []struct {
+		name    string
+		handler http.HandlerFunc
+		want    []error
+	}{
+		{"500", status(500), nil},
+		{"401 is a token mismatch", status(401), []error{ErrTokenMismatch}},
+		{"403 is a token mismatch", status(403), []error{ErrTokenMismatch}},
+		{"413", status(413), []error{ErrTooLarge}},
+		{"timeout", func(w http.ResponseWriter, r *http.Request) { time.Sleep(300 * time.Millisecond) }, []error{ErrTimeout}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := httptest.NewServer(tt.handler)
+			defer srv.Close()
+			c := New(Options{TxnTimeout: 100 * time.Millisecond})
+			err := c.PutTransaction(context.Background(), Target{ID: "bridge", URL: srv.URL, HSToken: secret.New("hs-secret")}, "1", []byte("{}"))
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range tt.want {
+				if !errors.Is(err, w) {
+					t.Errorf("%v is not %v", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), "hs-secret") {
+				t.Errorf("error leaks the token: %v", err)
+			}
+			if !strings.Contains(err.Error(), "bridge") {
+				t.Errorf("error does not name the AS: %v", err)
+			}
+		})
+	}
+	t.Run("refused", func(t *testing.T) {
+		l, _ := net.Listen("tcp", "127.0.0.1:0")
+		addr := l.Addr().String()
+		l.Close()
+		err := New(Options{}).PutTransaction(context.Background(), Target{ID: "gone", URL: "http://" + addr}, "1", []byte("{}"))
+		if !errors.Is(err, ErrConnection) {
+			t.Errorf("%v is not ErrConnection", err)
+		}
+	})
+	t.Run("no url", func(t *testing.T) {
+		if err := New(Options{}).PutTransaction(context.Background(), Target{ID: "n"}, "1", nil); !errors.Is(err, ErrNoURL) {
+			t.Errorf("%v is not ErrNoURL", err)
+		}
+	})
+}
+
+func TestLegacyFallback(t *testing.T) {
+	var paths []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		paths = append(paths, r.URL.Path+"?"+r.URL.RawQuery)
+		if strings.HasPrefix(r.URL.Path, "/_matrix/") {
+			w.WriteHeader(404)
+			w.Write([]byte(`{"errcode":"M_UNRECOGNIZED"}`))
+			return
+		}
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	err := New(Options{}).PutTransaction(context.Background(), Target{ID: "old", URL: srv.URL, HSToken: secret.New("tok"), Legacy: true}, "7", []byte("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/_matrix/app/v1/transactions/7?access_token=tok", "/transactions/7?access_token=tok"}
+	if len(paths) != 2 || paths[0] != want[0] || paths[1] != want[1] {
+		t.Errorf("paths %v, want %v", paths, want)
+	}
+}
+
+func TestConnectionReuse(t *testing.T) {
+	var conns atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(500)
+		w.Write([]byte(strings.Repeat("x", 2000)))
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	c := New(Options{})
+	for i := 0; i < 10; i++ {
+		_ = c.PutTransaction(context.Background(), Target{ID: "a", URL: srv.URL}, "1", []byte("{}"))
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("10 sequential requests used %d connections, want 1", n)
+	}
+}
