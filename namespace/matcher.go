@@ -9,12 +9,10 @@ import (
 	"strings"
 )
 
-// PLACEHOLDER: a plain loop with the final API, so that other packages
-// compile. The indexed matcher replaces this file.
-
-// Matcher answers which owners' patterns match an ID. Safe for concurrent use.
+// Matcher answers which owners' patterns match an ID, with one index per
+// kind. Safe for concurrent use.
 type Matcher struct {
-	plain *Plain
+	kinds [numKinds]*index
 }
 
 // Compile builds a matcher from patterns. Every bad pattern is reported, as a
@@ -24,7 +22,19 @@ func Compile(patterns []Pattern) (*Matcher, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Matcher{plain: p}, nil
+	m := &Matcher{}
+	for k := Kind(0); k < numKinds; k++ {
+		var pats []entry
+		var lits []literals
+		for i, pat := range patterns {
+			if pat.Kind == k {
+				pats = append(pats, entry{owner: pat.Owner, exclusive: pat.Exclusive, re: p.res[i]})
+				lits = append(lits, analyze(pat.Regex))
+			}
+		}
+		m.kinds[k] = buildIndex(pats, lits)
+	}
+	return m, nil
 }
 
 // Match returns the owners whose patterns of kind match id, sorted by owner.
@@ -33,7 +43,10 @@ func (m *Matcher) Match(kind Kind, id string) []Hit { return m.AppendMatch(nil, 
 // AppendMatch appends the hits for id to dst and returns it; it does not
 // allocate when dst has room.
 func (m *Matcher) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
-	return m.plain.AppendMatch(dst, kind, id)
+	if kind >= numKinds {
+		return dst
+	}
+	return m.kinds[kind].lookup(dst, id)
 }
 
 // Plain is the reference matcher: every regex tried one by one. It is what
@@ -98,6 +111,11 @@ func compileAnchored(regex string) (*regexp.Regexp, error) {
 	if len(regex) > maxPatternLen {
 		return nil, fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
 	}
+	for _, la := range []string{"(?=", "(?!", "(?<=", "(?<!"} {
+		if strings.Contains(regex, la) {
+			return nil, fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround)", la)
+		}
+	}
 	re, err := regexp.Compile(`^(?:` + regex + `)`)
 	if err == nil {
 		return re, nil
@@ -105,9 +123,6 @@ func compileAnchored(regex string) (*regexp.Regexp, error) {
 	var se *syntax.Error
 	if errors.As(err, &se) {
 		switch {
-		case se.Code == syntax.ErrInvalidPerlOp && (strings.HasPrefix(se.Expr, "(?=") || strings.HasPrefix(se.Expr, "(?!") ||
-			strings.HasPrefix(se.Expr, "(?<=") || strings.HasPrefix(se.Expr, "(?<!")):
-			return nil, fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround): %w", se.Expr, err)
 		case se.Code == syntax.ErrInvalidEscape && len(se.Expr) == 2 && se.Expr[1] >= '1' && se.Expr[1] <= '9':
 			return nil, fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
 		}

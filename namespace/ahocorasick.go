@@ -1,0 +1,100 @@
+package namespace
+
+// automaton finds every occurrence of a set of literals in one pass
+// (Aho-Corasick), as a full DFA over a compressed alphabet: one table read
+// per input byte.
+type automaton struct {
+	class   [256]uint8 // byte -> alphabet class (0: no literal has it)
+	classes int
+	delta   []int32 // state*classes + class -> state
+	out     [][]int32
+	dict    []int32 // next state on the failure chain with output (-1: none)
+}
+
+func newAutomaton(lits []string, pats []int32) *automaton {
+	a := &automaton{classes: 1}
+	for _, l := range lits {
+		for i := 0; i < len(l); i++ {
+			if a.class[l[i]] == 0 {
+				if a.classes == 256 {
+					break
+				}
+				a.class[l[i]] = uint8(a.classes)
+				a.classes++
+			}
+		}
+	}
+	// Trie of the literals, -1 for no edge yet.
+	a.delta = make([]int32, a.classes)
+	for i := range a.delta {
+		a.delta[i] = -1
+	}
+	a.out = [][]int32{nil}
+	for k, l := range lits {
+		s := int32(0)
+		for i := 0; i < len(l); i++ {
+			c := int32(a.class[l[i]])
+			nx := a.delta[s*int32(a.classes)+c]
+			if nx < 0 {
+				nx = int32(len(a.out))
+				a.out = append(a.out, nil)
+				for j := 0; j < a.classes; j++ {
+					a.delta = append(a.delta, -1)
+				}
+				a.delta[s*int32(a.classes)+c] = nx
+			}
+			s = nx
+		}
+		a.out[s] = append(a.out[s], pats[k])
+	}
+	// Breadth-first: failure links become DFA edges.
+	n := len(a.out)
+	fail := make([]int32, n)
+	a.dict = make([]int32, n)
+	for i := range a.dict {
+		a.dict[i] = -1
+	}
+	queue := make([]int32, 0, n)
+	for c := 0; c < a.classes; c++ {
+		if nx := a.delta[c]; nx > 0 {
+			fail[nx] = 0
+			queue = append(queue, nx)
+		} else {
+			a.delta[c] = 0
+		}
+	}
+	for len(queue) > 0 {
+		s := queue[0]
+		queue = queue[1:]
+		f := fail[s]
+		if len(a.out[f]) > 0 {
+			a.dict[s] = f
+		} else {
+			a.dict[s] = a.dict[f]
+		}
+		for c := 0; c < a.classes; c++ {
+			i := s*int32(a.classes) + int32(c)
+			if nx := a.delta[i]; nx > 0 {
+				fail[nx] = a.delta[f*int32(a.classes)+int32(c)]
+				queue = append(queue, nx)
+			} else {
+				a.delta[i] = a.delta[f*int32(a.classes)+int32(c)]
+			}
+		}
+	}
+	return a
+}
+
+// each calls fn for the patterns of every literal occurring in s (a pattern
+// once per occurrence; callers deduplicate).
+func (a *automaton) each(s string, fn func(int32)) {
+	st := int32(0)
+	for i := 0; i < len(s); i++ {
+		st = a.delta[st*int32(a.classes)+int32(a.class[s[i]])]
+		for o := st; o > 0; o = a.dict[o] {
+			for _, p := range a.out[o] {
+				fn(p)
+			}
+		}
+	}
+}

@@ -1,0 +1,256 @@
+package namespace
+
+import (
+	"errors"
+	"fmt"
+	"math/rand"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestMatchSemantics(t *testing.T) {
+	tests := []struct {
+		regex string
+		id    string
+		want  bool
+	}{
+		{`#logged_.*`, "#logged_test:localhost", true},
+		{`#logged_`, "#logged_test:localhost", true}, // not end-anchored
+		{`@irc_.*`, "@x_irc_1:hs", false},            // start-anchored
+		{`@irc_.*`, "@IRC_bob:hs", false},            // case-sensitive
+		{`@irc_.*:hs$`, "@irc_bob:hs", true},
+		{`@irc_.*:hs$`, "@irc_bob:hs.evil", false},
+		{`@.*:bridge\.example\.org`, "@x:bridge.example.org", true},
+		{`@.*:bridge\.example\.org`, "@x:bridge.example.org.evil", true}, // contains, as Synapse
+		{`@.*:bridge\.example\.org`, "@x:bridgeXexample.org", false},
+		{`@(telegram|signal)_.*`, "@signal_1:hs", true},
+		{`@(telegram|signal)_.*`, "@whatsapp_1:hs", false},
+		{`@a_.*|@b_.*`, "@b_x:hs", true},
+		{`^@anchored_`, "@anchored_x", true},
+		{`(?i)@CaSe_`, "@case_x", true},
+		{``, "@anything", true},
+		{`@`, "@x", true},
+		{`@[ab]c_`, "@bc_1", true},
+		{`@[ab]c_`, "@cc_1", false},
+		{`@ü_.*`, "@ü_x", true},
+		{`@_t_\d+:hs`, "@_t_123:hs", true},
+		{`@_t_\d+:hs`, "@_t_:hs", false},
+		{`.*_bot:hs`, "@my_bot:hs", true},
+		{`@x.y`, "@x\ny", false}, // . does not match newline
+	}
+	for _, tt := range tests {
+		m, err := Compile([]Pattern{{Kind: Users, Owner: 7, Regex: tt.regex, Exclusive: true}})
+		if err != nil {
+			t.Fatalf("%q: %v", tt.regex, err)
+		}
+		got := m.Match(Users, tt.id)
+		if (len(got) == 1) != tt.want {
+			t.Errorf("%q on %q = %v, want match %v", tt.regex, tt.id, got, tt.want)
+		}
+		if len(m.Match(Aliases, tt.id)) != 0 {
+			t.Errorf("%q matched the wrong kind", tt.regex)
+		}
+	}
+}
+
+func TestHitsPerOwner(t *testing.T) {
+	m, err := Compile([]Pattern{
+		{Kind: Users, Owner: 2, Regex: `@a_.*`},
+		{Kind: Users, Owner: 2, Regex: `@a_b.*`, Exclusive: true},
+		{Kind: Users, Owner: 0, Regex: `@.*`},
+		{Kind: Users, Owner: 1, Regex: `@z_.*`, Exclusive: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := m.Match(Users, "@a_bc:hs")
+	want := []Hit{{Owner: 0}, {Owner: 2, Exclusive: true}}
+	if !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v", got, want)
+	}
+	buf := make([]Hit, 0, 8)
+	if allocs := testing.AllocsPerRun(100, func() { buf = m.AppendMatch(buf[:0], Users, "@a_bc:hs") }); allocs > 0 {
+		t.Logf("AppendMatch allocates %.0f times per lookup", allocs)
+	}
+}
+
+func TestCompileErrors(t *testing.T) {
+	tests := []struct {
+		regex, want string
+	}{
+		{`@(?=x)`, "lookaround"},
+		{`@(?<!x)y`, "lookaround"},
+		{`(a)\1`, "backreference"},
+		{`@(unclosed`, "missing closing"},
+		{strings.Repeat("a", 5000), "more than"},
+		{`(a{1000}){1000}`, "invalid repeat count"},
+	}
+	for _, tt := range tests {
+		_, err := Compile([]Pattern{{Regex: `@ok`}, {Regex: tt.regex}})
+		var pe *PatternError
+		if !errors.As(err, &pe) || pe.Index != 1 || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Compile(%.20q) = %v, want a PatternError at index 1 with %q", tt.regex, err, tt.want)
+		}
+	}
+}
+
+// randomPatterns makes the mixes the index has to get right: prefixes,
+// suffix-like factors, alternations, classes, anchors, case folding.
+func randomPattern(r *rand.Rand) string {
+	words := []string{"a", "ab", "irc", "tg", "x_y", "é", "."}
+	w := func() string { return words[r.Intn(len(words))] }
+	switch r.Intn(10) {
+	case 0:
+		return "@" + w() + "_.*"
+	case 1:
+		return "@.*:" + w() + `\.org`
+	case 2:
+		return "@(" + w() + "|" + w() + ")_.*"
+	case 3:
+		return "@[ab]" + w() + ".*"
+	case 4:
+		return "@" + w() + "_.*:hs$"
+	case 5:
+		return "(?i)@" + w()
+	case 6:
+		return ".*" + w() + w()
+	case 7:
+		return "@" + w() + `\d+`
+	case 8:
+		return "^@" + w() + "(_x)?" + w()
+	default:
+		return w() + w()
+	}
+}
+
+func randomID(r *rand.Rand) string {
+	parts := []string{"@", "#", "a", "ab", "irc", "tg", "_", "x_y", "é", ":hs", ".org", "1", "IRC", "\n", "A"}
+	var b strings.Builder
+	for n := r.Intn(8); n >= 0; n-- {
+		b.WriteString(parts[r.Intn(len(parts))])
+	}
+	return b.String()
+}
+
+func checkAgainstPlain(t *testing.T, pats []Pattern, ids []string) {
+	t.Helper()
+	m, err := Compile(pats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewPlain(pats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		for k := Kind(0); k < numKinds; k++ {
+			got, want := m.Match(k, id), p.AppendMatch(nil, k, id)
+			if !slices.Equal(got, want) {
+				t.Fatalf("kind %v id %q: indexed %v, plain %v (patterns %v)", k, id, got, want, pats)
+			}
+		}
+	}
+}
+
+func TestIndexedEqualsPlainRandomized(t *testing.T) {
+	r := rand.New(rand.NewSource(1))
+	for round := 0; round < 200; round++ {
+		var pats []Pattern
+		for i := r.Intn(40); i >= 0; i-- {
+			pats = append(pats, Pattern{Kind: Kind(r.Intn(2)), Owner: r.Intn(10), Regex: randomPattern(r), Exclusive: r.Intn(2) == 0})
+		}
+		ids := make([]string, 50)
+		for i := range ids {
+			ids[i] = randomID(r)
+		}
+		checkAgainstPlain(t, pats, ids)
+	}
+}
+
+func FuzzMatcherMatchesPlain(f *testing.F) {
+	f.Add(int64(1), "@irc_bob:hs")
+	f.Add(int64(2), "@x:a.org")
+	f.Add(int64(3), "")
+	f.Fuzz(func(t *testing.T, seed int64, id string) {
+		r := rand.New(rand.NewSource(seed))
+		var pats []Pattern
+		for i := r.Intn(20); i >= 0; i-- {
+			pats = append(pats, Pattern{Kind: Users, Owner: r.Intn(5), Regex: randomPattern(r), Exclusive: r.Intn(2) == 0})
+		}
+		checkAgainstPlain(t, pats, []string{id, randomID(r)})
+	})
+}
+
+// benchPatterns is the mix of issue #2: per AS a literal prefix, a server
+// suffix and an alternation.
+func benchPatterns(n int) []Pattern {
+	pats := make([]Pattern, 0, 3*n)
+	for i := 0; i < n; i++ {
+		pats = append(pats,
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@_as%d_.*`, i), Exclusive: true},
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@.*:as%d\.bridge\.example\.org`, i)},
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@(tg|sig)%d_.*`, i), Exclusive: i%2 == 0})
+	}
+	return pats
+}
+
+func benchIDs(n int) []string {
+	ids := make([]string, 1024)
+	for i := range ids {
+		switch i % 4 {
+		case 0:
+			ids[i] = fmt.Sprintf("@_as%d_user%d:example.org", i%n, i)
+		case 1:
+			ids[i] = fmt.Sprintf("@user%d:as%d.bridge.example.org", i, i%n)
+		case 2:
+			ids[i] = fmt.Sprintf("@sig%d_%d:example.org", i%n, i)
+		default:
+			ids[i] = fmt.Sprintf("@alice%d:example.org", i) // nobody's
+		}
+	}
+	return ids
+}
+
+func BenchmarkMatch(b *testing.B) {
+	for _, n := range []int{10, 100, 1000, 10000} {
+		pats, ids := benchPatterns(n), benchIDs(n)
+		b.Run(fmt.Sprintf("ases=%d/indexed", n), func(b *testing.B) {
+			m, err := Compile(pats)
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]Hit, 0, 16)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				buf = m.AppendMatch(buf[:0], Users, ids[i%len(ids)])
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "lookups/s")
+		})
+		b.Run(fmt.Sprintf("ases=%d/plain", n), func(b *testing.B) {
+			p, err := NewPlain(pats)
+			if err != nil {
+				b.Fatal(err)
+			}
+			// The plain loop is slow at scale: a fixed number of lookups
+			// keeps the run short whatever -benchtime says.
+			lookups := max(10, 2_000_000/len(pats))
+			buf := make([]Hit, 0, 16)
+			b.ResetTimer()
+			for i := 0; i < lookups; i++ {
+				buf = p.AppendMatch(buf[:0], Users, ids[i%len(ids)])
+			}
+			b.ReportMetric(float64(lookups)/b.Elapsed().Seconds(), "lookups/s")
+		})
+	}
+}
+
+func BenchmarkCompile(b *testing.B) {
+	pats := benchPatterns(10000)
+	for i := 0; i < b.N; i++ {
+		if _, err := Compile(pats); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
