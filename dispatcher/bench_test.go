@@ -3,6 +3,11 @@ package dispatcher
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
 	"testing"
 
 	"github.com/asdispatch/asdispatch/registry"
@@ -82,4 +87,58 @@ func BenchmarkDecide(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 		})
 	}
+}
+
+// BenchmarkSubmit measures durable Submit with 10 ASes each interested in
+// every event, while their senders deliver to a real HTTP AS on 127.0.0.1.
+// Compare with txnstore's BenchmarkRawInsert (the same bytes, no dispatch).
+func BenchmarkSubmit(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	var regs []*registry.Registration
+	for i := 0; i < 10; i++ {
+		r, _, err := registry.Parse("b.yaml", []byte(registration(fmt.Sprintf("as%d", i), srv.URL, `@irc_.*`, "", "", false)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		regs = append(regs, r)
+	}
+	set, _, err := registry.NewSet("hs", regs)
+	if err != nil {
+		b.Fatal(err)
+	}
+	d, err := New(context.Background(), Config{Registry: registry.NewRegistry(set), DataDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close(context.Background())
+	body := strings.Repeat("x", 400)
+	const writers, batch = 8, 50
+	per := (b.N + writers - 1) / writers
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			evs := make([]Event, batch)
+			for done := 0; done < per; done += batch {
+				n := min(batch, per-done)
+				for i := range evs[:n] {
+					id := fmt.Sprintf("$w%d_%d", w, done+i)
+					evs[i] = Event{ID: id, RoomID: fmt.Sprintf("!r%d:hs", i%20), Type: "m.room.message", Sender: "@irc_x:hs",
+						JSON: []byte(`{"event_id":"` + id + `","type":"m.room.message","content":{"body":"` + body + `"}}`)}
+				}
+				if err := d.Submit(context.Background(), evs[:n]...); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.ReportMetric(float64(per*writers)/b.Elapsed().Seconds(), "events/s")
 }
