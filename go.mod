@@ -7,9 +7,8 @@ require (
 	github.com/hashicorp/golang-lru/v2 v2.0.7
 	github.com/mattn/go-sqlite3 v1.14.53
 	go.uber.org/zap v1.28.0
+	golang.org/x/sync v0.25.0
+	gopkg.in/yaml.v3 v3.0.1
 )
 
-require (
-	go.uber.org/multierr v1.10.0 // indirect
-	gopkg.in/yaml.v3 v3.0.1 // indirect
-)
+require go.uber.org/multierr v1.10.0 // indirect

@@ -1,0 +1,218 @@
+// Package queries asks application services before the homeserver acts:
+// does this user or alias exist (so a bridge can create it lazily), ping,
+// and third-party lookups. Nothing here runs on the event dispatch path.
+package queries
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/namespace"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+// Config configures a Service.
+type Config struct {
+	Registry *registry.Registry
+	// Client talks to the ASes; nil builds one with default timeouts.
+	Client *asapi.Client
+	// Wake, if set, is called with an AS id after a successful ping, so its
+	// sender retries at once (dispatcher.Wake).
+	Wake   func(asID string)
+	Logger *zap.Logger
+	// NegativeTTL is how long a "does not exist" answer is remembered
+	// (default 10s); ProtocolTTL how long protocol metadata is (default 5m).
+	NegativeTTL time.Duration
+	ProtocolTTL time.Duration
+}
+
+// Result is the answer to a user or alias query.
+type Result struct {
+	Exists bool
+	// AS is the id of the AS that answered yes.
+	AS string
+}
+
+// Service answers queries. Safe for concurrent use.
+type Service struct {
+	cfg    Config
+	client *asapi.Client
+	log    *zap.Logger
+	sf     singleflight.Group
+
+	mu       sync.Mutex
+	negative map[string]time.Time
+	protos   map[string]cachedProtocol
+}
+
+// New returns a Service.
+func New(cfg Config) *Service {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.NegativeTTL <= 0 {
+		cfg.NegativeTTL = 10 * time.Second
+	}
+	if cfg.ProtocolTTL <= 0 {
+		cfg.ProtocolTTL = 5 * time.Minute
+	}
+	c := cfg.Client
+	if c == nil {
+		c = asapi.New(asapi.Options{Logger: cfg.Logger})
+	}
+	return &Service{cfg: cfg, client: c, log: cfg.Logger, negative: map[string]time.Time{}, protos: map[string]cachedProtocol{}}
+}
+
+// Target is how an AS is reached.
+func Target(as *registry.AppService) asapi.Target {
+	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, Legacy: as.Legacy}
+	if as.HasURL {
+		t.URL = as.URL
+	}
+	return t
+}
+
+// candidates orders the ASes to ask: exclusive owners first, then the
+// others, each by registration order; ASes without a URL are never asked.
+func candidates(set *registry.Set, hits []namespace.Hit) []*registry.AppService {
+	var first, rest []*registry.AppService
+	for _, h := range hits {
+		as := set.All()[h.Owner]
+		if !as.HasURL {
+			continue
+		}
+		if h.Exclusive {
+			first = append(first, as)
+		} else {
+			rest = append(rest, as)
+		}
+	}
+	return append(first, rest...)
+}
+
+// QueryUser asks the ASes whose user namespaces cover userID whether it
+// exists. An AS that fails is logged and the next one asked; the answer is
+// then "no". The error is only ever the caller's ctx ending.
+func (s *Service) QueryUser(ctx context.Context, userID string) (Result, error) {
+	set := s.cfg.Registry.Current()
+	return s.query(ctx, "u:"+userID, candidates(set, set.UsersInterested(nil, userID)), "user", userID, s.client.QueryUser)
+}
+
+// QueryAlias is QueryUser for a room alias.
+func (s *Service) QueryAlias(ctx context.Context, alias string) (Result, error) {
+	set := s.cfg.Registry.Current()
+	return s.query(ctx, "a:"+alias, candidates(set, set.AliasesInterested(nil, alias)), "alias", alias, s.client.QueryAlias)
+}
+
+// NoteUserRegistered forgets a cached "no such user" (the AS created it).
+func (s *Service) NoteUserRegistered(userID string) { s.forget("u:" + userID) }
+
+// NoteAliasCreated forgets a cached "no such alias".
+func (s *Service) NoteAliasCreated(alias string) { s.forget("a:" + alias) }
+
+func (s *Service) forget(key string) {
+	s.mu.Lock()
+	delete(s.negative, key)
+	s.mu.Unlock()
+}
+
+func (s *Service) query(ctx context.Context, key string, ases []*registry.AppService, what, id string,
+	ask func(context.Context, asapi.Target, string) (bool, error)) (Result, error) {
+	if len(ases) == 0 {
+		return Result{}, nil
+	}
+	s.mu.Lock()
+	if until, ok := s.negative[key]; ok && time.Now().Before(until) {
+		s.mu.Unlock()
+		return Result{}, nil
+	}
+	s.mu.Unlock()
+	ch := s.sf.DoChan(key, func() (any, error) {
+		// Shared by every caller: no single caller's cancellation ends it.
+		qctx := context.WithoutCancel(ctx)
+		for _, as := range ases {
+			ok, err := ask(qctx, Target(as), id)
+			if err != nil {
+				s.logFailure(as.ID, what, err)
+				continue
+			}
+			if ok {
+				return Result{Exists: true, AS: as.ID}, nil
+			}
+		}
+		s.mu.Lock()
+		s.negative[key] = time.Now().Add(s.cfg.NegativeTTL)
+		s.mu.Unlock()
+		return Result{}, nil
+	})
+	select {
+	case r := <-ch:
+		return r.Val.(Result), nil
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+}
+
+func (s *Service) logFailure(asID, what string, err error) {
+	if errors.Is(err, asapi.ErrTokenMismatch) {
+		s.log.Error("appservice rejected our hs_token (token mismatch)", zap.String("appservice", asID), zap.String("query", what))
+		return
+	}
+	s.log.Warn("appservice query failed; asking the next one", zap.String("appservice", asID), zap.String("query", what), zap.Error(err))
+}
+
+// PingError is a failed ping, as the client-server API answers it.
+type PingError struct {
+	// Code is M_URL_NOT_SET, M_BAD_STATUS, M_CONNECTION_FAILED,
+	// M_CONNECTION_TIMEOUT or M_NOT_FOUND; Status the HTTP status to answer.
+	Code   string
+	Status int
+	// ASStatus and ASBody are the AS's answer, for M_BAD_STATUS.
+	ASStatus int
+	ASBody   string
+	Err      error
+}
+
+func (e *PingError) Error() string {
+	if e.Err != nil {
+		return fmt.Sprintf("%s: %v", e.Code, e.Err)
+	}
+	return e.Code
+}
+
+func (e *PingError) Unwrap() error { return e.Err }
+
+// Ping pings the AS asID and returns how long it took to answer. Success
+// wakes the AS's sender.
+func (s *Service) Ping(ctx context.Context, asID, txnID string) (time.Duration, error) {
+	as := s.cfg.Registry.Current().ByID(asID)
+	if as == nil {
+		return 0, &PingError{Code: "M_NOT_FOUND", Status: 404}
+	}
+	if !as.HasURL {
+		return 0, &PingError{Code: "M_URL_NOT_SET", Status: 400}
+	}
+	d, err := s.client.Ping(ctx, Target(as), txnID)
+	if err == nil {
+		if s.cfg.Wake != nil {
+			s.cfg.Wake(asID)
+		}
+		return d, nil
+	}
+	var se *asapi.StatusError
+	switch {
+	case errors.As(err, &se):
+		return 0, &PingError{Code: "M_BAD_STATUS", Status: 502, ASStatus: se.Status, ASBody: se.Body, Err: err}
+	case errors.Is(err, asapi.ErrTimeout):
+		return 0, &PingError{Code: "M_CONNECTION_TIMEOUT", Status: 504, Err: err}
+	default:
+		return 0, &PingError{Code: "M_CONNECTION_FAILED", Status: 502, Err: err}
+	}
+}
