@@ -181,6 +181,19 @@ func TestLoadDuplicates(t *testing.T) {
 	}
 }
 
+func TestOverlapWarning(t *testing.T) {
+	_, warns, err := Load("hs", writeRegs(t, map[string]string{
+		"a.yaml": tg("irc", "t1", "h1"),
+		"b.yaml": strings.Replace(tg("libera", "t2", "h2"), "'@libera_.*'", "'@irc_libera_.*'", 1),
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warns) != 1 || !strings.Contains(warns[0].Message, "overlaps") || !strings.Contains(warns[0].Message, "a.yaml") {
+		t.Errorf("warnings = %v", warns)
+	}
+}
+
 func TestSetQuestions(t *testing.T) {
 	set, _, err := Load("hs", writeRegs(t, map[string]string{"a.yaml": tg("tg", "tok-tg", "h1"), "b.yaml": tg("sig", "tok-sig", "h2")}))
 	if err != nil {

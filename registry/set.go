@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -140,27 +141,43 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 }
 
 // overlaps warns about exclusive namespaces of two ASes that claim the same
-// IDs: identical regexes, or one's literal prefix a prefix of the other's
-// when both are plain prefix patterns.
+// IDs: identical regexes, or literal prefixes of which one starts the other
+// (`@irc_.*` and `@irc_libera_.*`). Sorting the prefixes finds such pairs
+// without comparing every pattern with every other.
 func (s *Set) overlaps(pats []namespace.Pattern) []Warning {
-	var warns []Warning
-	type key struct {
-		kind  namespace.Kind
-		regex string
+	type lit struct {
+		prefix string
+		p      namespace.Pattern
 	}
-	seen := map[key]int{}
+	var lits []lit
 	for _, p := range pats {
 		if !p.Exclusive {
 			continue
 		}
-		k := key{p.Kind, p.Regex}
-		if o, ok := seen[k]; ok && o != p.Owner {
-			as := s.ases[p.Owner]
-			warns = append(warns, Warning{File: as.File, Field: "namespaces." + p.Kind.String(),
-				Message: fmt.Sprintf("exclusive regex %q is also exclusive to %s (%s)", p.Regex, s.ases[o].ID, s.ases[o].File)})
+		re, err := regexp.Compile(p.Regex)
+		if err != nil {
 			continue
 		}
-		seen[k] = p.Owner
+		prefix, _ := re.LiteralPrefix()
+		if len(prefix) > 1 {
+			lits = append(lits, lit{prefix, p})
+		}
+	}
+	sort.Slice(lits, func(i, j int) bool {
+		if lits[i].p.Kind != lits[j].p.Kind {
+			return lits[i].p.Kind < lits[j].p.Kind
+		}
+		return lits[i].prefix < lits[j].prefix
+	})
+	var warns []Warning
+	for i := 1; i < len(lits); i++ {
+		a, b := lits[i-1], lits[i]
+		if a.p.Kind != b.p.Kind || a.p.Owner == b.p.Owner || !strings.HasPrefix(b.prefix, a.prefix) {
+			continue
+		}
+		as, other := s.ases[b.p.Owner], s.ases[a.p.Owner]
+		warns = append(warns, Warning{File: as.File, Field: "namespaces." + b.p.Kind.String(),
+			Message: fmt.Sprintf("exclusive regex %q overlaps exclusive regex %q of %s (%s)", b.p.Regex, a.p.Regex, other.ID, other.File)})
 	}
 	return warns
 }
