@@ -223,6 +223,13 @@ type scratch struct {
 	idx  []int32
 }
 
+// owners appends the owners of sc.hits to sc.idx.
+func (sc *scratch) owners() {
+	for _, h := range sc.hits {
+		sc.idx = append(sc.idx, int32(h.Owner))
+	}
+}
+
 // decide returns the store keys of the ASes interested in ev, sorted, after
 // applying ev to the room's interest.
 func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch) ([]txnstore.ASKey, error) {
@@ -233,9 +240,7 @@ func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch
 	}
 	sc.hits = set.RoomsInterested(sc.hits, ev.RoomID)
 	sc.idx = sc.idx[:0]
-	for _, h := range sc.hits {
-		sc.idx = append(sc.idx, int32(h.Owner))
-	}
+	sc.owners()
 	if ev.RoomID != "" {
 		r, err := v.rooms.lock(ctx, ev.RoomID)
 		if err != nil {
@@ -285,18 +290,15 @@ func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) erro
 		for _, u := range e.Users {
 			sc.hits = v.set.UsersInterested(sc.hits, u)
 		}
-		for _, h := range sc.hits {
-			sc.idx = append(sc.idx, int32(h.Owner))
-		}
+		sc.owners()
 		if !e.Private {
 			rooms := e.Rooms
 			if e.RoomID != "" {
 				rooms = append([]string{e.RoomID}, rooms...)
 			}
 			for _, roomID := range rooms {
-				for _, h := range v.set.RoomsInterested(sc.hits[:0], roomID) {
-					sc.idx = append(sc.idx, int32(h.Owner))
-				}
+				sc.hits = v.set.RoomsInterested(sc.hits[:0], roomID)
+				sc.owners()
 				r, err := v.rooms.lock(ctx, roomID)
 				if err != nil {
 					return fmt.Errorf("dispatcher: ephemeral %s: %w", e.Type, err)
@@ -324,9 +326,7 @@ func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error
 	for i := range msgs {
 		sc.hits = v.set.UsersInterested(sc.hits[:0], msgs[i].ToUser)
 		sc.idx = sc.idx[:0]
-		for _, h := range sc.hits {
-			sc.idx = append(sc.idx, int32(h.Owner))
-		}
+		sc.owners()
 		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
 			entries = append(entries, txnstore.Entry{Kind: txnstore.KindToDevice, Data: msgs[i].JSON, Targets: t})
 		}
