@@ -71,6 +71,21 @@ type batch struct {
 	now       int64
 	committed []Committed
 	streams   map[ASKey][]int64
+	// undo restores the writer's caches if the commit fails.
+	undo   map[ASKey]asRow
+	newIDs []string
+}
+
+// touch returns the cached row of as, saving it for undo first.
+func (b *batch) touch(s *SQLite, as ASKey) *asRow {
+	r := s.ases[as]
+	if r == nil {
+		return nil
+	}
+	if _, saved := b.undo[as]; !saved {
+		b.undo[as] = *r
+	}
+	return r
 }
 
 // Open opens (creating if needed) the store at path.
@@ -215,16 +230,8 @@ func (s *SQLite) writer() {
 
 func (s *SQLite) commit(ops []*op) {
 	seq0 := s.nextSeq
-	saved := make(map[ASKey]asRow, len(s.ases))
-	for k, r := range s.ases {
-		saved[k] = *r
-	}
-	ids := make(map[string]ASKey, len(s.ids))
-	for k, v := range s.ids {
-		ids[k] = v
-	}
 	errs := make([]error, len(ops))
-	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}}
+	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}}
 	err := func() error {
 		tx, err := s.wdb.Begin()
 		if err != nil {
@@ -249,12 +256,13 @@ func (s *SQLite) commit(ops []*op) {
 	if err != nil {
 		// Nothing of this batch happened: restore the writer's caches.
 		s.nextSeq = seq0
-		s.ases = make(map[ASKey]*asRow, len(saved))
-		for k, r := range saved {
-			r := r
-			s.ases[k] = &r
+		for k, r := range b.undo {
+			*s.ases[k] = r
 		}
-		s.ids = ids
+		for _, id := range b.newIDs {
+			delete(s.ases, s.ids[id])
+			delete(s.ids, id)
+		}
 		for _, o := range ops {
 			o.done <- fmt.Errorf("txnstore: commit: %w", err)
 		}
@@ -338,6 +346,7 @@ func (s *SQLite) EnsureAS(ctx context.Context, id string) (ASKey, error) {
 			return err
 		}
 		key = ASKey(k)
+		b.newIDs = append(b.newIDs, id)
 		s.ids[id] = key
 		s.ases[key] = &asRow{nextTxn: 1, delivered: s.nextSeq - 1}
 		return nil
@@ -510,7 +519,7 @@ func (s *SQLite) Delivered(ctx context.Context, as ASKey) (int64, error) {
 func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
 	ids := make([]int64, len(txns))
 	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
-		r := s.ases[as]
+		r := b.touch(s, as)
 		if r == nil {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
@@ -605,7 +614,7 @@ func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 // Complete implements Store.
 func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
 	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
-		r := s.ases[as]
+		r := b.touch(s, as)
 		if r == nil {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
