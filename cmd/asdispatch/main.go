@@ -19,6 +19,8 @@ type command struct {
 // commands is the subcommand table; adding a subcommand is one line here.
 var commands = map[string]command{
 	"check": {"validate registration files: asdispatch check FILE_OR_DIR...", runCheck},
+	"serve": {"run the stub homeserver: asdispatch serve [--config homeserver.yaml]", runServe},
+	"demo":  {"run the seed's walkthrough end to end, no config needed", runDemo},
 }
 
 func main() {

@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"gopkg.in/yaml.v3"
+
+	"github.com/asdispatch/asdispatch/homeserver"
+	"github.com/asdispatch/asdispatch/logging"
+	"github.com/asdispatch/asdispatch/queue"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+// serveConfig is homeserver.yaml, Synapse-style.
+type serveConfig struct {
+	ServerName            string   `yaml:"server_name"`
+	Listen                string   `yaml:"listen"`
+	DataDir               string   `yaml:"data_dir"`
+	AppServiceConfigFiles []string `yaml:"app_service_config_files"`
+	LogLevel              string   `yaml:"log_level"`
+	AppService            struct {
+		RetryInitial    time.Duration `yaml:"retry_initial"`
+		RetryMax        time.Duration `yaml:"retry_max"`
+		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
+		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
+		QueryTimeout    time.Duration `yaml:"query_timeout"`
+	} `yaml:"appservice"`
+}
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfgPath := fs.String("config", "", "homeserver.yaml")
+	cfg := serveConfig{ServerName: "localhost", Listen: "127.0.0.1:8008", DataDir: "asdispatch-data", LogLevel: "info"}
+	var files stringList
+	fs.StringVar(&cfg.ServerName, "server-name", cfg.ServerName, "server_name")
+	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "host:port to listen on (port 0 picks one)")
+	fs.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the SQLite files (created if missing)")
+	fs.Var(&files, "appservice", "a registration file or directory (repeatable)")
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	explicit := map[string]string{}
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name != "config" && f.Name != "appservice" {
+			explicit[f.Name] = f.Value.String()
+		}
+	})
+	if *cfgPath != "" {
+		data, err := os.ReadFile(*cfgPath)
+		if err != nil {
+			fmt.Fprintf(stderr, "asdispatch serve: %v\n", err)
+			return 1
+		}
+		if err := yaml.Unmarshal(data, &cfg); err != nil {
+			fmt.Fprintf(stderr, "asdispatch serve: %s: %v\n", *cfgPath, err)
+			return 1
+		}
+		// Flags given explicitly win over the file.
+		for name, v := range explicit {
+			_ = fs.Set(name, v)
+		}
+	}
+	cfg.AppServiceConfigFiles = append(cfg.AppServiceConfigFiles, files...)
+	log, err := logging.New(cfg.LogLevel, false)
+	if err != nil {
+		fmt.Fprintf(stderr, "asdispatch serve: %v\n", err)
+		return 2
+	}
+	defer log.Sync()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	if err := serve(ctx, cfg, log, stdout, nil); err != nil {
+		fmt.Fprintf(stderr, "asdispatch serve: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+type stringList []string
+
+func (l *stringList) String() string     { return fmt.Sprint(*l) }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+// serve runs the stub homeserver until ctx ends. ready, if set, gets the
+// listening address.
+func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writer, ready chan<- string) error {
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return err
+	}
+	set, warns, err := registry.Load(cfg.ServerName, cfg.AppServiceConfigFiles...)
+	for _, w := range warns {
+		log.Warn("registration: " + w.String())
+	}
+	if err != nil {
+		return err
+	}
+	hs, err := homeserver.New(ctx, homeserver.Config{
+		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
+		QueryTimeout: cfg.AppService.QueryTimeout,
+		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
+			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log},
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		hs.Close(context.Background())
+		return err
+	}
+	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+	if ready != nil {
+		ready <- ln.Addr().String()
+	}
+	srv := &http.Server{Handler: hs, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err = <-errc:
+	case <-ctx.Done():
+	}
+	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdown)
+	if cerr := hs.Close(shutdown); cerr != nil && !errors.Is(cerr, context.DeadlineExceeded) {
+		log.Warn("closing the dispatcher: " + cerr.Error())
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		err = nil
+	}
+	return err
+}

@@ -1,0 +1,189 @@
+package homeserver
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/asdispatch/asdispatch/queue"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+const bridgeReg = `id: bridge
+url: %s
+as_token: as-bridge
+hs_token: hs-bridge
+sender_localpart: bridgebot
+namespaces:
+  users: [{exclusive: true, regex: "@br_.*"}]
+  aliases: [{exclusive: true, regex: "#br_.*"}]
+`
+
+type env struct {
+	t   *testing.T
+	hs  *httptest.Server
+	srv *Server
+	dir string
+	as  *httptest.Server
+}
+
+func start(t *testing.T, dir string, asHandler http.Handler) *env {
+	e := &env{t: t, dir: dir}
+	e.as = httptest.NewServer(asHandler)
+	t.Cleanup(e.as.Close)
+	r, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(bridgeReg, e.as.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, _, err := registry.NewSet("hs", []*registry.Registration{r})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
+		Queue: queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.hs = httptest.NewServer(e.srv)
+	t.Cleanup(e.stop)
+	return e
+}
+
+func (e *env) stop() {
+	if e.hs == nil {
+		return
+	}
+	e.hs.Close()
+	e.srv.Close(context.Background())
+	e.hs = nil
+}
+
+func (e *env) do(method, path, token string, body any) (int, map[string]any) {
+	e.t.Helper()
+	var rd io.Reader
+	if body != nil {
+		js, _ := json.Marshal(body)
+		rd = bytes.NewReader(js)
+	}
+	req, _ := http.NewRequest(method, e.hs.URL+path, rd)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	json.NewDecoder(resp.Body).Decode(&out)
+	return resp.StatusCode, out
+}
+
+func TestClientAPIErrors(t *testing.T) {
+	e := start(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(404) }))
+	_, alice := e.do("POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "pw"})
+	tok, _ := alice["access_token"].(string)
+	if tok == "" {
+		t.Fatalf("register: %v", alice)
+	}
+	tests := []struct {
+		name, method, path, token string
+		body                      any
+		status                    int
+		errcode                   string
+	}{
+		{"versions", "GET", "/_matrix/client/versions", "", nil, 200, ""},
+		{"user in exclusive namespace", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "br_x", "password": "pw"}, 400, "M_EXCLUSIVE"},
+		{"user in use", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "pw"}, 400, "M_USER_IN_USE"},
+		{"AS registers own ghost", "POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "br_ghost", "type": "m.login.application_service"}, 200, ""},
+		{"AS registers outside", "POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "bob", "type": "m.login.application_service"}, 400, "M_EXCLUSIVE"},
+		{"whoami", "GET", "/_matrix/client/v3/account/whoami", tok, nil, 200, ""},
+		{"unknown token", "GET", "/_matrix/client/v3/account/whoami", "nope", nil, 401, "M_UNKNOWN_TOKEN"},
+		{"missing token", "GET", "/_matrix/client/v3/account/whoami", "", nil, 401, "M_MISSING_TOKEN"},
+		{"masquerade in namespace", "GET", "/_matrix/client/v3/account/whoami?user_id=" + url.QueryEscape("@br_ghost:hs"), "as-bridge", nil, 200, ""},
+		{"masquerade outside", "GET", "/_matrix/client/v3/account/whoami?user_id=" + url.QueryEscape("@alice:hs"), "as-bridge", nil, 403, "M_FORBIDDEN"},
+		{"alias in exclusive namespace", "POST", "/_matrix/client/v3/createRoom", tok, map[string]any{"room_alias_name": "br_chan"}, 400, "M_EXCLUSIVE"},
+		{"unknown alias", "POST", "/_matrix/client/v3/join/" + url.PathEscape("#nothing:hs"), tok, nil, 404, "M_NOT_FOUND"},
+		{"ping by another token", "POST", "/_matrix/client/v1/appservice/bridge/ping", tok, map[string]any{}, 403, "M_FORBIDDEN"},
+		{"ping answered 404", "POST", "/_matrix/client/v1/appservice/bridge/ping", "as-bridge", map[string]any{"transaction_id": "t"}, 502, "M_BAD_STATUS"},
+		{"unknown endpoint", "GET", "/_matrix/client/v3/nope", tok, nil, 404, "M_UNRECOGNIZED"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			status, out := e.do(tt.method, tt.path, tt.token, tt.body)
+			if status != tt.status || (tt.errcode != "" && out["errcode"] != tt.errcode) {
+				t.Errorf("%s %s = %d %v, want %d %s", tt.method, tt.path, status, out, tt.status, tt.errcode)
+			}
+		})
+	}
+}
+
+func TestRoomsPersistAndSendIsIdempotent(t *testing.T) {
+	dir := t.TempDir()
+	got := make(chan string, 100)
+	as := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []struct {
+				Type string `json:"type"`
+			} `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		for _, ev := range txn.Events {
+			got <- ev.Type
+		}
+		w.Write([]byte("{}"))
+	})
+	e := start(t, dir, as)
+	_, alice := e.do("POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "pw"})
+	tok := alice["access_token"].(string)
+	// The bridge creates a room with an alias in its namespace as its ghost.
+	e.do("POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "br_ghost", "type": "m.login.application_service"})
+	status, room := e.do("POST", "/_matrix/client/v3/createRoom?user_id="+url.QueryEscape("@br_ghost:hs"), "as-bridge", map[string]any{"room_alias_name": "br_chan#x"})
+	if status != 200 {
+		t.Fatalf("createRoom: %d %v", status, room)
+	}
+	roomID := room["room_id"].(string)
+	path := "/_matrix/client/v3/join/" + url.PathEscape("#br_chan#x:hs")
+	if status, out := e.do("POST", path, tok, nil); status != 200 || out["room_id"] != roomID {
+		t.Fatalf("join by escaped alias: %d %v", status, out)
+	}
+	send := "/_matrix/client/v3/rooms/" + url.PathEscape(roomID) + "/send/m.room.message/t1"
+	_, first := e.do("PUT", send, tok, map[string]any{"body": "hi"})
+	_, again := e.do("PUT", send, tok, map[string]any{"body": "hi"})
+	if first["event_id"] == nil || first["event_id"] != again["event_id"] {
+		t.Errorf("send not idempotent: %v then %v", first, again)
+	}
+	messages := 0
+	deadline := time.After(10 * time.Second)
+	for messages < 1 {
+		select {
+		case typ := <-got:
+			if typ == "m.room.message" {
+				messages++
+			}
+		case <-deadline:
+			t.Fatal("the bridge never got the message")
+		}
+	}
+	e.stop()
+
+	// Restart on the same data dir: users, tokens, rooms and aliases remain.
+	e2 := start(t, dir, as)
+	if status, out := e2.do("GET", "/_matrix/client/v3/directory/room/"+url.PathEscape("#br_chan#x:hs"), "", nil); status != 200 || out["room_id"] != roomID {
+		t.Errorf("alias after restart: %d %v", status, out)
+	}
+	if status, out := e2.do("PUT", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/send/m.room.message/t2", tok, map[string]any{"body": "after"}); status != 200 {
+		t.Errorf("send after restart: %d %v", status, out)
+	}
+	_, again2 := e2.do("PUT", send, tok, map[string]any{"body": "hi"})
+	if again2["event_id"] != first["event_id"] {
+		t.Errorf("txn id forgotten across restart: %v", again2)
+	}
+}
