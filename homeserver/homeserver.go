@@ -21,6 +21,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/dispatcher"
 	"github.com/asdispatch/asdispatch/queries"
 	"github.com/asdispatch/asdispatch/queue"
@@ -61,6 +62,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Queue.Client == nil {
+		cfg.Queue.Client = asapi.New(asapi.Options{QueryTimeout: cfg.QueryTimeout, Logger: cfg.Logger})
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger, st: st}
 	s.disp, err = dispatcher.New(ctx, dispatcher.Config{
 		Registry: cfg.Registry, DataDir: cfg.DataDir, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger,
@@ -69,8 +73,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		st.db.Close()
 		return nil, err
 	}
-	client := cfg.Queue.Client
-	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: client, Wake: s.disp.Wake, Logger: cfg.Logger})
+	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger})
 	s.routes()
 	return s, nil
 }

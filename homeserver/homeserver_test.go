@@ -114,6 +114,12 @@ func TestClientAPIErrors(t *testing.T) {
 		{"ping by another token", "POST", "/_matrix/client/v1/appservice/bridge/ping", tok, map[string]any{}, 403, "M_FORBIDDEN"},
 		{"ping answered 404", "POST", "/_matrix/client/v1/appservice/bridge/ping", "as-bridge", map[string]any{"transaction_id": "t"}, 502, "M_BAD_STATUS"},
 		{"unknown endpoint", "GET", "/_matrix/client/v3/nope", tok, nil, 404, "M_UNRECOGNIZED"},
+		{"profile of a known user", "GET", "/_matrix/client/v3/profile/" + url.PathEscape("@alice:hs"), "", nil, 200, ""},
+		{"profile the AS does not know", "GET", "/_matrix/client/v3/profile/" + url.PathEscape("@br_nobody:hs"), "", nil, 404, "M_NOT_FOUND"},
+		{"invite of a user the AS does not know", "POST", "/_matrix/client/v3/rooms/" + url.PathEscape("!r:hs") + "/invite", tok, map[string]any{"user_id": "@br_nobody:hs"}, 404, "M_NOT_FOUND"},
+		{"send outside a room", "PUT", "/_matrix/client/v3/rooms/" + url.PathEscape("!r:hs") + "/send/m.room.message/x", tok, map[string]any{"body": "x"}, 403, "M_FORBIDDEN"},
+		{"typing for someone else", "PUT", "/_matrix/client/v3/rooms/" + url.PathEscape("!r:hs") + "/typing/" + url.PathEscape("@bob:hs"), tok, map[string]any{"typing": true}, 403, "M_FORBIDDEN"},
+		{"bad json", "POST", "/_matrix/client/v3/createRoom", tok, "not an object", 400, "M_NOT_JSON"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -172,12 +178,42 @@ func TestRoomsPersistAndSendIsIdempotent(t *testing.T) {
 			t.Fatal("the bridge never got the message")
 		}
 	}
+	// State, receipts, directory and leave.
+	state := "/_matrix/client/v3/rooms/" + url.PathEscape(roomID) + "/state/m.room.topic/"
+	if status, out := e.do("PUT", state, tok, map[string]any{"topic": "t"}); status != 200 || out["event_id"] == nil {
+		t.Errorf("state: %d %v", status, out)
+	}
+	if status, out := e.do("POST", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/receipt/m.read/"+url.PathEscape(first["event_id"].(string)), tok, map[string]any{}); status != 200 {
+		t.Errorf("receipt: %d %v", status, out)
+	}
+	dirPath := "/_matrix/client/v3/directory/room/" + url.PathEscape("#lobby:hs")
+	if status, out := e.do("PUT", dirPath, tok, map[string]any{"room_id": roomID}); status != 200 {
+		t.Errorf("directory put: %d %v", status, out)
+	}
+	if status, out := e.do("GET", dirPath, "", nil); status != 200 || out["room_id"] != roomID {
+		t.Errorf("directory get: %d %v", status, out)
+	}
+	if status, out := e.do("PUT", "/_matrix/client/v3/directory/room/"+url.PathEscape("#br_taken:hs"), tok, map[string]any{"room_id": roomID}); status != 400 || out["errcode"] != "M_EXCLUSIVE" {
+		t.Errorf("directory put in an exclusive namespace: %d %v", status, out)
+	}
+	if status, _ := e.do("DELETE", dirPath, tok, nil); status != 200 {
+		t.Errorf("directory delete: %d", status)
+	}
+	if status, _ := e.do("GET", dirPath, "", nil); status != 404 {
+		t.Errorf("alias still resolves after delete: %d", status)
+	}
+	if status, out := e.do("POST", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/leave", tok, nil); status != 200 {
+		t.Errorf("leave: %d %v", status, out)
+	}
 	e.stop()
 
 	// Restart on the same data dir: users, tokens, rooms and aliases remain.
 	e2 := start(t, dir, as)
 	if status, out := e2.do("GET", "/_matrix/client/v3/directory/room/"+url.PathEscape("#br_chan#x:hs"), "", nil); status != 200 || out["room_id"] != roomID {
 		t.Errorf("alias after restart: %d %v", status, out)
+	}
+	if status, out := e2.do("POST", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/join", tok, nil); status != 200 {
+		t.Errorf("rejoin after restart (the token must survive): %d %v", status, out)
 	}
 	if status, out := e2.do("PUT", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/send/m.room.message/t2", tok, map[string]any{"body": "after"}); status != 200 {
 		t.Errorf("send after restart: %d %v", status, out)
