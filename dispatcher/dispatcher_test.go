@@ -340,3 +340,8 @@ func TestNullURLGetsNothing(t *testing.T) {
 		t.Errorf("statuses = %+v, want one AS with nothing pending", sts)
 	}
 }
+
+func decodeJSON(r *http.Request, v any) {
+	body, _ := io.ReadAll(r.Body)
+	json.Unmarshal(body, v)
+}
