@@ -18,9 +18,10 @@ type command struct {
 
 // commands is the subcommand table; adding a subcommand is one line here.
 var commands = map[string]command{
-	"check": {"validate registration files: asdispatch check FILE_OR_DIR...", runCheck},
-	"serve": {"run the stub homeserver: asdispatch serve [--config homeserver.yaml]", runServe},
-	"demo":  {"run the seed's walkthrough end to end, no config needed", runDemo},
+	"check":  {"validate registration files: asdispatch check FILE_OR_DIR...", runCheck},
+	"serve":  {"run the stub homeserver: asdispatch serve [--config homeserver.yaml]", runServe},
+	"demo":   {"run the seed's walkthrough end to end, no config needed", runDemo},
+	"status": {"show each appservice's state and backlog: asdispatch status --data DIR [--json]", runStatus},
 }
 
 func main() {

@@ -38,6 +38,24 @@ type serveConfig struct {
 	} `yaml:"appservice"`
 }
 
+// reload validates the registrations again and swaps them in as a whole;
+// an invalid set is refused and the running one stays.
+func reload(ctx context.Context, cfg serveConfig, hs *homeserver.Server, log *zap.Logger) {
+	set, warns, err := registry.Load(cfg.ServerName, cfg.AppServiceConfigFiles...)
+	for _, w := range warns {
+		log.Warn("registration: " + w.String())
+	}
+	if err != nil {
+		log.Error("reload refused: the registrations are invalid; the running set stays", zap.Error(err))
+		return
+	}
+	if err := hs.Dispatcher().Reload(ctx, set); err != nil {
+		log.Error("reload failed", zap.Error(err))
+		return
+	}
+	log.Info("registrations reloaded", zap.Int("appservices", set.Len()))
+}
+
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -128,9 +146,19 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	srv := &http.Server{Handler: hs, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err = <-errc:
-	case <-ctx.Done():
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+loop:
+	for {
+		select {
+		case err = <-errc:
+			break loop
+		case <-ctx.Done():
+			break loop
+		case <-hup:
+			reload(ctx, cfg, hs, log)
+		}
 	}
 	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

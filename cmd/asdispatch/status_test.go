@@ -1,0 +1,69 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
+	"github.com/asdispatch/asdispatch/queue"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+func TestStatusWhileAnASIsDown(t *testing.T) {
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(500) }))
+	defer down.Close()
+	r, _, err := registry.Parse("down.yaml", []byte("id: flaky\nurl: "+down.URL+"\nas_token: as-secret-x\nhs_token: hs-secret-x\nsender_localpart: flakybot\nnamespaces:\n  users: [{exclusive: true, regex: '@f_.*'}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, _, _ := registry.NewSet("hs", []*registry.Registration{r})
+	dir := t.TempDir()
+	d, err := dispatcher.New(context.Background(), dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: dir,
+		Queue: queue.Options{RetryInitial: time.Hour, RetryMax: time.Hour}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(context.Background())
+	ev := dispatcher.Event{ID: "$1", RoomID: "!r:hs", Type: "m.room.message", Sender: "@f_bob:hs", JSON: []byte(`{"event_id":"$1"}`)}
+	if err := d.Submit(context.Background(), ev); err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the first failure to be recorded.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var out bytes.Buffer
+		run([]string{"status", "--data", dir, "--json"}, &out, &out)
+		var got struct {
+			AppServices []statusRow `json:"appservices"`
+		}
+		json.Unmarshal(out.Bytes(), &got)
+		if len(got.AppServices) == 1 && got.AppServices[0].State == "down" {
+			row := got.AppServices[0]
+			if row.ID != "flaky" || row.BacklogEvents != 1 || row.BacklogTxns != 1 || row.NextRetry == "" || !strings.Contains(row.LastError, "500") {
+				t.Errorf("status row %+v", row)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed the AS down: %s", out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var table bytes.Buffer
+	if code := run([]string{"status", "--data", dir}, &table, &table); code != 0 {
+		t.Fatalf("status exited %d: %s", code, table.String())
+	}
+	if !strings.Contains(table.String(), "flaky") || !strings.Contains(table.String(), "down") || strings.Contains(table.String(), "secret") {
+		t.Errorf("table:\n%s", table.String())
+	}
+	var missing bytes.Buffer
+	if code := run([]string{"status", "--data", t.TempDir()}, &missing, &missing); code != 1 {
+		t.Errorf("status of an empty dir exited %d", code)
+	}
+}
