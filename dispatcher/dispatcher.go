@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/namespace"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
@@ -37,6 +38,9 @@ type Config struct {
 	RoomCacheSize int
 	Queue         queue.Options
 	Logger        *zap.Logger
+	// Metrics, if set, records submissions and watches backlogs; it is
+	// passed on to the queues unless Queue.Metrics is set.
+	Metrics *metrics.Metrics
 }
 
 // stopTimeout bounds the wait for a removed AS's send in flight.
@@ -110,7 +114,18 @@ func New(ctx context.Context, cfg Config) (*Dispatcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: open store: %w", err)
 	}
+	if cfg.Queue.Metrics == nil {
+		cfg.Queue.Metrics = cfg.Metrics
+	}
 	d.queues = queue.New(d.store, cfg.Queue)
+	cfg.Metrics.WatchBacklog(func(ctx context.Context) ([]metrics.Backlog, error) {
+		sts, err := d.store.Statuses(ctx)
+		out := make([]metrics.Backlog, len(sts))
+		for i, st := range sts {
+			out[i] = metrics.Backlog{AS: st.ID, Events: st.PendingItems, Txns: st.PendingTxns, OldestPending: st.OldestPending}
+		}
+		return out, err
+	})
 	if err := d.Reload(ctx, cfg.Registry.Current()); err != nil {
 		_ = d.store.Close()
 		return nil, err
@@ -214,8 +229,17 @@ func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error
 	if _, err := d.store.Append(ctx, entries); err != nil {
 		return fmt.Errorf("dispatcher: queue: %w", err)
 	}
+	if d.cfg.Metrics != nil {
+		deliveries := 0
+		for _, e := range entries {
+			deliveries += len(e.Targets)
+		}
+		d.cfg.Metrics.Submitted(kindName[entries[0].Kind], len(entries), deliveries)
+	}
 	return nil
 }
+
+var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device"}
 
 // scratch holds buffers reused across the events of one call.
 type scratch struct {

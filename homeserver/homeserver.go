@@ -23,6 +23,7 @@ import (
 
 	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/dispatcher"
+	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/queries"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
@@ -37,6 +38,8 @@ type Config struct {
 	// QueryTimeout bounds user and alias queries to ASes.
 	QueryTimeout time.Duration
 	Logger       *zap.Logger
+	// Metrics, if set, is recorded into (dispatcher, queues, queries).
+	Metrics *metrics.Metrics
 }
 
 // Server is the stub homeserver.
@@ -67,13 +70,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, st: st}
 	s.disp, err = dispatcher.New(ctx, dispatcher.Config{
-		Registry: cfg.Registry, DataDir: cfg.DataDir, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger,
+		Registry: cfg.Registry, DataDir: cfg.DataDir, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger, Metrics: cfg.Metrics,
 	})
 	if err != nil {
 		st.db.Close()
 		return nil, err
 	}
-	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger})
+	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger, Metrics: cfg.Metrics})
 	s.routes()
 	return s, nil
 }

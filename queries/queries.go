@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/namespace"
 	"github.com/asdispatch/asdispatch/registry"
 )
@@ -31,6 +32,8 @@ type Config struct {
 	// (default 10s); ProtocolTTL how long protocol metadata is (default 5m).
 	NegativeTTL time.Duration
 	ProtocolTTL time.Duration
+	// Metrics, if set, counts queries by outcome.
+	Metrics *metrics.Metrics
 }
 
 // Result is the answer to a user or alias query.
@@ -138,7 +141,15 @@ func (s *Service) query(ctx context.Context, key string, ases []*registry.AppSer
 		// Shared by every caller: no single caller's cancellation ends it.
 		qctx := context.WithoutCancel(ctx)
 		for _, as := range ases {
+			start := time.Now()
 			ok, err := ask(qctx, Target(as), id)
+			outcome := "not_found"
+			if err != nil {
+				outcome = "error"
+			} else if ok {
+				outcome = "found"
+			}
+			s.cfg.Metrics.Query(as.ID, what, outcome, time.Since(start))
 			if err != nil {
 				s.logFailure(as.ID, what, err)
 				continue

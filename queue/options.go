@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/metrics"
 )
 
 // Options configure the senders. Zero values take the defaults.
@@ -29,4 +30,6 @@ type Options struct {
 	// Client sends the transactions; nil builds one with default options.
 	Client *asapi.Client
 	Logger *zap.Logger
+	// Metrics, if set, records deliveries, failures and AS state.
+	Metrics *metrics.Metrics
 }

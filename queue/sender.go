@@ -372,6 +372,7 @@ func (s *sender) deliver(t *txn) {
 			} else {
 				s.log.Error("appservice refuses a single item as too large; dropping it",
 					zap.Int64("txn_id", t.ID), zap.Int("bytes", len(t.body)))
+				s.q.opts.Metrics.Dropped(as.ID, 1)
 				s.completed(t, attempt, time.Time{})
 				return
 			}
@@ -461,6 +462,23 @@ func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
 	s.live.LastSuccess = now
 	st := txnstore.State{Up: true, LastSuccess: now, LastError: s.live.LastError}
 	s.liveMu.Unlock()
+	id := t.ID
+	asID := s.as.Load().ID
+	if !sentAt.IsZero() {
+		var ev, eph, td int
+		for _, it := range t.items {
+			switch it.Kind {
+			case txnstore.KindEphemeral:
+				eph++
+			case txnstore.KindToDevice:
+				td++
+			default:
+				ev++
+			}
+		}
+		s.q.opts.Metrics.TxnSent(asID, now.Sub(sentAt), ev, eph, td)
+	}
+	s.q.opts.Metrics.State(asID, true, 0)
 	if wasDown {
 		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempts),
 			zap.Int("failures", failures), zap.Int("events", len(t.items)))
@@ -468,7 +486,6 @@ func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
 		s.log.Debug("transaction sent", zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
 			zap.Duration("took", now.Sub(sentAt)))
 	}
-	id := t.ID
 	s.ops <- func(ctx context.Context) {
 		if wasDown {
 			_ = s.q.store.SetState(ctx, s.key, st)
@@ -494,6 +511,9 @@ func (s *sender) failed(t *txn, err error, attempt int, wait time.Duration) {
 		LastError: s.live.LastError, LastErrorAt: now, NextRetry: s.live.NextRetry}
 	s.liveMu.Unlock()
 
+	asID := s.as.Load().ID
+	s.q.opts.Metrics.TxnFailed(asID)
+	s.q.opts.Metrics.State(asID, false, st.Failures)
 	fields := []zap.Field{zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
 		zap.Int("attempt", attempt), zap.Duration("backoff", wait), zap.Error(err)}
 	var se *asapi.StatusError

@@ -16,8 +16,13 @@ import (
 	"go.uber.org/zap"
 	"gopkg.in/yaml.v3"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/asdispatch/asdispatch/homeserver"
 	"github.com/asdispatch/asdispatch/logging"
+	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
 )
@@ -125,8 +130,11 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	if err != nil {
 		return err
 	}
+	promReg := prometheus.NewRegistry()
+	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hs, err := homeserver.New(ctx, homeserver.Config{
 		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
+		Metrics:      metrics.New(promReg),
 		QueryTimeout: cfg.AppService.QueryTimeout,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
 			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log},
@@ -143,7 +151,10 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	if ready != nil {
 		ready <- ln.Addr().String()
 	}
-	srv := &http.Server{Handler: hs, ReadHeaderTimeout: 10 * time.Second}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(promReg, promhttp.HandlerOpts{}))
+	mux.Handle("/", hs)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	hup := make(chan os.Signal, 1)
