@@ -40,8 +40,9 @@ type sender struct {
 	signal chan struct{} // new items
 	wake   chan struct{} // retry now
 
-	liveMu sync.Mutex
-	live   Live
+	liveMu    sync.Mutex
+	live      Live
+	downSince time.Time
 
 	ready chan *txn
 	ops   chan func(context.Context)
@@ -458,6 +459,7 @@ func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
 	s.liveMu.Lock()
 	wasDown := !s.live.Up
 	failures := s.live.Failures
+	downFor := now.Sub(s.downSince)
 	s.live.Up, s.live.Failures, s.live.NextRetry = true, 0, time.Time{}
 	s.live.LastSuccess = now
 	st := txnstore.State{Up: true, LastSuccess: now, LastError: s.live.LastError}
@@ -481,7 +483,7 @@ func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
 	s.q.opts.Metrics.State(asID, true, 0)
 	if wasDown {
 		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempts),
-			zap.Int("failures", failures), zap.Int("events", len(t.items)))
+			zap.Int("failures", failures), zap.Int("events", len(t.items)), zap.Duration("down_for", downFor))
 	} else if !sentAt.IsZero() {
 		s.log.Debug("transaction sent", zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
 			zap.Duration("took", now.Sub(sentAt)))
@@ -503,6 +505,9 @@ func (s *sender) failed(t *txn, err error, attempt int, wait time.Duration) {
 	now := time.Now()
 	s.liveMu.Lock()
 	wasUp := s.live.Up
+	if wasUp {
+		s.downSince = now
+	}
 	s.live.Up = false
 	s.live.Failures++
 	s.live.LastError = err.Error()
