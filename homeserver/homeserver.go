@@ -155,7 +155,9 @@ func writeError(w http.ResponseWriter, err error) {
 // caller is who a request acts as.
 type caller struct {
 	userID string
-	token  string
+	// token is the hash of the access token: it keys send transaction ids
+	// in the database, which must not hold live tokens.
+	token string
 	as     *registry.AppService // set when authenticated by an as_token
 }
 
@@ -178,7 +180,7 @@ func (s *Server) auth(r *http.Request) (*caller, error) {
 		if err := set.CanMasquerade(as, user); err != nil {
 			return nil, err
 		}
-		return &caller{userID: user, token: tok, as: as}, nil
+		return &caller{userID: user, token: tokenHash(tok), as: as}, nil
 	}
 	var user string
 	hash := tokenHash(tok)
