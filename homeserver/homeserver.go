@@ -158,7 +158,7 @@ type caller struct {
 	// token is the hash of the access token: it keys send transaction ids
 	// in the database, which must not hold live tokens.
 	token string
-	as     *registry.AppService // set when authenticated by an as_token
+	as    *registry.AppService // set when authenticated by an as_token
 }
 
 // auth resolves the access token (header or ?access_token=); an as_token
