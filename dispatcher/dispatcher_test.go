@@ -116,18 +116,7 @@ namespaces:
 
 func newTestDispatcher(t *testing.T, state RoomState, regs ...string) *Dispatcher {
 	t.Helper()
-	var parsed []*registry.Registration
-	for i, y := range regs {
-		r, _, err := registry.Parse(fmt.Sprintf("reg%d.yaml", i), []byte(y))
-		if err != nil {
-			t.Fatal(err)
-		}
-		parsed = append(parsed, r)
-	}
-	set, _, err := registry.NewSet("hs", parsed)
-	if err != nil {
-		t.Fatal(err)
-	}
+	set := setOf(t, regs...)
 	d, err := New(context.Background(), Config{
 		Registry:  registry.NewRegistry(set),
 		DataDir:   t.TempDir(),
