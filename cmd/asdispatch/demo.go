@@ -136,6 +136,8 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: asdispatch demo (no arguments)")
 		return 2
 	}
+	// The AS prints from its own goroutines: one lock for all output.
+	stdout = &syncWriter{w: stdout}
 	step := func(format string, a ...any) { fmt.Fprintf(stdout, "==> "+format+"\n", a...) }
 	fail := func(what string, err error) int {
 		fmt.Fprintf(stderr, "demo failed at step %q: %v\n", what, err)
@@ -154,7 +156,12 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 	as := &loggingAS{out: stdout, asToken: "wfghWEGh3wgWHEf3478sHFWE", hsToken: "ugw8243igya57aaABGFfgeyu", seen: map[string]bool{}, txns: map[string]bool{}}
 	asSrv := &http.Server{Handler: as}
 	go asSrv.Serve(asLn)
-	defer asSrv.Close()
+	defer func() {
+		// Let handlers in flight finish their output before returning.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		asSrv.Shutdown(ctx)
+	}()
 	regPath := filepath.Join(dir, "registration.yaml")
 	if err := os.WriteFile(regPath, []byte(fmt.Sprintf(demoRegistration, "http://"+asLn.Addr().String())), 0o600); err != nil {
 		return fail("write the registration", err)
@@ -232,4 +239,16 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 	}
 	step("Done: every message reached the logging AS")
 	return 0
+}
+
+// syncWriter serializes writes from several goroutines.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }

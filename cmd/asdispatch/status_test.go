@@ -67,3 +67,22 @@ func TestStatusWhileAnASIsDown(t *testing.T) {
 		t.Errorf("status of an empty dir exited %d", code)
 	}
 }
+
+func TestBenchJSON(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts servers and databases")
+	}
+	var out, errOut bytes.Buffer
+	if code := run([]string{"bench", "--ases", "2", "--events", "200", "--rounds", "1", "--rooms", "3", "--json"}, &out, &errOut); code != 0 {
+		t.Fatalf("bench exited %d: %s", code, errOut.String())
+	}
+	var rep struct {
+		Figures []struct {
+			Name  string
+			Value float64
+		}
+	}
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil || len(rep.Figures) < 3 {
+		t.Fatalf("bench --json: %v %s", err, out.String())
+	}
+}
