@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -45,6 +47,19 @@ type Config struct {
 
 // stopTimeout bounds the wait for a removed AS's send in flight.
 const stopTimeout = 10 * time.Second
+
+// ErrInvalidJSON rejects an item whose JSON is not one valid JSON object in
+// UTF-8:
+// queued, it would make every transaction carrying it fail at the AS and
+// block that AS for good.
+var ErrInvalidJSON = errors.New("not a valid JSON object")
+
+func checkJSON(b []byte) error {
+	if len(b) == 0 || b[0] != '{' || !utf8.Valid(b) || !json.Valid(b) {
+		return ErrInvalidJSON
+	}
+	return nil
+}
 
 // ErrClosed is returned by calls after Close.
 var ErrClosed = errors.New("dispatcher: closed")
@@ -211,6 +226,9 @@ func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
 	entries := make([]txnstore.Entry, 0, len(events))
 	var sc scratch
 	for i := range events {
+		if err := checkJSON(events[i].JSON); err != nil {
+			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
+		}
 		targets, err := d.decide(ctx, v, &events[i], &sc)
 		if err != nil {
 			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
@@ -309,6 +327,9 @@ func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) erro
 	entries := make([]txnstore.Entry, 0, len(evs))
 	for i := range evs {
 		e := &evs[i]
+		if err := checkJSON(e.JSON); err != nil {
+			return fmt.Errorf("dispatcher: ephemeral %s: %w", e.Type, err)
+		}
 		sc.idx = sc.idx[:0]
 		sc.hits = sc.hits[:0]
 		for _, u := range e.Users {
@@ -348,6 +369,9 @@ func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error
 	var sc scratch
 	entries := make([]txnstore.Entry, 0, len(msgs))
 	for i := range msgs {
+		if err := checkJSON(msgs[i].JSON); err != nil {
+			return fmt.Errorf("dispatcher: to-device %s: %w", msgs[i].Type, err)
+		}
 		sc.hits = v.set.UsersInterested(sc.hits[:0], msgs[i].ToUser)
 		sc.idx = sc.idx[:0]
 		sc.owners()

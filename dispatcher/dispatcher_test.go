@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -333,4 +334,48 @@ func TestNullURLGetsNothing(t *testing.T) {
 func decodeJSON(r *http.Request, v any) {
 	body, _ := io.ReadAll(r.Body)
 	json.Unmarshal(body, v)
+}
+
+func TestHostileInput(t *testing.T) {
+	rec := newRecorder(t)
+	d := newTestDispatcher(t, &roomState{}, registration("irc", rec.srv.URL, `@irc_.*`, "", "", true))
+	ctx := context.Background()
+	deep := strings.Repeat(`{"a":`, 5000) + "1" + strings.Repeat("}", 5000)
+	huge := `{"event_id":"$huge","content":{"body":"` + strings.Repeat("x", 2<<20) + `"}}`
+	tests := []struct {
+		name    string
+		ev      Event
+		wantErr bool
+	}{
+		{"invalid JSON", Event{ID: "$bad", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`{"broken":`)}, true},
+		{"not an object", Event{ID: "$arr", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`[1,2]`)}, true},
+		{"empty", Event{ID: "$empty", RoomID: "!r:hs", Sender: "@irc_x:hs"}, true},
+		{"invalid UTF-8", Event{ID: "$utf", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte("{\"event_id\":\"$utf\",\"b\":\"\xff\"}")}, true},
+		{"deep JSON", Event{ID: "$deep", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(deep)}, false},
+		{"huge content", Event{ID: "$huge", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(huge)}, false},
+		{"odd ids", ev("$odd/?#%é", "!r/?#%é:hs", "m.room.message", "@irc_é/?#%:hs", nil, ""), false},
+	}
+	want := []string{}
+	for _, tt := range tests {
+		err := d.Submit(ctx, tt.ev)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("%s: err = %v, wantErr %v", tt.name, err, tt.wantErr)
+		}
+		if tt.wantErr && !errors.Is(err, ErrInvalidJSON) {
+			t.Errorf("%s: %v is not ErrInvalidJSON", tt.name, err)
+		}
+		if !tt.wantErr && tt.name != "deep JSON" {
+			want = append(want, tt.ev.ID)
+		}
+	}
+	if err := d.SubmitEphemeral(ctx, Ephemeral{Type: "m.typing", RoomID: "!r:hs", JSON: []byte("nope")}); !errors.Is(err, ErrInvalidJSON) {
+		t.Errorf("ephemeral: %v", err)
+	}
+	if err := d.SubmitToDevice(ctx, ToDevice{Type: "x", ToUser: "@irc_x:hs", JSON: []byte("nope")}); !errors.Is(err, ErrInvalidJSON) {
+		t.Errorf("to-device: %v", err)
+	}
+	// The valid ones all arrive (the deep one has no event_id to list).
+	if got := waitGot(t, rec, len(want)+1); !slices.Contains(got, "$huge") || !slices.Contains(got, "$odd/?#%é") {
+		t.Errorf("got %v", got)
+	}
 }
