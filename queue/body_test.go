@@ -92,3 +92,38 @@ func BenchmarkEncode(b *testing.B) {
 		encode(its, 0)
 	}
 }
+
+// FuzzEncode: whatever valid JSON objects go in, the body is valid JSON
+// holding exactly those items under the right keys, and cut never exceeds
+// the caps.
+func FuzzEncode(f *testing.F) {
+	f.Add([]byte(`{"a":1}`), []byte(`{"b":"é"}`), uint8(3), uint32(1))
+	f.Add([]byte(`{}`), []byte(`{"x":[1,{"y":null}]}`), uint8(0), uint32(3))
+	f.Fuzz(func(t *testing.T, a, b []byte, kinds uint8, format uint32) {
+		if !json.Valid(a) || !json.Valid(b) || len(a) == 0 || len(b) == 0 || a[0] != '{' || b[0] != '{' {
+			t.Skip()
+		}
+		its := []txnstore.Item{
+			{Seq: 1, Kind: txnstore.Kind(kinds%3 + 1), Data: a},
+			{Seq: 2, Kind: txnstore.Kind(kinds/3%3 + 1), Data: b},
+		}
+		ff := Format(format % 4)
+		body := encode(its, ff)
+		var parsed map[string][]json.RawMessage
+		if err := json.Unmarshal(body, &parsed); err != nil {
+			t.Fatalf("invalid body %s: %v", body, err)
+		}
+		n := len(parsed["events"]) + len(parsed["de.sorunome.msc2409.to_device"])
+		if len(parsed["ephemeral"]) > 0 {
+			n += len(parsed["ephemeral"])
+		} else {
+			n += len(parsed["de.sorunome.msc2409.ephemeral"])
+		}
+		if n != 2 {
+			t.Fatalf("body %s holds %d items, want 2", body, n)
+		}
+		if c := cut(its, limits{1, 1, 1, 1}, ff); c < 1 || c > 2 {
+			t.Fatalf("cut = %d", c)
+		}
+	})
+}
