@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
+	"github.com/asdispatch/asdispatch/txnstore"
 )
 
 // roomState is a RoomState over fixed maps.
@@ -377,5 +379,55 @@ func TestHostileInput(t *testing.T) {
 	// The valid ones all arrive (the deep one has no event_id to list).
 	if got := waitGot(t, rec, len(want)+1); !slices.Contains(got, "$huge") || !slices.Contains(got, "$odd/?#%é") {
 		t.Errorf("got %v", got)
+	}
+}
+
+// TestStorageFaultRecovers: while the disk refuses writes Submit fails (the
+// homeserver knows the event is not queued); senders wait; once writes work
+// again everything acknowledged is delivered.
+func TestStorageFaultRecovers(t *testing.T) {
+	rec := newRecorder(t)
+	var mu sync.Mutex
+	full := false
+	set := setOf(t, registration("irc", rec.srv.URL, `@irc_.*`, "", "", false))
+	dir := t.TempDir()
+	d, err := New(context.Background(), Config{
+		Registry: registry.NewRegistry(set),
+		OpenStore: func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+			opts.BeforeCommit = func() error {
+				mu.Lock()
+				defer mu.Unlock()
+				if full {
+					return errors.New("no space left on device")
+				}
+				return nil
+			}
+			return txnstore.Open(ctx, filepath.Join(dir, "d.db"), opts)
+		},
+		Queue: queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(context.Background())
+	ctx := context.Background()
+	var acked []string
+	for i := 0; i < 30; i++ {
+		if i == 10 || i == 20 {
+			mu.Lock()
+			full = i == 10
+			mu.Unlock()
+		}
+		id := fmt.Sprintf("$%02d", i)
+		err := d.Submit(ctx, ev(id, "!r:hs", "m.room.message", "@irc_x:hs", nil, ""))
+		if (err != nil) != (i >= 10 && i < 20) {
+			t.Fatalf("event %d: err = %v", i, err)
+		}
+		if err == nil {
+			acked = append(acked, id)
+		}
+	}
+	if got := waitGot(t, rec, len(acked)); !slices.Equal(got, acked) {
+		t.Errorf("delivered %v, want %v", got, acked)
 	}
 }

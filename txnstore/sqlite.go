@@ -251,6 +251,11 @@ func (s *SQLite) commit(ops []*op) {
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
 		}
+		if s.opts.BeforeCommit != nil {
+			if err := s.opts.BeforeCommit(); err != nil {
+				return err
+			}
+		}
 		return tx.Commit()
 	}()
 	if err != nil {

@@ -332,3 +332,54 @@ func benchWriters(b *testing.B, write func(n int) error) {
 	wg.Wait()
 	b.ReportMetric(float64(per*writers)/b.Elapsed().Seconds(), "events/s")
 }
+
+// TestFailedCommitLosesNothing: a commit that fails (disk full, read-only)
+// fails every op of it, changes nothing, and the store works again after.
+func TestFailedCommitLosesNothing(t *testing.T) {
+	ctx := context.Background()
+	var failing sync.Mutex
+	fail := false
+	var seen []int64
+	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{
+		BeforeCommit: func() error {
+			failing.Lock()
+			defer failing.Unlock()
+			if fail {
+				return errors.New("disk full")
+			}
+			return nil
+		},
+		OnCommit: func(c []Committed) {
+			for _, x := range c {
+				seen = append(seen, x.Item.Seq)
+			}
+		},
+	})
+	defer s.Close()
+	a := ensure(t, s, "a")
+	first := appendN(t, s, 2, KindEvent, a)
+	failing.Lock()
+	fail = true
+	failing.Unlock()
+	if _, err := s.Append(ctx, []Entry{{Kind: KindEvent, Data: []byte("{}"), Targets: []ASKey{a}}}); err == nil {
+		t.Fatal("append succeeded on a full disk")
+	}
+	if _, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{first[0] - 1, first[1]}}}); err == nil {
+		t.Fatal("freeze succeeded on a full disk")
+	}
+	failing.Lock()
+	fail = false
+	failing.Unlock()
+	next := appendN(t, s, 1, KindEvent, a)
+	if next[0] != first[1]+1 {
+		t.Errorf("seq after a failed commit %d, want %d (nothing of the failed commit may remain)", next[0], first[1]+1)
+	}
+	ids, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{first[0] - 1, next[0]}}})
+	if err != nil || ids[0] != 1 {
+		t.Errorf("freeze after recovery = %v, %v; want txn 1 (the failed freeze took no id)", ids, err)
+	}
+	items, _ := s.Read(ctx, a, 0, 10)
+	if len(items) != 3 || len(seen) != 3 {
+		t.Errorf("stream has %d items, OnCommit saw %d; want 3 each", len(items), len(seen))
+	}
+}

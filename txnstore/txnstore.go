@@ -167,4 +167,8 @@ type Options struct {
 	// Append calls of that commit return. It must be fast and must not call
 	// the store.
 	OnCommit func([]Committed)
+	// BeforeCommit, if set, runs before each commit; an error fails the
+	// commit as a full disk or a read-only file would. It is for fault
+	// injection in tests.
+	BeforeCommit func() error
 }
