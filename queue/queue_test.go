@@ -468,3 +468,52 @@ func TestEphemeralKeysFollowFormat(t *testing.T) {
 		})
 	}
 }
+
+// TestTooLargeSingleEvent: a single event within Matrix's 64 KiB limit that
+// the AS refuses with 413 is retried until the AS takes it; only an event
+// over the limit, which no AS can ever be sent, is dropped.
+func TestTooLargeSingleEvent(t *testing.T) {
+	big := strings.Repeat("x", maxPDUBytes+1)
+	tests := []struct {
+		name    string
+		events  []string
+		respond func(n int, a attempt) int
+		want    []string
+	}{
+		{"refused for a while, then accepted", seqBodies("e", 5), func(n int, _ attempt) int {
+			if n < 15 {
+				return http.StatusRequestEntityTooLarge
+			}
+			return http.StatusOK
+		}, seqBodies("e", 5)},
+		{"over the event size limit", []string{"a", big, "c"}, func(_ int, a attempt) int {
+			for _, e := range a.events {
+				if len(e) > maxPDUBytes {
+					return http.StatusRequestEntityTooLarge
+				}
+			}
+			return http.StatusOK
+		}, []string{"a", "c"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{RetryInitial: time.Millisecond, RetryMax: 10 * time.Millisecond})
+			defer h.close()
+			as := newFakeAS(t, tt.respond)
+			key := h.start(as, "a")
+			h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, tt.events...)
+			waitFor(t, "the queue to drain", func() bool {
+				st, _ := h.store.Statuses(context.Background())
+				for _, s := range st {
+					if s.Key == key {
+						return s.PendingItems == 0 && s.PendingTxns == 0 && s.Delivered > 0
+					}
+				}
+				return false
+			})
+			if got := as.delivered(); !equal(got, tt.want) {
+				t.Fatalf("delivered %d events %.40q, want %.40q", len(got), got, tt.want)
+			}
+		})
+	}
+}

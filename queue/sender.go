@@ -339,6 +339,11 @@ func (s *sender) rebuild(ctx context.Context, ft txnstore.Txn) (*txn, error) {
 	return t, nil
 }
 
+// maxPDUBytes is Matrix's limit on an event's size. A single item the AS
+// refuses with 413 is dropped only above it: such an item can never be
+// delivered, while a smaller one refused is the AS misbehaving.
+const maxPDUBytes = 65536
+
 // deliver sends t until the AS accepts it or the sender stops.
 func (s *sender) deliver(t *txn) {
 	ctx := s.sendCtx
@@ -370,13 +375,15 @@ func (s *sender) deliver(t *txn) {
 					}
 					return
 				}
-			} else {
-				s.log.Error("appservice refuses a single item as too large; dropping it",
+			} else if len(t.items[0].Data) > maxPDUBytes {
+				s.log.Error("appservice refuses a single item larger than Matrix's 64 KiB event limit; dropping it",
 					zap.Int64("txn_id", t.ID), zap.Int("bytes", len(t.body)))
 				s.q.opts.Metrics.Dropped(as.ID, 1)
 				s.completed(t, attempt, time.Time{})
 				return
 			}
+			// A single event within Matrix's limits refused as too large is
+			// the AS misbehaving: retried like any failure, never dropped.
 		}
 		wait := bo.NextBackOff()
 		s.failed(t, err, attempt, wait)
