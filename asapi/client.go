@@ -3,12 +3,14 @@ package asapi
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -67,6 +69,24 @@ type StatusError struct {
 	Status int
 	// Body is the start of the AS's answer.
 	Body string
+	// RetryAfter is how long the AS asked us to wait (429 with Retry-After
+	// or M_LIMIT_EXCEEDED's retry_after_ms); zero if it did not say.
+	RetryAfter time.Duration
+}
+
+// retryAfter reads a rate-limited answer's wait: the Retry-After header in
+// seconds, else the Matrix error's retry_after_ms.
+func retryAfter(h http.Header, body []byte) time.Duration {
+	if s, err := strconv.Atoi(strings.TrimSpace(h.Get("Retry-After"))); err == nil && s > 0 {
+		return time.Duration(s) * time.Second
+	}
+	var m struct {
+		RetryAfterMS int64 `json:"retry_after_ms"`
+	}
+	if json.Unmarshal(body, &m) == nil && m.RetryAfterMS > 0 {
+		return time.Duration(m.RetryAfterMS) * time.Millisecond
+	}
+	return 0
 }
 
 func (e *StatusError) Error() string {
@@ -199,7 +219,11 @@ func (c *Client) once(ctx context.Context, t Target, method, path string, query 
 	}
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // reuse the connection
-	return resp.StatusCode, data, &StatusError{AS: t.ID, Status: resp.StatusCode, Body: strings.ReplaceAll(string(data), t.HSToken.Reveal(), secret.Redacted)}
+	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: strings.ReplaceAll(string(data), t.HSToken.Reveal(), secret.Redacted)}
+	if resp.StatusCode == http.StatusTooManyRequests {
+		se.RetryAfter = retryAfter(resp.Header, data)
+	}
+	return resp.StatusCode, data, se
 }
 
 func isTimeout(err error) bool {

@@ -148,3 +148,38 @@ func TestConnectionReuse(t *testing.T) {
 		t.Errorf("10 sequential requests used %d connections, want 1", n)
 	}
 }
+
+func TestRetryAfter(t *testing.T) {
+	tests := []struct {
+		name   string
+		header string
+		body   string
+		want   time.Duration
+	}{
+		{"header in seconds", "3", `{}`, 3 * time.Second},
+		{"retry_after_ms", "", `{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":1500}`, 1500 * time.Millisecond},
+		{"header wins", "2", `{"retry_after_ms":10}`, 2 * time.Second},
+		{"nothing said", "", `not json`, 0},
+		{"HTTP date ignored", "Wed, 21 Oct 2015 07:28:00 GMT", `{}`, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tt.header != "" {
+					w.Header().Set("Retry-After", tt.header)
+				}
+				w.WriteHeader(http.StatusTooManyRequests)
+				w.Write([]byte(tt.body))
+			}))
+			defer srv.Close()
+			err := New(Options{}).PutTransaction(context.Background(), Target{ID: "a", URL: srv.URL, HSToken: secret.New("t")}, "1", []byte("{}"))
+			var se *StatusError
+			if !errors.As(err, &se) || se.Status != http.StatusTooManyRequests {
+				t.Fatalf("err %v, want a 429 StatusError", err)
+			}
+			if se.RetryAfter != tt.want {
+				t.Errorf("RetryAfter %v, want %v", se.RetryAfter, tt.want)
+			}
+		})
+	}
+}

@@ -386,6 +386,10 @@ func (s *sender) deliver(t *txn) {
 			// the AS misbehaving: retried like any failure, never dropped.
 		}
 		wait := bo.NextBackOff()
+		var se *asapi.StatusError
+		if errors.As(err, &se) && se.RetryAfter > wait {
+			wait = min(se.RetryAfter, s.q.opts.RetryMax) // the AS asked for a pause
+		}
 		s.failed(t, err, attempt, wait)
 		timer := time.NewTimer(wait)
 		select {
