@@ -266,7 +266,10 @@ func holds(hits []namespace.Hit, as *AppService) bool {
 // CanMasquerade reports whether as may act as userID (?user_id=): its sender
 // user or a user in its users namespaces. Otherwise M_FORBIDDEN.
 func (s *Set) CanMasquerade(as *AppService, userID string) error {
-	if holds(s.UsersInterested(nil, userID), as) {
+	// Only local users: a namespace like "@irc_.*" also matches users of
+	// other servers, whom no AS may act as.
+	_, server, _ := strings.Cut(userID, ":")
+	if server == s.serverName && holds(s.UsersInterested(nil, userID), as) {
 		return nil
 	}
 	return newError(ErrForbidden, "application service %s cannot masquerade as %s", as.ID, userID)
