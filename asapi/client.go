@@ -26,6 +26,9 @@ type Target struct {
 	// URL is the AS's base URL; empty for `url: null`.
 	URL     string
 	HSToken secret.Token
+	// ASToken is never sent; like HSToken it is redacted from the AS's
+	// answers and from errors, should the AS echo it.
+	ASToken secret.Token
 	// Legacy also sends ?access_token= and falls back to the unprefixed
 	// paths when the v1 path is not recognised.
 	Legacy bool
@@ -219,7 +222,7 @@ func (c *Client) once(ctx context.Context, t Target, method, path string, query 
 	}
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // reuse the connection
-	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: strings.ReplaceAll(string(data), t.HSToken.Reveal(), secret.Redacted)}
+	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: t.scrub(string(data))}
 	if resp.StatusCode == http.StatusTooManyRequests {
 		se.RetryAfter = retryAfter(resp.Header, data)
 	}
@@ -241,8 +244,19 @@ func (e *redactedError) Error() string { return e.msg }
 func (e *redactedError) Unwrap() error { return e.err }
 
 func redact(err error, t Target) error {
-	if t.HSToken.IsZero() {
-		return err
+	msg := err.Error()
+	if s := t.scrub(msg); s != msg {
+		return &redactedError{msg: s, err: err}
 	}
-	return &redactedError{msg: strings.ReplaceAll(err.Error(), t.HSToken.Reveal(), secret.Redacted), err: err}
+	return err
+}
+
+// scrub replaces the AS's tokens in s.
+func (t Target) scrub(s string) string {
+	for _, tok := range []secret.Token{t.HSToken, t.ASToken} {
+		if !tok.IsZero() {
+			s = strings.ReplaceAll(s, tok.Reveal(), secret.Redacted)
+		}
+	}
+	return s
 }

@@ -208,7 +208,7 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 			f |= queue.EphemeralStable
 		}
 	}
-	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, Legacy: as.Legacy}
+	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
 	}

@@ -75,7 +75,7 @@ func New(cfg Config) *Service {
 
 // Target is how an AS is reached.
 func Target(as *registry.AppService) asapi.Target {
-	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, Legacy: as.Legacy}
+	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
 	}
