@@ -1,6 +1,7 @@
 package homeserver
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -174,7 +175,7 @@ func (s *Server) login(r *http.Request) (any, error) {
 		if err != nil {
 			return nil, err
 		}
-		if !ok || hash != tokenHash(req.Password) {
+		if !ok || subtle.ConstantTimeCompare([]byte(hash), []byte(tokenHash(req.Password))) != 1 {
 			return nil, errorf(http.StatusForbidden, "M_FORBIDDEN", "invalid username or password")
 		}
 	case "m.login.application_service":
