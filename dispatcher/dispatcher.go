@@ -61,6 +61,21 @@ func checkJSON(b []byte) error {
 	return nil
 }
 
+// ErrInvalidID rejects an event whose sender, room ID or member state_key is
+// longer than Matrix's 255-byte limit on identifiers: the homeserver should
+// never produce one, and matching them would cost more than any real ID.
+var ErrInvalidID = errors.New("identifier longer than Matrix's 255-byte limit")
+
+const maxIDBytes = 255
+
+func checkIDs(ev *Event) error {
+	if len(ev.Sender) > maxIDBytes || len(ev.RoomID) > maxIDBytes ||
+		(ev.StateKey != nil && ev.Type == "m.room.member" && len(*ev.StateKey) > maxIDBytes) {
+		return ErrInvalidID
+	}
+	return nil
+}
+
 // ErrClosed is returned by calls after Close.
 var ErrClosed = errors.New("dispatcher: closed")
 
@@ -228,6 +243,9 @@ func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
 	for i := range events {
 		if err := checkJSON(events[i].JSON); err != nil {
 			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
+		}
+		if err := checkIDs(&events[i]); err != nil {
+			return fmt.Errorf("dispatcher: event %.100s: %w", events[i].ID, err)
 		}
 		targets, err := d.decide(ctx, v, &events[i], &sc)
 		if err != nil {

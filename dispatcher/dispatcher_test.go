@@ -347,26 +347,26 @@ func TestHostileInput(t *testing.T) {
 	tests := []struct {
 		name    string
 		ev      Event
-		wantErr bool
+		wantErr error
 	}{
-		{"invalid JSON", Event{ID: "$bad", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`{"broken":`)}, true},
-		{"not an object", Event{ID: "$arr", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`[1,2]`)}, true},
-		{"empty", Event{ID: "$empty", RoomID: "!r:hs", Sender: "@irc_x:hs"}, true},
-		{"invalid UTF-8", Event{ID: "$utf", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte("{\"event_id\":\"$utf\",\"b\":\"\xff\"}")}, true},
-		{"deep JSON", Event{ID: "$deep", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(deep)}, false},
-		{"huge content", Event{ID: "$huge", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(huge)}, false},
-		{"odd ids", ev("$odd/?#%é", "!r/?#%é:hs", "m.room.message", "@irc_é/?#%:hs", nil, ""), false},
+		{"invalid JSON", Event{ID: "$bad", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`{"broken":`)}, ErrInvalidJSON},
+		{"not an object", Event{ID: "$arr", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(`[1,2]`)}, ErrInvalidJSON},
+		{"empty", Event{ID: "$empty", RoomID: "!r:hs", Sender: "@irc_x:hs"}, ErrInvalidJSON},
+		{"invalid UTF-8", Event{ID: "$utf", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte("{\"event_id\":\"$utf\",\"b\":\"\xff\"}")}, ErrInvalidJSON},
+		{"deep JSON", Event{ID: "$deep", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(deep)}, nil},
+		{"huge content", Event{ID: "$huge", RoomID: "!r:hs", Sender: "@irc_x:hs", JSON: []byte(huge)}, nil},
+		{"odd ids", ev("$odd/?#%é", "!r/?#%é:hs", "m.room.message", "@irc_é/?#%:hs", nil, ""), nil},
+		{"sender over 255 bytes", ev("$long", "!r:hs", "m.room.message", "@irc_"+strings.Repeat("x", 250)+":hs", nil, ""), ErrInvalidID},
+		{"member state_key over 255 bytes", ev("$longsk", "!r:hs", "m.room.member", "@irc_x:hs", sk("@irc_"+strings.Repeat("x", 250)+":hs"), "join"), ErrInvalidID},
+		{"room ID over 255 bytes", ev("$longroom", "!"+strings.Repeat("r", 255)+":hs", "m.room.message", "@irc_x:hs", nil, ""), ErrInvalidID},
 	}
 	want := []string{}
 	for _, tt := range tests {
 		err := d.Submit(ctx, tt.ev)
-		if (err != nil) != tt.wantErr {
-			t.Errorf("%s: err = %v, wantErr %v", tt.name, err, tt.wantErr)
+		if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil && err != nil) {
+			t.Errorf("%s: err = %v, want %v", tt.name, err, tt.wantErr)
 		}
-		if tt.wantErr && !errors.Is(err, ErrInvalidJSON) {
-			t.Errorf("%s: %v is not ErrInvalidJSON", tt.name, err)
-		}
-		if !tt.wantErr && tt.name != "deep JSON" {
+		if tt.wantErr == nil && tt.name != "deep JSON" {
 			want = append(want, tt.ev.ID)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,6 +102,9 @@ func TestClientAPIErrors(t *testing.T) {
 	}{
 		{"versions", "GET", "/_matrix/client/versions", "", nil, 200, ""},
 		{"user in exclusive namespace", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "br_x", "password": "pw"}, 400, "M_EXCLUSIVE"},
+		{"user on another server", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "@mallory:elsewhere", "password": "pw"}, 400, "M_INVALID_USERNAME"},
+		{"user with capitals", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "Mallory", "password": "pw"}, 400, "M_INVALID_USERNAME"},
+		{"user ID over 255 bytes", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": strings.Repeat("m", 260), "password": "pw"}, 400, "M_INVALID_USERNAME"},
 		{"user in use", "POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "pw"}, 400, "M_USER_IN_USE"},
 		{"AS registers own ghost", "POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "br_ghost", "type": "m.login.application_service"}, 200, ""},
 		{"AS registers outside", "POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "bob", "type": "m.login.application_service"}, 400, "M_EXCLUSIVE"},

@@ -79,6 +79,22 @@ func decode(r *http.Request, v any) error {
 	return nil
 }
 
+// validUserID applies Matrix's rules for a new user ID: local, at most 255
+// bytes, and a localpart of a-z, 0-9 and "._=-/+" only (as Synapse does).
+func (s *Server) validUserID(userID string) error {
+	local, server, _ := strings.Cut(strings.TrimPrefix(userID, "@"), ":")
+	if server != s.cfg.ServerName {
+		return errorf(http.StatusBadRequest, "M_INVALID_USERNAME", "user ID must be on %s", s.cfg.ServerName)
+	}
+	if len(userID) > 255 {
+		return errorf(http.StatusBadRequest, "M_INVALID_USERNAME", "user ID is longer than 255 bytes")
+	}
+	if local == "" || strings.TrimLeft(local, "abcdefghijklmnopqrstuvwxyz0123456789._=-/+") != "" {
+		return errorf(http.StatusBadRequest, "M_INVALID_USERNAME", "user ID can only contain a-z, 0-9 and ._=-/+")
+	}
+	return nil
+}
+
 func (s *Server) register(r *http.Request) (any, error) {
 	var req struct {
 		Username     string `json:"username"`
@@ -95,6 +111,9 @@ func (s *Server) register(r *http.Request) (any, error) {
 	userID := req.Username
 	if !strings.HasPrefix(userID, "@") {
 		userID = "@" + req.Username + ":" + s.cfg.ServerName
+	}
+	if err := s.validUserID(userID); err != nil {
+		return nil, err
 	}
 	set := s.cfg.Registry.Current()
 	asID := ""

@@ -60,7 +60,11 @@ type PatternError struct {
 }
 
 func (e *PatternError) Error() string {
-	return fmt.Sprintf("regex %q: %s", e.Regex, e.Reason)
+	re := e.Regex
+	if len(re) > 80 { // a huge pattern must not flood the error
+		re = re[:60] + fmt.Sprintf("…(%d bytes)", len(e.Regex))
+	}
+	return fmt.Sprintf("regex %q: %s", re, e.Reason)
 }
 
 func (e *PatternError) Unwrap() error { return e.Err }

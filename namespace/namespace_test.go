@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestMatchSemantics(t *testing.T) {
@@ -89,7 +90,7 @@ func TestCompileErrors(t *testing.T) {
 	for _, tt := range tests {
 		_, err := Compile([]Pattern{{Regex: `@ok`}, {Regex: tt.regex}})
 		var pe *PatternError
-		if !errors.As(err, &pe) || pe.Index != 1 || !strings.Contains(err.Error(), tt.want) {
+		if !errors.As(err, &pe) || pe.Index != 1 || !strings.Contains(err.Error(), tt.want) || len(err.Error()) > 300 {
 			t.Errorf("Compile(%.20q) = %v, want a PatternError at index 1 with %q", tt.regex, err, tt.want)
 		}
 	}
@@ -252,5 +253,41 @@ func BenchmarkCompile(b *testing.B) {
 		if _, err := Compile(pats); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestPathologicalPatterns: patterns that make backtracking engines blow
+// up compile and match in linear time here (RE2), and the literal index
+// stays bounded; the deadline only catches a hang.
+func TestPathologicalPatterns(t *testing.T) {
+	patterns := []string{
+		`(a|aa)*b`, `(.*)*x`, `((((((((((a*)*)*)*)*)*)*)*)*)*)*`, `(x+x+)+y`,
+		`[a-z]{1000}`, `.{1000}`, `(a|b|c|d|e|f|g|h){100}`, `(?i)` + strings.Repeat("[a-z]", 500),
+		`@` + strings.Repeat("(a|b)", 400), `(@a|@b|@c|@d){1,100}`, `(ab|cd|ef|gh|ij){20}:hs`,
+	}
+	input := "@" + strings.Repeat("a", 254) // Matrix's longest ID; the dispatcher refuses longer ones
+	for _, re := range patterns {
+		t.Run(fmt.Sprintf("%.30s", re), func(t *testing.T) {
+			done := make(chan error, 1)
+			go func() {
+				var ps []Pattern
+				for i := range 100 { // as if 100 ASes all registered it
+					ps = append(ps, Pattern{Kind: Users, Owner: i, Regex: re})
+				}
+				m, err := Compile(ps)
+				if err == nil {
+					m.Match(Users, input)
+				}
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Logf("refused: %v", err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("compile and match did not finish in 20s")
+			}
+		})
 	}
 }
