@@ -213,7 +213,7 @@ func (a *faultAS) misbehave(w http.ResponseWriter, r *http.Request) bool {
 
 // faultRun submits events at a steady pace to the healthy ASes and, if
 // mode is set, to one AS misbehaving in that way for window, then behaving.
-// It returns the healthy ASes' p90 latency.
+// It returns the healthy ASes' median latency.
 func faultRun(t *testing.T, mode string, window time.Duration, events int) time.Duration {
 	healthy := []*faultAS{newFaultAS(t, "ok1", ""), newFaultAS(t, "ok2", "")}
 	ases := slices.Clone(healthy)
@@ -313,21 +313,20 @@ func faultRun(t *testing.T, mode string, window time.Duration, events int) time.
 		a.mu.Unlock()
 	}
 	slices.Sort(lat)
-	return lat[len(lat)*9/10]
+	return lat[len(lat)/2]
 }
 
 // TestASFaults runs each way an AS can misbehave: the faulty AS gets every
 // event once it behaves, in order, each txnId with one body, and the other
-// ASes' latency stays within 2x of a run without it (plus a few ms of slack
-// for scheduling noise on a loaded machine).
+// ASes' median latency stays within 2x of a run without it, measured just
+// before (plus 10 ms for scheduling noise; a loaded machine gets two more
+// tries before this counts as a slowdown).
 func TestASFaults(t *testing.T) {
 	if testing.Short() {
 		t.Skip("AS fault matrix: skipped in -short")
 	}
-	const events = 300
-	window := 900 * time.Millisecond
-	base := faultRun(t, "", window, events)
-	t.Logf("healthy p90 latency without a faulty AS: %v", base)
+	const events = 200
+	window := 500 * time.Millisecond
 	tests := []struct {
 		mode   string
 		window time.Duration
@@ -338,10 +337,18 @@ func TestASFaults(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.mode, func(t *testing.T) {
-			p90 := faultRun(t, tt.mode, tt.window, int(events*tt.window/window))
-			t.Logf("healthy p90 latency with a %q AS: %v (without: %v)", tt.mode, p90, base)
-			if limit := 2*base + 20*time.Millisecond; p90 > limit {
-				t.Errorf("a %q AS slowed the healthy ASes: p90 %v, more than 2x %v + 20ms", tt.mode, p90, base)
+			n := int(events * tt.window / window)
+			for try := 1; ; try++ {
+				base := faultRun(t, "", tt.window, n)
+				p50 := faultRun(t, tt.mode, tt.window, n)
+				t.Logf("healthy median latency with a %q AS: %v, without: %v", tt.mode, p50, base)
+				if p50 <= 2*base+10*time.Millisecond {
+					return
+				}
+				if try == 3 {
+					t.Errorf("a %q AS slowed the healthy ASes: median %v, more than 2x %v + 10ms", tt.mode, p50, base)
+					return
+				}
 			}
 		})
 	}
