@@ -207,12 +207,14 @@ func (q *Queues) Wake(id string) {
 	}
 }
 
-// Live returns the in-memory state of the sender of key.
+// Live returns the in-memory state of the sender of key. On a shared store
+// only the process holding the AS's lease has one: the others know no more
+// than the store.
 func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 	q.mu.Lock()
 	s := q.senders[key]
 	q.mu.Unlock()
-	if s == nil {
+	if s == nil || (q.leaser != nil && !s.leading.Load()) {
 		return Live{}, false
 	}
 	s.liveMu.Lock()

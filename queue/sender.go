@@ -52,6 +52,8 @@ type sender struct {
 	ops chan func(context.Context)
 	// lost ends the current term; nil without leases.
 	lost func()
+	// leading is set while this process holds the AS's lease.
+	leading atomic.Bool
 
 	buildCtx   context.Context // ends on stop: no new transactions
 	stopBuild  context.CancelFunc
@@ -209,6 +211,8 @@ func (s *sender) leaseTerm(since time.Time) {
 	sctx, cancelS := context.WithCancel(s.sendCtx)
 	end := func() { cancelB(); cancelS() }
 	s.lost = end
+	s.leading.Store(true)
+	defer s.leading.Store(false)
 	kept := make(chan struct{})
 	go func() {
 		defer close(kept)

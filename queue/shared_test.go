@@ -94,6 +94,12 @@ func TestSharedStoreLeases(t *testing.T) {
 	wait("both commit")
 	first := owner()
 	other := 1 - first
+	if _, ok := qs[other].Live(key); ok {
+		t.Error("a process without the lease reports live sender state")
+	}
+	if _, ok := qs[first].Live(key); !ok {
+		t.Error("the lease holder reports no live sender state")
+	}
 
 	// A clean close releases the lease: the other takes over at once.
 	closeCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
