@@ -111,7 +111,7 @@ func TestMultiProcessPostgres(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 
-	all := newRecordingAS(t, "hs-all")  // every user
+	all := newRecordingAS(t, "hs-all")   // every user
 	even := newRecordingAS(t, "hs-even") // u0 and u2
 	var regs []string
 	for _, r := range []struct {
