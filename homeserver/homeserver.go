@@ -27,6 +27,7 @@ import (
 	"github.com/asdispatch/asdispatch/queries"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
+	"github.com/asdispatch/asdispatch/txnstore"
 )
 
 // Config configures a Server.
@@ -40,6 +41,10 @@ type Config struct {
 	Logger       *zap.Logger
 	// Metrics, if set, is recorded into (dispatcher, queues, queries).
 	Metrics *metrics.Metrics
+	// OpenStore, if set, opens the dispatcher's store instead of SQLite in
+	// DataDir (dispatcher.Config.OpenStore). The homeserver's own state
+	// stays in DataDir: it is per process even when the store is shared.
+	OpenStore func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error)
 }
 
 // Server is the stub homeserver.
@@ -70,7 +75,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, st: st}
 	s.disp, err = dispatcher.New(ctx, dispatcher.Config{
-		Registry: cfg.Registry, DataDir: cfg.DataDir, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger, Metrics: cfg.Metrics,
+		Registry: cfg.Registry, DataDir: cfg.DataDir, OpenStore: cfg.OpenStore, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger, Metrics: cfg.Metrics,
 	})
 	if err != nil {
 		st.db.Close()

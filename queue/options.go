@@ -32,4 +32,15 @@ type Options struct {
 	Logger *zap.Logger
 	// Metrics, if set, records deliveries, failures and AS state.
 	Metrics *metrics.Metrics
+
+	// On a store shared by several processes (txnstore.Leaser.Shared), a
+	// process sends for an AS only while it holds the AS's lease.
+	// LeaseTTL is how long a lease outlives its owner's last renewal
+	// (default 10s): a dead owner is replaced after about that long.
+	LeaseTTL time.Duration
+	// Owner names this process in leases (default host/pid/random).
+	Owner string
+	// PollInterval is how often the owner of an AS with nothing to send
+	// looks for items other processes committed (default 200ms).
+	PollInterval time.Duration
 }

@@ -2,8 +2,12 @@ package queue
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
+	"os"
 	"sync"
 	"time"
 
@@ -41,6 +45,10 @@ type Queues struct {
 	client *asapi.Client
 	log    *zap.Logger
 
+	// leaser is set when the store is shared: senders then hold a lease.
+	leaser txnstore.Leaser
+	owner  string
+
 	mu       sync.Mutex
 	senders  map[txnstore.ASKey]*sender
 	stopping map[txnstore.ASKey]*sender
@@ -62,6 +70,9 @@ const (
 	// memLimit bounds the items a sender keeps in memory; past it, the
 	// sender reads its backlog from the store instead.
 	memLimit = 20000
+
+	defaultLeaseTTL     = 10 * time.Second
+	defaultPollInterval = 200 * time.Millisecond
 )
 
 // New returns Queues sending from store. Feed it the store's commits by
@@ -87,6 +98,23 @@ func New(store txnstore.Store, opts Options) *Queues {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
+	if opts.LeaseTTL <= 0 {
+		opts.LeaseTTL = defaultLeaseTTL
+	}
+	if opts.PollInterval <= 0 {
+		opts.PollInterval = defaultPollInterval
+	}
+	owner := opts.Owner
+	if owner == "" {
+		host, _ := os.Hostname()
+		b := make([]byte, 4)
+		_, _ = rand.Read(b)
+		owner = fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b))
+	}
+	var leaser txnstore.Leaser
+	if l, ok := store.(txnstore.Leaser); ok && l.Shared() {
+		leaser = l
+	}
 	client := opts.Client
 	if client == nil {
 		client = asapi.New(asapi.Options{Logger: opts.Logger})
@@ -94,6 +122,8 @@ func New(store txnstore.Store, opts Options) *Queues {
 	return &Queues{
 		store:    store,
 		opts:     opts,
+		leaser:   leaser,
+		owner:    owner,
 		client:   client,
 		log:      opts.Logger,
 		senders:  make(map[txnstore.ASKey]*sender),
@@ -177,12 +207,14 @@ func (q *Queues) Wake(id string) {
 	}
 }
 
-// Live returns the in-memory state of the sender of key.
+// Live returns the in-memory state of the sender of key. On a shared store
+// only the process holding the AS's lease has one: the others know no more
+// than the store.
 func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 	q.mu.Lock()
 	s := q.senders[key]
 	q.mu.Unlock()
-	if s == nil {
+	if s == nil || (q.leaser != nil && !s.leading.Load()) {
 		return Live{}, false
 	}
 	s.liveMu.Lock()
@@ -219,6 +251,15 @@ func (q *Queues) Close(ctx context.Context) error {
 	wg.Wait()
 	return errors.Join(errs...)
 }
+
+// acquireEvery is how often a process that does not send for an AS tries
+// to take its lease: a dead owner is replaced within ttl plus this.
+func (q *Queues) acquireEvery() time.Duration {
+	return min(q.opts.LeaseTTL/5, time.Second)
+}
+
+// Owner is the name this process holds sender leases under.
+func (q *Queues) Owner() string { return q.owner }
 
 func (q *Queues) limits() limits {
 	return limits{events: q.opts.MaxEvents, ephemeral: q.opts.MaxEphemeral, toDevice: q.opts.MaxToDevice, bytes: q.opts.MaxBytes}

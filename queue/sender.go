@@ -26,6 +26,10 @@ type txn struct {
 // sender delivers one AS's stream. Three goroutines: build freezes
 // transactions ahead into ready, run sends them one at a time, and storeOps
 // applies completions and state changes in order without holding up run.
+//
+// On a shared store the sender works in terms: it sends only while its
+// process holds the AS's lease, and a term ends (every goroutine of it
+// stopped) when the lease is lost or cannot be renewed in time.
 type sender struct {
 	q   *Queues
 	key txnstore.ASKey
@@ -44,8 +48,12 @@ type sender struct {
 	live      Live
 	downSince time.Time
 
-	ready chan *txn
-	ops   chan func(context.Context)
+	// ops is the current term's storeOps queue; only run's goroutine uses it.
+	ops chan func(context.Context)
+	// lost ends the current term; nil without leases.
+	lost func()
+	// leading is set while this process holds the AS's lease.
+	leading atomic.Bool
 
 	buildCtx   context.Context // ends on stop: no new transactions
 	stopBuild  context.CancelFunc
@@ -64,8 +72,6 @@ func newSender(q *Queues, as AS) *sender {
 		completeAfter: unknown,
 		signal:        make(chan struct{}, 1),
 		wake:          make(chan struct{}, 1),
-		ready:         make(chan *txn, pipelineDepth),
-		ops:           make(chan func(context.Context), 64),
 		done:          make(chan struct{}),
 		live:          Live{Up: true},
 	}
@@ -82,8 +88,14 @@ func (s *sender) poke(ch chan struct{}) {
 	}
 }
 
-// push appends committed items to the sender's memory.
+// push appends committed items to the sender's memory. On a shared store
+// memory is never complete (other processes commit too): the sender reads
+// the store and push only wakes it.
 func (s *sender) push(items []txnstore.Item) {
+	if s.q.leaser != nil {
+		s.poke(s.signal)
+		return
+	}
 	s.mu.Lock()
 	if len(s.mem)+len(items) > memLimit {
 		// The AS is far behind: forget, and read the backlog from the store.
@@ -111,19 +123,6 @@ func (s *sender) stop(ctx context.Context) error {
 
 func (s *sender) run() {
 	defer close(s.done)
-	var opsDone sync.WaitGroup
-	opsDone.Add(1)
-	go func() {
-		defer opsDone.Done()
-		for op := range s.ops {
-			op(s.sendCtx)
-		}
-	}()
-	defer func() {
-		close(s.ops)
-		opsDone.Wait()
-	}()
-
 	if p := s.predecessor; p != nil {
 		select {
 		case <-p.done:
@@ -132,25 +131,149 @@ func (s *sender) run() {
 		}
 		s.predecessor = nil
 	}
-	frozen, after, ok := s.recover()
+	if s.q.leaser == nil {
+		s.term(s.buildCtx, s.sendCtx)
+		return
+	}
+	for {
+		since, ok := s.acquire()
+		if !ok {
+			return
+		}
+		s.leaseTerm(since)
+	}
+}
+
+// term delivers until bctx ends; sctx ending abandons a send in flight.
+func (s *sender) term(bctx, sctx context.Context) {
+	ops := make(chan func(context.Context), 64)
+	s.ops = ops
+	var opsDone sync.WaitGroup
+	opsDone.Add(1)
+	go func() {
+		defer opsDone.Done()
+		for op := range ops {
+			op(sctx)
+		}
+	}()
+	defer func() {
+		close(ops)
+		opsDone.Wait()
+	}()
+
+	frozen, after, ok := s.recover(bctx)
 	if !ok {
 		return
 	}
-	go s.build(frozen, after)
-	for t := range s.ready {
-		if s.buildCtx.Err() != nil {
+	ready := make(chan *txn, pipelineDepth)
+	go s.build(bctx, ready, frozen, after)
+	for t := range ready {
+		if bctx.Err() != nil {
 			// Stopping: what is frozen stays frozen for the next run.
 			continue
 		}
-		s.deliver(t)
+		s.deliver(bctx, sctx, t)
+	}
+}
+
+// acquire waits until this process holds the AS's lease and returns when it
+// asked for it; false when the sender stops first.
+func (s *sender) acquire() (time.Time, bool) {
+	ttl := s.q.opts.LeaseTTL
+	warned := false
+	for {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(s.buildCtx, ttl/2)
+		ok, err := s.q.leaser.Acquire(ctx, s.key, s.q.owner, ttl)
+		cancel()
+		if ok {
+			s.log.Info("sending for this appservice: lease acquired", zap.String("owner", s.q.owner))
+			return start, true
+		}
+		if err != nil && s.buildCtx.Err() == nil && !warned {
+			s.log.Warn("acquiring the sender lease failed; retrying", zap.Error(err))
+			warned = true
+		}
+		t := time.NewTimer(s.q.acquireEvery())
+		select {
+		case <-t.C:
+		case <-s.buildCtx.Done():
+			t.Stop()
+			return time.Time{}, false
+		}
+	}
+}
+
+// leaseTerm runs one term under the lease acquired at since, renewing it,
+// and releases it after.
+func (s *sender) leaseTerm(since time.Time) {
+	bctx, cancelB := context.WithCancel(s.buildCtx)
+	sctx, cancelS := context.WithCancel(s.sendCtx)
+	end := func() { cancelB(); cancelS() }
+	s.lost = end
+	s.leading.Store(true)
+	defer s.leading.Store(false)
+	kept := make(chan struct{})
+	go func() {
+		defer close(kept)
+		s.keepLease(bctx, since, end)
+	}()
+	s.term(bctx, sctx)
+	end()
+	<-kept
+	// Another process may take over at once instead of after the ttl. A
+	// lease already lost is someone else's row and stays.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.q.leaser.Release(ctx, s.key, s.q.owner); err != nil {
+		s.log.Warn("releasing the sender lease failed; another process takes over when it expires", zap.Error(err))
+	}
+}
+
+// keepLease renews the lease every ttl/3 until ctx ends. If it is lost, or
+// not renewed by ttl/4 before it could expire, it ends the term: sends stop
+// before another process can take the lease.
+func (s *sender) keepLease(ctx context.Context, since time.Time, end func()) {
+	ttl := s.q.opts.LeaseTTL
+	// The database counts the expiry from a moment after since.
+	safe := ttl - ttl/4
+	deadline := time.NewTimer(time.Until(since.Add(safe)))
+	defer deadline.Stop()
+	tick := time.NewTicker(ttl / 3)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline.C:
+			s.log.Warn("sender lease not renewed in time; stopping sends for another process to take over")
+			end()
+			return
+		case <-tick.C:
+		}
+		start := time.Now()
+		rctx, cancel := context.WithDeadline(ctx, since.Add(safe))
+		ok, err := s.q.leaser.Renew(rctx, s.key, s.q.owner, ttl)
+		cancel()
+		switch {
+		case ok:
+			since = start
+			deadline.Reset(time.Until(since.Add(safe)))
+		case err == nil:
+			s.log.Warn("sender lease lost to another process; stopping sends")
+			end()
+			return
+		case ctx.Err() == nil:
+			s.log.Warn("renewing the sender lease failed; retrying", zap.Error(err))
+		}
 	}
 }
 
 // recover loads the AS's frozen transactions and where new ones start.
-func (s *sender) recover() ([]txnstore.Txn, int64, bool) {
+func (s *sender) recover(ctx context.Context) ([]txnstore.Txn, int64, bool) {
 	var frozen []txnstore.Txn
 	var delivered int64
-	err := s.retryStore(s.buildCtx, "recover", func(ctx context.Context) error {
+	err := s.retryStore(ctx, "recover", func(ctx context.Context) error {
 		var err error
 		if frozen, err = s.q.store.Frozen(ctx, s.key); err != nil {
 			return err
@@ -170,23 +293,22 @@ func (s *sender) recover() ([]txnstore.Txn, int64, bool) {
 
 // build feeds ready: first the transactions frozen by an earlier run, then
 // new ones cut from the stream after `after`.
-func (s *sender) build(frozen []txnstore.Txn, after int64) {
-	defer close(s.ready)
-	ctx := s.buildCtx
+func (s *sender) build(ctx context.Context, ready chan<- *txn, frozen []txnstore.Txn, after int64) {
+	defer close(ready)
 	for _, ft := range frozen {
 		t, err := s.rebuild(ctx, ft)
 		if err != nil {
 			return
 		}
 		select {
-		case s.ready <- t:
+		case ready <- t:
 		case <-ctx.Done():
 			return
 		}
 	}
 	lim := s.q.limits()
 	for {
-		room := cap(s.ready) - len(s.ready)
+		room := cap(ready) - len(ready)
 		if room < 1 {
 			room = 1
 		}
@@ -227,7 +349,7 @@ func (s *sender) build(frozen []txnstore.Txn, after int64) {
 		for i, t := range txns {
 			t.ID = ids[i]
 			select {
-			case s.ready <- t:
+			case ready <- t:
 			case <-ctx.Done():
 				return
 			}
@@ -238,6 +360,9 @@ func (s *sender) build(frozen []txnstore.Txn, after int64) {
 
 // next returns up to max items after seq `after`, waiting for at least one.
 func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Item, error) {
+	if s.q.leaser != nil {
+		return s.poll(ctx, after, max)
+	}
 	for {
 		s.mu.Lock()
 		if after >= s.completeAfter {
@@ -297,6 +422,31 @@ func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Ite
 	}
 }
 
+// poll is next on a shared store: read, and when nothing is there, wait for
+// a local commit or the poll interval (commits of other processes).
+func (s *sender) poll(ctx context.Context, after int64, max int) ([]txnstore.Item, error) {
+	for {
+		var items []txnstore.Item
+		err := s.retryStore(ctx, "read", func(ctx context.Context) error {
+			var err error
+			items, err = s.q.store.Read(ctx, s.key, after, max)
+			return err
+		})
+		if err != nil || len(items) > 0 {
+			return items, err
+		}
+		t := time.NewTimer(s.q.opts.PollInterval)
+		select {
+		case <-s.signal:
+			t.Stop()
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		}
+	}
+}
+
 // rebuild turns a transaction frozen by an earlier run back into a body: the
 // stored one if a send had failed, else rebuilt from the immutable items of
 // its range, laid out in its recorded format.
@@ -345,8 +495,7 @@ func (s *sender) rebuild(ctx context.Context, ft txnstore.Txn) (*txn, error) {
 const maxPDUBytes = 65536
 
 // deliver sends t until the AS accepts it or the sender stops.
-func (s *sender) deliver(t *txn) {
-	ctx := s.sendCtx
+func (s *sender) deliver(bctx, ctx context.Context, t *txn) {
 	bo := s.newBackoff()
 	attempt := 0
 	for {
@@ -369,9 +518,9 @@ func (s *sender) deliver(t *txn) {
 		}
 		if errors.Is(err, asapi.ErrTooLarge) {
 			if len(t.items) > 1 {
-				if parts, ok := s.split(t); ok {
+				if parts, ok := s.split(ctx, t); ok {
 					for _, p := range parts {
-						s.deliver(p)
+						s.deliver(bctx, ctx, p)
 					}
 					return
 				}
@@ -399,7 +548,7 @@ func (s *sender) deliver(t *txn) {
 		case <-ctx.Done():
 			timer.Stop()
 			return
-		case <-s.buildCtx.Done():
+		case <-bctx.Done():
 			// Stopping while the AS is down: leave t frozen.
 			timer.Stop()
 			return
@@ -409,7 +558,7 @@ func (s *sender) deliver(t *txn) {
 
 // split replaces t, refused as too large, by two transactions of half its
 // items each.
-func (s *sender) split(t *txn) ([]*txn, bool) {
+func (s *sender) split(ctx context.Context, t *txn) ([]*txn, bool) {
 	mid := len(t.items) / 2
 	f := Format(t.Format)
 	halves := [][]txnstore.Item{t.items[:mid], t.items[mid:]}
@@ -431,7 +580,7 @@ func (s *sender) split(t *txn) ([]*txn, bool) {
 		after = last
 	}
 	var ids []int64
-	err := s.retryStore(s.sendCtx, "split", func(ctx context.Context) error {
+	err := s.retryStore(ctx, "split", func(ctx context.Context) error {
 		var err error
 		ids, err = s.q.store.Freeze(ctx, s.key, t.ID, recs)
 		return err
@@ -567,6 +716,13 @@ func (s *sender) retryStore(ctx context.Context, what string, op func(context.Co
 	bo.MaxElapsedTime = 0
 	for {
 		err := op(ctx)
+		if errors.Is(err, txnstore.ErrLeaseLost) {
+			// Another process sends for this AS now: end the term.
+			if s.lost != nil {
+				s.lost()
+			}
+			return err
+		}
 		if err == nil || ctx.Err() != nil {
 			if err != nil {
 				return err

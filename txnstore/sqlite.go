@@ -3,7 +3,6 @@ package txnstore
 import (
 	"context"
 	"database/sql"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/url"
@@ -113,49 +112,14 @@ func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 	return s, nil
 }
 
-var migrations = []string{
-	`CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-	INSERT INTO meta (key, value) VALUES ('next_seq', 1);
-	CREATE TABLE items (seq INTEGER PRIMARY KEY, kind INTEGER NOT NULL, data BLOB NOT NULL, created_ms INTEGER NOT NULL);
-	CREATE TABLE streams (as_key INTEGER NOT NULL, last_seq INTEGER NOT NULL, first_seq INTEGER NOT NULL, seqs BLOB NOT NULL,
-		PRIMARY KEY (as_key, last_seq));
-	CREATE TABLE appservices (as_key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, next_txn INTEGER NOT NULL,
-		delivered INTEGER NOT NULL, up INTEGER NOT NULL DEFAULT 1, failures INTEGER NOT NULL DEFAULT 0,
-		last_success_ms INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
-		last_error_ms INTEGER NOT NULL DEFAULT 0, next_retry_ms INTEGER NOT NULL DEFAULT 0);
-	CREATE TABLE txns (as_key INTEGER NOT NULL, txn_id INTEGER NOT NULL, after_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-		format INTEGER NOT NULL, len INTEGER NOT NULL, checksum INTEGER NOT NULL, body BLOB,
-		PRIMARY KEY (as_key, txn_id));`,
-}
-
 func (s *SQLite) migrate(ctx context.Context) error {
 	tx, err := s.wdb.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+	if err := migrate(ctx, tx, sqliteSQL); err != nil {
 		return err
-	}
-	var v int
-	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
-		return err
-	}
-	if v > len(migrations) {
-		return fmt.Errorf("schema version %d is newer than this program knows (%d)", v, len(migrations))
-	}
-	for i := v; i < len(migrations); i++ {
-		for _, stmt := range strings.Split(migrations[i], ";") {
-			if strings.TrimSpace(stmt) == "" {
-				continue
-			}
-			if _, err := tx.ExecContext(ctx, stmt); err != nil {
-				return fmt.Errorf("migration %d: %w", i+1, err)
-			}
-		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (?)`, i+1); err != nil {
-			return err
-		}
 	}
 	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'next_seq'`).Scan(&s.nextSeq); err != nil {
 		return err
@@ -304,33 +268,8 @@ func (s *SQLite) maybeGC(idle bool) {
 		return
 	}
 	s.sinceGC = 0
-	_, _ = s.wdb.Exec(`DELETE FROM streams WHERE last_seq <= (SELECT delivered FROM appservices a WHERE a.as_key = streams.as_key)`)
-	_, _ = s.wdb.Exec(`DELETE FROM items WHERE seq < COALESCE((SELECT MIN(first_seq) FROM streams), ?)`, s.nextSeq)
-}
-
-func encodeSeqs(seqs []int64) []byte {
-	out := make([]byte, 0, len(seqs)*2)
-	prev := int64(0)
-	for _, q := range seqs {
-		out = binary.AppendUvarint(out, uint64(q-prev))
-		prev = q
-	}
-	return out
-}
-
-func decodeSeqs(b []byte) ([]int64, error) {
-	var out []int64
-	prev := int64(0)
-	for len(b) > 0 {
-		d, n := binary.Uvarint(b)
-		if n <= 0 {
-			return nil, errors.New("txnstore: corrupt stream row")
-		}
-		prev += int64(d)
-		out = append(out, prev)
-		b = b[n:]
-	}
-	return out, nil
+	_, _ = s.wdb.Exec(gcStreams)
+	_, _ = s.wdb.Exec(gcItems)
 }
 
 // EnsureAS implements Store.
@@ -418,106 +357,12 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 
 // Read implements Store.
 func (s *SQLite) Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`, as, after)
-	if err != nil {
-		return nil, fmt.Errorf("txnstore: read: %w", err)
-	}
-	var want []int64
-	for rows.Next() && len(want) < max {
-		var blob []byte
-		if err := rows.Scan(&blob); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("txnstore: read: %w", err)
-		}
-		seqs, err := decodeSeqs(blob)
-		if err != nil {
-			rows.Close()
-			return nil, err
-		}
-		for _, q := range seqs {
-			if q > after && len(want) < max {
-				want = append(want, q)
-			}
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("txnstore: read: %w", err)
-	}
-	if len(want) == 0 {
-		return nil, nil
-	}
-	return s.items(ctx, want)
-}
-
-// items loads the items of want (ascending seqs).
-func (s *SQLite) items(ctx context.Context, want []int64) ([]Item, error) {
-	out := make([]Item, 0, len(want))
-	idx := make(map[int64]int, len(want))
-	for i, q := range want {
-		idx[q] = i
-	}
-	got := make([]*Item, len(want))
-	scan := func(rows *sql.Rows) error {
-		defer rows.Close()
-		for rows.Next() {
-			var it Item
-			var kind int
-			if err := rows.Scan(&it.Seq, &kind, &it.Data); err != nil {
-				return err
-			}
-			it.Kind = Kind(kind)
-			if i, ok := idx[it.Seq]; ok {
-				got[i] = &it
-			}
-		}
-		return rows.Err()
-	}
-	lo, hi := want[0], want[len(want)-1]
-	if hi-lo+1 <= int64(4*len(want)) {
-		rows, err := s.rdb.QueryContext(ctx, `SELECT seq, kind, data FROM items WHERE seq BETWEEN ? AND ?`, lo, hi)
-		if err != nil {
-			return nil, fmt.Errorf("txnstore: read items: %w", err)
-		}
-		if err := scan(rows); err != nil {
-			return nil, fmt.Errorf("txnstore: read items: %w", err)
-		}
-	} else {
-		for i := 0; i < len(want); i += 500 {
-			chunk := want[i:min(i+500, len(want))]
-			args := make([]any, len(chunk))
-			for j, q := range chunk {
-				args[j] = q
-			}
-			rows, err := s.rdb.QueryContext(ctx, `SELECT seq, kind, data FROM items WHERE seq IN (?`+strings.Repeat(",?", len(chunk)-1)+`)`, args...)
-			if err != nil {
-				return nil, fmt.Errorf("txnstore: read items: %w", err)
-			}
-			if err := scan(rows); err != nil {
-				return nil, fmt.Errorf("txnstore: read items: %w", err)
-			}
-		}
-	}
-	for i, it := range got {
-		if it == nil {
-			return nil, fmt.Errorf("txnstore: item %d of a stream is missing", want[i])
-		}
-		out = append(out, *it)
-	}
-	return out, nil
+	return readStream(ctx, s.rdb, sqliteSQL, as, after, max)
 }
 
 // Delivered implements Store.
 func (s *SQLite) Delivered(ctx context.Context, as ASKey) (int64, error) {
-	var d int64
-	err := s.rdb.QueryRowContext(ctx, `SELECT delivered FROM appservices WHERE as_key = ?`, as).Scan(&d)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, fmt.Errorf("%w: key %d", ErrUnknownAS, as)
-	}
-	if err != nil {
-		return 0, fmt.Errorf("txnstore: delivered: %w", err)
-	}
-	return d, nil
+	return readDelivered(ctx, s.rdb, sqliteSQL, as)
 }
 
 // Freeze implements Store.
@@ -596,24 +441,7 @@ func (s *SQLite) SaveBody(ctx context.Context, as ASKey, id int64, body []byte) 
 
 // Frozen implements Store.
 func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
-	rows, err := s.rdb.QueryContext(ctx, `SELECT txn_id, after_seq, last_seq, format, len, checksum, body
-		FROM txns WHERE as_key = ? ORDER BY after_seq`, as)
-	if err != nil {
-		return nil, fmt.Errorf("txnstore: frozen: %w", err)
-	}
-	defer rows.Close()
-	var out []Txn
-	for rows.Next() {
-		t := Txn{AS: as}
-		if err := rows.Scan(&t.ID, &t.Range.After, &t.Range.Last, &t.Format, &t.Len, &t.Checksum, &t.Body); err != nil {
-			return nil, fmt.Errorf("txnstore: frozen: %w", err)
-		}
-		out = append(out, t)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("txnstore: frozen: %w", err)
-	}
-	return out, nil
+	return readFrozen(ctx, s.rdb, sqliteSQL, as)
 }
 
 // Complete implements Store.
@@ -656,83 +484,9 @@ func (s *SQLite) SetState(ctx context.Context, as ASKey, st State) error {
 	})
 }
 
-func ms(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-func fromMS(v int64) time.Time {
-	if v == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(v)
-}
-
 // Statuses implements Store.
 func (s *SQLite) Statuses(ctx context.Context) ([]Status, error) {
-	return statuses(ctx, s.rdb)
-}
-
-func statuses(ctx context.Context, db *sql.DB) ([]Status, error) {
-	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
-		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key) FROM appservices a ORDER BY id`)
-	if err != nil {
-		return nil, fmt.Errorf("txnstore: statuses: %w", err)
-	}
-	var out []Status
-	for rows.Next() {
-		var st Status
-		var up int
-		var ls, le, nr int64
-		if err := rows.Scan(&st.Key, &st.ID, &st.Delivered, &up, &st.Failures, &ls, &st.LastError, &le, &nr, &st.PendingTxns); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("txnstore: statuses: %w", err)
-		}
-		st.Up, st.LastSuccess, st.LastErrorAt, st.NextRetry = up == 1, fromMS(ls), fromMS(le), fromMS(nr)
-		out = append(out, st)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("txnstore: statuses: %w", err)
-	}
-	for i := range out {
-		st := &out[i]
-		srows, err := db.QueryContext(ctx, `SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`, st.Key, st.Delivered)
-		if err != nil {
-			return nil, fmt.Errorf("txnstore: statuses: %w", err)
-		}
-		oldest := int64(0)
-		for srows.Next() {
-			var blob []byte
-			if err := srows.Scan(&blob); err != nil {
-				srows.Close()
-				return nil, fmt.Errorf("txnstore: statuses: %w", err)
-			}
-			seqs, err := decodeSeqs(blob)
-			if err != nil {
-				srows.Close()
-				return nil, err
-			}
-			for _, q := range seqs {
-				if q > st.Delivered {
-					st.PendingItems++
-					if oldest == 0 {
-						oldest = q
-					}
-				}
-			}
-		}
-		srows.Close()
-		if oldest != 0 {
-			var created int64
-			if err := db.QueryRowContext(ctx, `SELECT created_ms FROM items WHERE seq = ?`, oldest).Scan(&created); err == nil {
-				st.OldestPending = fromMS(created)
-			}
-		}
-	}
-	return out, nil
+	return statuses(ctx, s.rdb, sqliteSQL)
 }
 
 // Stats returns counters of the store's work.
@@ -764,7 +518,24 @@ func OpenStatus(ctx context.Context, path string) ([]Status, error) {
 		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
 	}
 	defer db.Close()
-	return statuses(ctx, db)
+	return statuses(ctx, db, sqliteSQL)
 }
 
-var _ Store = (*SQLite)(nil)
+// Shared implements Leaser: one process owns a SQLite store.
+func (s *SQLite) Shared() bool { return false }
+
+// Acquire implements Leaser: always granted, there is no other process.
+func (s *SQLite) Acquire(context.Context, ASKey, string, time.Duration) (bool, error) {
+	return true, nil
+}
+
+// Renew implements Leaser: always granted.
+func (s *SQLite) Renew(context.Context, ASKey, string, time.Duration) (bool, error) { return true, nil }
+
+// Release implements Leaser.
+func (s *SQLite) Release(context.Context, ASKey, string) error { return nil }
+
+var (
+	_ Store  = (*SQLite)(nil)
+	_ Leaser = (*SQLite)(nil)
+)

@@ -10,8 +10,9 @@
 // items are immutable and the range is fixed when the transaction is frozen,
 // the transaction's content is fixed too.
 //
-// SQLite (Open) is the embedded default; the interface is kept narrow and the
-// SQL portable so that other backends (PostgreSQL) can follow.
+// SQLite (Open) is the embedded default, owned by one process. PostgreSQL
+// (OpenPostgres) is shared by several processes: seqs stay in commit order
+// across all of them, and a Leaser decides which process sends for each AS.
 package txnstore
 
 import (
@@ -158,6 +159,29 @@ type Store interface {
 
 	// Close waits for pending writes and closes the store.
 	Close() error
+}
+
+// ErrLeaseLost fails a write for an AS whose sender lease this store took
+// and no longer holds: another process may be sending for it now.
+var ErrLeaseLost = errors.New("txnstore: sender lease lost")
+
+// Leaser is implemented by stores that say which process sends for an AS.
+// A lease is held by owner until it expires ttl after its last Acquire or
+// Renew; a store that leased an AS refuses that AS's Freeze, Complete and
+// SaveBody with ErrLeaseLost once the lease is gone, so a process that lost
+// it cannot change what the new owner works from.
+type Leaser interface {
+	// Shared reports whether other processes write to the store: then a
+	// sender must hold the lease of its AS and watch the store for items
+	// committed elsewhere.
+	Shared() bool
+	// Acquire takes the lease of as for owner if it is free, expired or
+	// already owner's, and reports whether owner holds it now.
+	Acquire(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
+	// Renew extends owner's lease by ttl from now; false means owner lost it.
+	Renew(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
+	// Release gives up owner's lease so another process can take it at once.
+	Release(ctx context.Context, as ASKey, owner string) error
 }
 
 // Options configure a store.

@@ -25,6 +25,7 @@ import (
 	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
+	"github.com/asdispatch/asdispatch/txnstore"
 )
 
 // serveConfig is homeserver.yaml, Synapse-style.
@@ -34,7 +35,18 @@ type serveConfig struct {
 	DataDir               string   `yaml:"data_dir"`
 	AppServiceConfigFiles []string `yaml:"app_service_config_files"`
 	LogLevel              string   `yaml:"log_level"`
-	AppService            struct {
+	Database              struct {
+		// Backend is sqlite (default: dispatcher.db in data_dir) or
+		// postgres: one database several serve processes share.
+		Backend string `yaml:"backend"`
+		// DSN is the PostgreSQL connection string (libpq URL or key=value;
+		// search_path picks the schema). Never logged: it may hold a password.
+		DSN string `yaml:"dsn"`
+		// LeaseTTL is how long a process that stopped renewing keeps
+		// sending for an AS before another takes over (default 10s).
+		LeaseTTL time.Duration `yaml:"lease_ttl"`
+	} `yaml:"database"`
+	AppService struct {
 		RetryInitial    time.Duration `yaml:"retry_initial"`
 		RetryMax        time.Duration `yaml:"retry_max"`
 		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
@@ -112,6 +124,25 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// storeOpener returns how to open the dispatcher's store: nil for SQLite in
+// data_dir.
+func storeOpener(cfg serveConfig) (func(context.Context, txnstore.Options) (txnstore.Store, error), error) {
+	switch cfg.Database.Backend {
+	case "", "sqlite":
+		return nil, nil
+	case "postgres", "postgresql":
+		if cfg.Database.DSN == "" {
+			return nil, errors.New("database: backend postgres needs a dsn")
+		}
+		dsn := cfg.Database.DSN
+		return func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+			return txnstore.OpenPostgres(ctx, dsn, opts)
+		}, nil
+	default:
+		return nil, fmt.Errorf("database: unknown backend %q (sqlite or postgres)", cfg.Database.Backend)
+	}
+}
+
 type stringList []string
 
 func (l *stringList) String() string     { return fmt.Sprint(*l) }
@@ -130,14 +161,20 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	if err != nil {
 		return err
 	}
+	openStore, err := storeOpener(cfg)
+	if err != nil {
+		return err
+	}
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hs, err := homeserver.New(ctx, homeserver.Config{
 		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
 		Metrics:      metrics.New(promReg),
 		QueryTimeout: cfg.AppService.QueryTimeout,
+		OpenStore:    openStore,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
-			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log},
+			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,
+			LeaseTTL: cfg.Database.LeaseTTL},
 	})
 	if err != nil {
 		return err

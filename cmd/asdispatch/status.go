@@ -33,16 +33,23 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dir := fs.String("data", "asdispatch-data", "the data_dir of `asdispatch serve`")
+	dsn := fs.String("dsn", "", "read the PostgreSQL store of this DSN instead of data_dir's SQLite")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	path := filepath.Join(*dir, "dispatcher.db")
-	if _, err := os.Stat(path); err != nil {
-		fmt.Fprintf(stderr, "asdispatch status: %v\n", err)
-		return 1
+	var sts []txnstore.Status
+	var err error
+	if *dsn != "" {
+		sts, err = txnstore.OpenPostgresStatus(context.Background(), *dsn)
+	} else {
+		path := filepath.Join(*dir, "dispatcher.db")
+		if _, err := os.Stat(path); err != nil {
+			fmt.Fprintf(stderr, "asdispatch status: %v\n", err)
+			return 1
+		}
+		sts, err = txnstore.OpenStatus(context.Background(), path)
 	}
-	sts, err := txnstore.OpenStatus(context.Background(), path)
 	if err != nil {
 		fmt.Fprintf(stderr, "asdispatch status: %v\n", err)
 		return 1

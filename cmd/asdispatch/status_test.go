@@ -13,9 +13,29 @@ import (
 	"github.com/asdispatch/asdispatch/dispatcher"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
+	"github.com/asdispatch/asdispatch/txnstore"
+	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
 func TestStatusWhileAnASIsDown(t *testing.T) {
+	dir := t.TempDir()
+	testStatusWhileAnASIsDown(t, dispatcher.Config{DataDir: dir}, "--data", dir)
+	var missing bytes.Buffer
+	if code := run([]string{"status", "--data", t.TempDir()}, &missing, &missing); code != 1 {
+		t.Errorf("status of an empty dir exited %d", code)
+	}
+}
+
+func TestStatusPostgres(t *testing.T) {
+	dsn := pgtest.Schema(t)
+	testStatusWhileAnASIsDown(t, dispatcher.Config{OpenStore: func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+		return txnstore.OpenPostgres(ctx, dsn, opts)
+	}}, "--dsn", dsn)
+}
+
+// testStatusWhileAnASIsDown runs `status` with where (the store's flags)
+// beside a dispatcher of cfg whose only AS fails.
+func testStatusWhileAnASIsDown(t *testing.T, cfg dispatcher.Config, where ...string) {
 	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(500) }))
 	defer down.Close()
 	r, _, err := registry.Parse("down.yaml", []byte("id: flaky\nurl: "+down.URL+"\nas_token: as-secret-x\nhs_token: hs-secret-x\nsender_localpart: flakybot\nnamespaces:\n  users: [{exclusive: true, regex: '@f_.*'}]\n"))
@@ -23,9 +43,9 @@ func TestStatusWhileAnASIsDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	set, _, _ := registry.NewSet("hs", []*registry.Registration{r})
-	dir := t.TempDir()
-	d, err := dispatcher.New(context.Background(), dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: dir,
-		Queue: queue.Options{RetryInitial: time.Hour, RetryMax: time.Hour}})
+	cfg.Registry = registry.NewRegistry(set)
+	cfg.Queue = queue.Options{RetryInitial: time.Hour, RetryMax: time.Hour}
+	d, err := dispatcher.New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +58,7 @@ func TestStatusWhileAnASIsDown(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var out bytes.Buffer
-		run([]string{"status", "--data", dir, "--json"}, &out, &out)
+		run(append([]string{"status", "--json"}, where...), &out, &out)
 		var got struct {
 			AppServices []statusRow `json:"appservices"`
 		}
@@ -56,15 +76,11 @@ func TestStatusWhileAnASIsDown(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	var table bytes.Buffer
-	if code := run([]string{"status", "--data", dir}, &table, &table); code != 0 {
+	if code := run(append([]string{"status"}, where...), &table, &table); code != 0 {
 		t.Fatalf("status exited %d: %s", code, table.String())
 	}
 	if !strings.Contains(table.String(), "flaky") || !strings.Contains(table.String(), "down") || strings.Contains(table.String(), "secret") {
 		t.Errorf("table:\n%s", table.String())
-	}
-	var missing bytes.Buffer
-	if code := run([]string{"status", "--data", t.TempDir()}, &missing, &missing); code != 1 {
-		t.Errorf("status of an empty dir exited %d", code)
 	}
 }
 

@@ -8,18 +8,70 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
-func open(t testing.TB, path string, opts Options) *SQLite {
+// backend opens stores of one kind for the shared suite: newLoc makes a
+// fresh, empty place for a store, open opens (or reopens) the store there.
+type backend struct {
+	name   string
+	newLoc func(t testing.TB) string
+	open   func(ctx context.Context, loc string, opts Options) (testStore, error)
+	status func(ctx context.Context, loc string) ([]Status, error)
+}
+
+// testStore is what the suite needs of a store beyond Store.
+type testStore interface {
+	Store
+	Leaser
+	Stats() Stats
+}
+
+var backends = []backend{
+	{
+		name:   "sqlite",
+		newLoc: func(t testing.TB) string { return filepath.Join(t.TempDir(), "s.db") },
+		open: func(ctx context.Context, loc string, opts Options) (testStore, error) {
+			return Open(ctx, loc, opts)
+		},
+		status: OpenStatus,
+	},
+	{
+		name:   "postgres",
+		newLoc: func(t testing.TB) string { return pgtest.Schema(t) },
+		open: func(ctx context.Context, loc string, opts Options) (testStore, error) {
+			return OpenPostgres(ctx, loc, opts)
+		},
+		status: OpenPostgresStatus,
+	},
+}
+
+// forEach runs test against every backend.
+func forEach(t *testing.T, test func(t *testing.T, be backend)) {
+	for _, be := range backends {
+		t.Run(be.name, func(t *testing.T) { test(t, be) })
+	}
+}
+
+func (be backend) openAt(t testing.TB, loc string, opts Options) testStore {
 	t.Helper()
-	s, err := Open(context.Background(), path, opts)
+	s, err := be.open(context.Background(), loc, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return s
 }
 
-func ensure(t testing.TB, s *SQLite, id string) ASKey {
+// fresh opens a store in a new place, closed when t ends.
+func (be backend) fresh(t testing.TB, opts Options) testStore {
+	t.Helper()
+	s := be.openAt(t, be.newLoc(t), opts)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func ensure(t testing.TB, s Store, id string) ASKey {
 	t.Helper()
 	k, err := s.EnsureAS(context.Background(), id)
 	if err != nil {
@@ -28,7 +80,7 @@ func ensure(t testing.TB, s *SQLite, id string) ASKey {
 	return k
 }
 
-func appendN(t testing.TB, s *SQLite, n int, kind Kind, targets ...ASKey) []int64 {
+func appendN(t testing.TB, s Store, n int, kind Kind, targets ...ASKey) []int64 {
 	t.Helper()
 	es := make([]Entry, n)
 	for i := range es {
@@ -41,18 +93,43 @@ func appendN(t testing.TB, s *SQLite, n int, kind Kind, targets ...ASKey) []int6
 	return seqs
 }
 
-func count(t testing.TB, s *SQLite, table string) int {
+func rdb(s Store) *sql.DB {
+	switch s := s.(type) {
+	case *SQLite:
+		return s.rdb
+	case *Postgres:
+		return s.db
+	}
+	panic(fmt.Sprintf("unknown store %T", s))
+}
+
+func count(t testing.TB, s Store, table string) int {
 	var n int
-	if err := s.rdb.QueryRow("SELECT COUNT(*) FROM " + table).Scan(&n); err != nil {
+	if err := rdb(s).QueryRow("SELECT COUNT(*) FROM " + table).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n
 }
 
-func TestAppendReadStreams(t *testing.T) {
+// collectGarbage asks the writer to collect garbage after its next commit
+// and waits for the commit after that, which sees the result.
+func collectGarbage(s Store) {
 	ctx := context.Background()
-	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{})
-	defer s.Close()
+	switch s := s.(type) {
+	case *SQLite:
+		_ = s.do(ctx, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
+		_ = s.Stats()
+	case *Postgres:
+		_ = s.do(ctx, func(context.Context, *sql.Tx, *pgBatch) error { s.sinceGC = 1 << 20; return nil })
+		_ = s.Stats()
+	}
+}
+
+func TestAppendReadStreams(t *testing.T) { forEach(t, testAppendReadStreams) }
+
+func testAppendReadStreams(t *testing.T, be backend) {
+	ctx := context.Background()
+	s := be.fresh(t, Options{})
 	a, b := ensure(t, s, "a"), ensure(t, s, "b")
 	seqs := appendN(t, s, 10, KindEvent, a, b)
 	appendN(t, s, 5, KindEphemeral, b) // only b
@@ -100,10 +177,12 @@ func TestAppendReadStreams(t *testing.T) {
 	}
 }
 
-func TestFreezeCompleteAndGC(t *testing.T) {
+func TestFreezeCompleteAndGC(t *testing.T) { forEach(t, testFreezeCompleteAndGC) }
+
+func testFreezeCompleteAndGC(t *testing.T, be backend) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "s.db")
-	s := open(t, path, Options{})
+	path := be.newLoc(t)
+	s := be.openAt(t, path, Options{})
 	a := ensure(t, s, "a")
 	seqs := appendN(t, s, 6, KindEvent, a)
 	ids, err := s.Freeze(ctx, a, 0, []Txn{
@@ -157,7 +236,7 @@ func TestFreezeCompleteAndGC(t *testing.T) {
 	s.Close()
 
 	// Reopen: ids go on from 5, seqs from where they were, GC cleans up.
-	s = open(t, path, Options{})
+	s = be.openAt(t, path, Options{})
 	defer s.Close()
 	a = ensure(t, s, "a")
 	next := appendN(t, s, 1, KindEvent, a)
@@ -171,10 +250,7 @@ func TestFreezeCompleteAndGC(t *testing.T) {
 	if err := s.Complete(ctx, a, 5); err != nil {
 		t.Fatal(err)
 	}
-	// Ask the writer to collect garbage after its next commit; the commit
-	// after that sees the result.
-	_ = s.do(ctx, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
-	_ = s.Stats()
+	collectGarbage(s)
 	if n := count(t, s, "items"); n != 0 {
 		t.Errorf("%d items left after everything was delivered", n)
 	}
@@ -187,10 +263,11 @@ func TestFreezeCompleteAndGC(t *testing.T) {
 	}
 }
 
-func TestNewASStartsFromNow(t *testing.T) {
+func TestNewASStartsFromNow(t *testing.T) { forEach(t, testNewASStartsFromNow) }
+
+func testNewASStartsFromNow(t *testing.T, be backend) {
 	ctx := context.Background()
-	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{})
-	defer s.Close()
+	s := be.fresh(t, Options{})
 	a := ensure(t, s, "a")
 	appendN(t, s, 5, KindEvent, a)
 	b := ensure(t, s, "b")
@@ -202,10 +279,12 @@ func TestNewASStartsFromNow(t *testing.T) {
 	}
 }
 
-func TestGroupCommitAndOnCommitOrder(t *testing.T) {
+func TestGroupCommitAndOnCommitOrder(t *testing.T) { forEach(t, testGroupCommitAndOnCommitOrder) }
+
+func testGroupCommitAndOnCommitOrder(t *testing.T, be backend) {
 	var mu sync.Mutex
 	var seen []int64
-	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{OnCommit: func(c []Committed) {
+	s := be.fresh(t, Options{OnCommit: func(c []Committed) {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, x := range c {
@@ -244,10 +323,12 @@ func TestGroupCommitAndOnCommitOrder(t *testing.T) {
 	t.Logf("%d appends in %d commits", writers*per, commits)
 }
 
-func TestFailedOpFailsAloneAndStatus(t *testing.T) {
+func TestFailedOpFailsAloneAndStatus(t *testing.T) { forEach(t, testFailedOpFailsAloneAndStatus) }
+
+func testFailedOpFailsAloneAndStatus(t *testing.T, be backend) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "s.db")
-	s := open(t, path, Options{})
+	path := be.newLoc(t)
+	s := be.openAt(t, path, Options{})
 	defer s.Close()
 	a := ensure(t, s, "a")
 	if _, err := s.Append(ctx, []Entry{{Kind: KindEvent, Data: []byte("{}"), Targets: []ASKey{99}}}); !errors.Is(err, ErrUnknownAS) {
@@ -257,7 +338,7 @@ func TestFailedOpFailsAloneAndStatus(t *testing.T) {
 	if err := s.SetState(ctx, a, State{Up: false, Failures: 2, LastError: "boom"}); err != nil {
 		t.Fatal(err)
 	}
-	sts, err := OpenStatus(ctx, path) // a read-only reader beside the writer
+	sts, err := be.status(ctx, path) // a read-only reader beside the writer
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +353,10 @@ func TestFailedOpFailsAloneAndStatus(t *testing.T) {
 }
 
 func BenchmarkAppend(b *testing.B) {
-	s := open(b, filepath.Join(b.TempDir(), "s.db"), Options{})
+	s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
 	defer s.Close()
 	targets := make([]ASKey, 10)
 	for i := range targets {
@@ -292,7 +376,10 @@ func BenchmarkAppend(b *testing.B) {
 // BenchmarkRawInsert is the limit Append is measured against: the same
 // bytes into a bare table, same durability, same group commit.
 func BenchmarkRawInsert(b *testing.B) {
-	s := open(b, filepath.Join(b.TempDir(), "s.db"), Options{})
+	s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
 	defer s.Close()
 	if _, err := s.wdb.Exec(`CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`); err != nil {
 		b.Fatal(err)
@@ -335,12 +422,14 @@ func benchWriters(b *testing.B, write func(n int) error) {
 
 // TestFailedCommitLosesNothing: a commit that fails (disk full, read-only)
 // fails every op of it, changes nothing, and the store works again after.
-func TestFailedCommitLosesNothing(t *testing.T) {
+func TestFailedCommitLosesNothing(t *testing.T) { forEach(t, testFailedCommitLosesNothing) }
+
+func testFailedCommitLosesNothing(t *testing.T, be backend) {
 	ctx := context.Background()
 	var failing sync.Mutex
 	fail := false
 	var seen []int64
-	s := open(t, filepath.Join(t.TempDir(), "s.db"), Options{
+	s := be.fresh(t, Options{
 		BeforeCommit: func() error {
 			failing.Lock()
 			defer failing.Unlock()

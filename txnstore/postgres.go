@@ -1,0 +1,638 @@
+package txnstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+// Postgres is the Store several processes share. Each process runs one
+// writer goroutine that merges the writes of its callers into shared
+// commits, as SQLite does, but keeps no cached copy of rows other processes
+// write: seqs, txn ids and cursors are read and advanced inside each commit.
+//
+// Appends of all processes are serialized by a row lock on next_seq held
+// until commit, so commit order is seq order: a reader that sees seq N+1
+// also sees N. Only the end of each commit holds that lock.
+type Postgres struct {
+	opts Options
+	db   *sql.DB
+
+	mu     sync.RWMutex // guards closed against sends on ops
+	closed bool
+	ops    chan *pgOp
+	done   chan struct{}
+
+	leaseMu sync.Mutex
+	leased  map[ASKey]string // owner of each lease Acquired here, until Released
+
+	// Owned by the writer goroutine. Keys and ids never change once
+	// committed, so caching them is safe across processes.
+	ids     map[string]ASKey
+	known   map[ASKey]bool
+	commits int64
+	sinceGC int
+}
+
+type pgOp struct {
+	fn   func(ctx context.Context, tx *sql.Tx, b *pgBatch) error
+	done chan error
+}
+
+// pgBatch is what the ops of one commit add up to.
+type pgBatch struct {
+	now     int64
+	appends []*pgAppend
+	newIDs  map[string]ASKey
+	known   []ASKey
+}
+
+type pgAppend struct {
+	entries []Entry
+	seqs    []int64
+}
+
+const (
+	// commitTimeout bounds one commit, so a hung connection fails the
+	// callers instead of blocking the writer for good.
+	commitTimeout = 30 * time.Second
+	// pgNowMS is the database's clock: lease expiry is judged by one clock
+	// for all processes.
+	pgNowMS = `(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT`
+	// migrationLock serializes schema migrations of processes starting at
+	// once (pg_advisory_xact_lock key, "asdm").
+	migrationLock = 0x6173646d
+)
+
+// OpenPostgres connects to the database of dsn (a libpq URL or key=value
+// string; its search_path picks the schema) and brings the schema up to date.
+func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Postgres, error) {
+	db, err := openPG(ctx, dsn, false)
+	if err != nil {
+		return nil, err
+	}
+	s := &Postgres{opts: opts, db: db, ops: make(chan *pgOp, 1024), done: make(chan struct{}),
+		leased: map[ASKey]string{}, ids: map[string]ASKey{}, known: map[ASKey]bool{}}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("txnstore: postgres: %w", err)
+	}
+	go s.writer()
+	return s, nil
+}
+
+// openPG opens a pool on dsn. The DSN is never put in errors: it may hold
+// a password.
+func openPG(ctx context.Context, dsn string, readOnly bool) (*sql.DB, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, errors.New("txnstore: postgres: the DSN does not parse")
+	}
+	if readOnly {
+		cfg.RuntimeParams["default_transaction_read_only"] = "on"
+	}
+	db := stdlib.OpenDB(*cfg)
+	db.SetMaxOpenConns(10)
+	db.SetMaxIdleConns(10)
+	if err := db.PingContext(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("txnstore: postgres: connect: %w", err)
+	}
+	return db, nil
+}
+
+func (s *Postgres) migrate(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, migrationLock); err != nil {
+		return err
+	}
+	if err := migrate(ctx, tx, postgresSQL); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT as_key, id FROM appservices`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var k ASKey
+		var id string
+		if err := rows.Scan(&k, &id); err != nil {
+			return err
+		}
+		s.ids[id], s.known[k] = k, true
+	}
+	return rows.Err()
+}
+
+// do hands fn to the writer and waits for its commit.
+func (s *Postgres) do(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx, b *pgBatch) error) error {
+	o := &pgOp{fn: fn, done: make(chan error, 1)}
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		return ErrClosed
+	}
+	select {
+	case s.ops <- o:
+	case <-ctx.Done():
+		s.mu.RUnlock()
+		return ctx.Err()
+	}
+	s.mu.RUnlock()
+	// Once queued, the op is committed or failed whatever ctx says.
+	return <-o.done
+}
+
+func (s *Postgres) writer() {
+	defer close(s.done)
+	for {
+		o, ok := <-s.ops
+		if !ok {
+			return
+		}
+		ops := []*pgOp{o}
+	drain:
+		for len(ops) < maxOpsPerCommit {
+			select {
+			case o, ok := <-s.ops:
+				if !ok {
+					break drain
+				}
+				ops = append(ops, o)
+			default:
+				break drain
+			}
+		}
+		s.commit(ops)
+		s.maybeGC(len(s.ops) == 0)
+	}
+}
+
+func (s *Postgres) commit(ops []*pgOp) {
+	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
+	defer cancel()
+	errs := make([]error, len(ops))
+	b := &pgBatch{now: time.Now().UnixMilli(), newIDs: map[string]ASKey{}}
+	var committed []Committed
+	err := func() error {
+		tx, err := s.db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		for i, o := range ops {
+			if err := o.fn(ctx, tx, b); err != nil {
+				var ce callError
+				if errors.As(err, &ce) {
+					errs[i] = ce.error
+					continue
+				}
+				return err
+			}
+		}
+		if committed, err = s.flushAppends(ctx, tx, b); err != nil {
+			return err
+		}
+		if s.opts.BeforeCommit != nil {
+			if err := s.opts.BeforeCommit(); err != nil {
+				return err
+			}
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
+		for _, o := range ops {
+			o.done <- fmt.Errorf("txnstore: commit: %w", err)
+		}
+		return
+	}
+	for id, k := range b.newIDs {
+		s.ids[id], s.known[k] = k, true
+	}
+	for _, k := range b.known {
+		s.known[k] = true
+	}
+	s.commits++
+	if len(committed) > 0 && s.opts.OnCommit != nil {
+		s.opts.OnCommit(committed)
+	}
+	for i, o := range ops {
+		o.done <- errs[i]
+	}
+}
+
+// flushAppends assigns the seqs of the batch's appends and writes their
+// items and stream rows. It runs last in the commit so that the next_seq
+// lock, which every appending process waits for, is held only for the
+// inserts and the commit itself.
+func (s *Postgres) flushAppends(ctx context.Context, tx *sql.Tx, b *pgBatch) ([]Committed, error) {
+	n := 0
+	for _, a := range b.appends {
+		for _, e := range a.entries {
+			if len(e.Targets) > 0 {
+				n++
+			}
+		}
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	var next int64
+	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'next_seq' FOR UPDATE`).Scan(&next); err != nil {
+		return nil, err
+	}
+	seqs := make([]int64, 0, n)
+	kinds := make([]int64, 0, n)
+	data := make([][]byte, 0, n)
+	committed := make([]Committed, 0, n)
+	streams := map[ASKey][]int64{}
+	var order []ASKey
+	for _, a := range b.appends {
+		for i, e := range a.entries {
+			if len(e.Targets) == 0 {
+				continue
+			}
+			seq := next
+			next++
+			a.seqs[i] = seq
+			seqs, kinds, data = append(seqs, seq), append(kinds, int64(e.Kind)), append(data, e.Data)
+			for _, k := range e.Targets {
+				if streams[k] == nil {
+					order = append(order, k)
+				}
+				streams[k] = append(streams[k], seq)
+			}
+			committed = append(committed, Committed{Item: Item{Seq: seq, Kind: e.Kind, Data: e.Data}, Targets: e.Targets})
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO items (seq, kind, data, created_ms)
+		SELECT u.seq, u.kind, u.data, $4 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BYTEA[]) AS u(seq, kind, data)`,
+		seqs, kinds, data, b.now); err != nil {
+		return nil, err
+	}
+	keys := make([]int64, len(order))
+	lasts := make([]int64, len(order))
+	firsts := make([]int64, len(order))
+	blobs := make([][]byte, len(order))
+	for i, k := range order {
+		q := streams[k]
+		keys[i], lasts[i], firsts[i], blobs[i] = int64(k), q[len(q)-1], q[0], encodeSeqs(q)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO streams (as_key, last_seq, first_seq, seqs)
+		SELECT * FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BYTEA[])`, keys, lasts, firsts, blobs); err != nil {
+		return nil, err
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE meta SET value = $1 WHERE key = 'next_seq'`, next); err != nil {
+		return nil, err
+	}
+	return committed, nil
+}
+
+// maybeGC collects garbage now and then, as SQLite does. Any process may:
+// the statements only remove what every cursor has passed.
+func (s *Postgres) maybeGC(idle bool) {
+	s.sinceGC++
+	if s.sinceGC < 256 && !(idle && s.sinceGC > 1) {
+		return
+	}
+	s.sinceGC = 0
+	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
+	defer cancel()
+	_, _ = s.db.ExecContext(ctx, gcStreams)
+	_, _ = s.db.ExecContext(ctx, gcItems)
+}
+
+// knownAS reports whether key is an AS, from the cache or the database.
+func (s *Postgres) knownAS(ctx context.Context, tx *sql.Tx, b *pgBatch, k ASKey) (bool, error) {
+	if s.known[k] {
+		return true, nil
+	}
+	var one int
+	err := tx.QueryRowContext(ctx, `SELECT 1 FROM appservices WHERE as_key = $1`, k).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	b.known = append(b.known, k)
+	return true, nil
+}
+
+// fence refuses a write for as if this store leased it and the lease is no
+// longer held. The row stays share-locked until commit, so a process taking
+// the lease over waits for this commit and then sees it.
+func (s *Postgres) fence(ctx context.Context, tx *sql.Tx, as ASKey) error {
+	s.leaseMu.Lock()
+	owner, ok := s.leased[as]
+	s.leaseMu.Unlock()
+	if !ok {
+		return nil
+	}
+	var one int
+	err := tx.QueryRowContext(ctx, `SELECT 1 FROM leases WHERE as_key = $1 AND owner = $2 AND expires_ms > `+pgNowMS+` FOR SHARE`,
+		as, owner).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return callError{fmt.Errorf("%w: key %d", ErrLeaseLost, as)}
+	}
+	return err
+}
+
+// EnsureAS implements Store.
+func (s *Postgres) EnsureAS(ctx context.Context, id string) (ASKey, error) {
+	var key ASKey
+	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		if k, ok := s.ids[id]; ok {
+			key = k
+			return nil
+		}
+		if k, ok := b.newIDs[id]; ok {
+			key = k
+			return nil
+		}
+		// A new AS starts at the end of the log; another process may be
+		// creating it at the same moment.
+		err := tx.QueryRowContext(ctx, `INSERT INTO appservices (id, next_txn, delivered)
+			SELECT $1, 1, value - 1 FROM meta WHERE key = 'next_seq' ON CONFLICT (id) DO NOTHING RETURNING as_key`, id).Scan(&key)
+		if errors.Is(err, sql.ErrNoRows) {
+			err = tx.QueryRowContext(ctx, `SELECT as_key FROM appservices WHERE id = $1`, id).Scan(&key)
+		}
+		if err != nil {
+			return err
+		}
+		b.newIDs[id] = key
+		return nil
+	})
+	return key, err
+}
+
+// Append implements Store.
+func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error) {
+	a := &pgAppend{entries: entries, seqs: make([]int64, len(entries))}
+	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		for _, e := range entries {
+			for _, k := range e.Targets {
+				ok, err := s.knownAS(ctx, tx, b, k)
+				if err != nil {
+					return err
+				}
+				if !ok {
+					return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, k)}
+				}
+			}
+		}
+		b.appends = append(b.appends, a)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return a.seqs, nil
+}
+
+// Read implements Store.
+func (s *Postgres) Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error) {
+	return readStream(ctx, s.db, postgresSQL, as, after, max)
+}
+
+// Delivered implements Store.
+func (s *Postgres) Delivered(ctx context.Context, as ASKey) (int64, error) {
+	return readDelivered(ctx, s.db, postgresSQL, as)
+}
+
+// Freeze implements Store.
+func (s *Postgres) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
+	ids := make([]int64, len(txns))
+	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		if err := s.fence(ctx, tx, as); err != nil {
+			return err
+		}
+		// The row lock serializes freezes of one AS across processes: the
+		// counter hands out each id once.
+		var delivered, nextTxn int64
+		err := tx.QueryRowContext(ctx, `SELECT delivered, next_txn FROM appservices WHERE as_key = $1 FOR UPDATE`, as).Scan(&delivered, &nextTxn)
+		if errors.Is(err, sql.ErrNoRows) {
+			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+		}
+		if err != nil {
+			return err
+		}
+		if len(txns) == 0 {
+			return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
+		}
+		var lastFrozen int64
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM txns WHERE as_key = $1`, as).Scan(&lastFrozen); err != nil {
+			return err
+		}
+		start, end := max(delivered, lastFrozen), int64(-1)
+		if replace != 0 {
+			err := tx.QueryRowContext(ctx, `SELECT after_seq, last_seq FROM txns WHERE as_key = $1 AND txn_id = $2`, as, replace).Scan(&start, &end)
+			if errors.Is(err, sql.ErrNoRows) {
+				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
+			}
+			if err != nil {
+				return err
+			}
+		}
+		prev := start
+		for _, t := range txns {
+			if t.Range.After != prev || t.Range.Last <= t.Range.After {
+				return callError{fmt.Errorf("%w: (%d, %d] after %d", ErrBadRange, t.Range.After, t.Range.Last, prev)}
+			}
+			prev = t.Range.Last
+		}
+		if replace != 0 {
+			if prev != end {
+				return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
+			}
+			if _, err := tx.ExecContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = $2`, as, replace); err != nil {
+				return err
+			}
+		}
+		for i, t := range txns {
+			id := nextTxn
+			nextTxn++
+			if _, err := tx.ExecContext(ctx, `INSERT INTO txns (as_key, txn_id, after_seq, last_seq, format, len, checksum) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+				as, id, t.Range.After, t.Range.Last, int64(t.Format), t.Len, int64(t.Checksum)); err != nil {
+				return err
+			}
+			ids[i] = id
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE appservices SET next_txn = $1 WHERE as_key = $2`, nextTxn, as)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return ids, nil
+}
+
+// SaveBody implements Store.
+func (s *Postgres) SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error {
+	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		if err := s.fence(ctx, tx, as); err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `UPDATE txns SET body = $1 WHERE as_key = $2 AND txn_id = $3 AND body IS NULL`, body, as, id)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			var one int
+			if tx.QueryRowContext(ctx, `SELECT 1 FROM txns WHERE as_key = $1 AND txn_id = $2`, as, id).Scan(&one) != nil {
+				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+			}
+		}
+		return nil
+	})
+}
+
+// Frozen implements Store.
+func (s *Postgres) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
+	return readFrozen(ctx, s.db, postgresSQL, as)
+}
+
+// Complete implements Store.
+func (s *Postgres) Complete(ctx context.Context, as ASKey, id int64) error {
+	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		if err := s.fence(ctx, tx, as); err != nil {
+			return err
+		}
+		ok, err := s.knownAS(ctx, tx, b, as)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+		}
+		var last int64
+		err = tx.QueryRowContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = $2 RETURNING last_seq`, as, id).Scan(&last)
+		if errors.Is(err, sql.ErrNoRows) {
+			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+		}
+		if err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, `UPDATE appservices SET delivered = GREATEST(delivered, $1), last_success_ms = $2 WHERE as_key = $3`, last, b.now, as)
+		return err
+	})
+}
+
+// SetState implements Store.
+func (s *Postgres) SetState(ctx context.Context, as ASKey, st State) error {
+	up := 0
+	if st.Up {
+		up = 1
+	}
+	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+		_, err := tx.ExecContext(ctx, `UPDATE appservices SET up = $1, failures = $2, last_success_ms = GREATEST(last_success_ms, $3),
+			last_error = $4, last_error_ms = $5, next_retry_ms = $6 WHERE as_key = $7`,
+			up, st.Failures, ms(st.LastSuccess), st.LastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
+		return err
+	})
+}
+
+// Statuses implements Store.
+func (s *Postgres) Statuses(ctx context.Context) ([]Status, error) {
+	return statuses(ctx, s.db, postgresSQL)
+}
+
+// Shared implements Leaser: other processes write to the same database.
+func (s *Postgres) Shared() bool { return true }
+
+// Acquire implements Leaser.
+func (s *Postgres) Acquire(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error) {
+	var got string
+	err := s.db.QueryRowContext(ctx, `INSERT INTO leases (as_key, owner, expires_ms) VALUES ($1, $2, `+pgNowMS+` + $3)
+		ON CONFLICT (as_key) DO UPDATE SET owner = EXCLUDED.owner, expires_ms = EXCLUDED.expires_ms
+		WHERE leases.owner = EXCLUDED.owner OR leases.expires_ms <= `+pgNowMS+`
+		RETURNING owner`, as, owner, ttl.Milliseconds()).Scan(&got)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("txnstore: acquire lease: %w", err)
+	}
+	s.leaseMu.Lock()
+	s.leased[as] = owner
+	s.leaseMu.Unlock()
+	return true, nil
+}
+
+// Renew implements Leaser. An expired lease is lost even if nobody took it:
+// the writes it fenced may have been refused meanwhile, so the sender starts
+// over from Acquire.
+func (s *Postgres) Renew(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error) {
+	res, err := s.db.ExecContext(ctx, `UPDATE leases SET expires_ms = `+pgNowMS+` + $3
+		WHERE as_key = $1 AND owner = $2 AND expires_ms > `+pgNowMS, as, owner, ttl.Milliseconds())
+	if err != nil {
+		return false, fmt.Errorf("txnstore: renew lease: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("txnstore: renew lease: %w", err)
+	}
+	return n == 1, nil
+}
+
+// Release implements Leaser.
+func (s *Postgres) Release(ctx context.Context, as ASKey, owner string) error {
+	s.leaseMu.Lock()
+	delete(s.leased, as)
+	s.leaseMu.Unlock()
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM leases WHERE as_key = $1 AND owner = $2`, as, owner); err != nil {
+		return fmt.Errorf("txnstore: release lease: %w", err)
+	}
+	return nil
+}
+
+// Stats returns counters of this process's work on the store.
+func (s *Postgres) Stats() Stats {
+	var n int64
+	_ = s.do(context.Background(), func(context.Context, *sql.Tx, *pgBatch) error { n = s.commits; return nil })
+	return Stats{Commits: n}
+}
+
+// Close implements Store.
+func (s *Postgres) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.ops)
+	s.mu.Unlock()
+	<-s.done
+	return s.db.Close()
+}
+
+// OpenPostgresStatus reads every AS's status from the database of dsn in
+// read-only transactions, for `asdispatch status`.
+func OpenPostgresStatus(ctx context.Context, dsn string) ([]Status, error) {
+	db, err := openPG(ctx, dsn, true)
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	return statuses(ctx, db, postgresSQL)
+}
+
+var (
+	_ Store  = (*Postgres)(nil)
+	_ Leaser = (*Postgres)(nil)
+)
