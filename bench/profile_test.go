@@ -1,0 +1,35 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"testing"
+)
+
+// BenchmarkDecisions profiles the dispatch decisions figure, e.g.
+// go test -run X -bench Decisions/ases=10000 -cpuprofile cpu.out ./bench/
+func BenchmarkDecisions(b *testing.B) {
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
+			cfg := Config{ASes: n, Interest: 10 / float64(n)}
+			cfg.defaults()
+			srv, err := startServers(n, true)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.close()
+			set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				f, err := decisionsFigure(context.Background(), &cfg, set, pats[:0])
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(f.Value, "decisions/s")
+			}
+		})
+	}
+}
