@@ -40,7 +40,7 @@ func TestRunSmall(t *testing.T) {
 		{FigSubmit, true, true},
 		{FigEndToEnd, true, true},
 		{FigHalfP99, false, false},
-		{FigCatchup, true, false},
+		{FigCatchup, true, true},
 		{FigStored, false, false},
 		{FigBacklogged, false, false},
 		{FigRSS, false, false},

@@ -33,3 +33,26 @@ func BenchmarkDecisions(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkCatchup profiles catch-up of one AS, e.g.
+// go test -run X -bench Catchup -cpuprofile cpu.out ./bench/
+func BenchmarkCatchup(b *testing.B) {
+	cfg := Config{CatchupEvents: 200000}
+	cfg.defaults()
+	srv, err := startServers(cfg.ASes, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.close()
+	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		r, err := catchup(context.Background(), &cfg, set, srv)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
+	}
+}

@@ -184,11 +184,18 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		if err != nil {
 			return nil, err
 		}
+		lim, err := catchupLimit(ctx, &cfg, srv.as[0], n)
+		if err != nil {
+			return nil, err
+		}
 		f := Figure{Name: FigCatchup, Unit: "s", Value: c.drain.Seconds(), LowerIsBetter: true,
 			Note: fmt.Sprintf("%d events; %.0f events/s", cfg.CatchupEvents, float64(cfg.CatchupEvents)/c.drain.Seconds())}
-		f.Baseline = b.Seconds() * float64(cfg.CatchupEvents) / float64(n)
+		scale := float64(cfg.CatchupEvents) / float64(n)
+		f.Baseline, f.Limit = b.Seconds()*scale, lim.Seconds()*scale
 		if n < cfg.CatchupEvents {
-			f.Note += fmt.Sprintf("; baseline extrapolated linearly from %d events (%.2f s)", n, b.Seconds())
+			f.Note += fmt.Sprintf("; baseline and limit (sequential raw PUTs) extrapolated linearly from %d events (%.2f s, %.2f s)", n, b.Seconds(), lim.Seconds())
+		} else {
+			f.Note += "; limit: the same transactions as raw PUTs, one at a time"
 		}
 		rep.Figures = append(rep.Figures, f,
 			Figure{Name: FigBacklogged, Unit: "bytes/event", Value: c.bytesPerEvent, LowerIsBetter: true,
