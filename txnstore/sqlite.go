@@ -618,28 +618,55 @@ func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 
 // Complete implements Store.
 func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
+	return s.do(ctx, func(tx *sql.Tx, b *batch) error { return s.complete(tx, b, as, id) })
+}
+
+// CompleteMany is Complete for several transactions of as, in one write:
+// what a catching-up sender has acknowledged while its last completion
+// committed. A transaction it does not know is an error, the others are
+// still recorded.
+func (s *SQLite) CompleteMany(ctx context.Context, as ASKey, ids []int64) error {
 	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
-		r := b.touch(s, as)
-		if r == nil {
-			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+		var errs []error
+		for _, id := range ids {
+			err := s.complete(tx, b, as, id)
+			var ce callError
+			if errors.As(err, &ce) {
+				errs = append(errs, ce.error)
+				continue
+			}
+			if err != nil {
+				return err
+			}
 		}
-		var last int64
-		err := tx.QueryRow(`SELECT last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&last)
-		if errors.Is(err, sql.ErrNoRows) {
-			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+		if len(errs) > 0 {
+			return callError{errors.Join(errs...)}
 		}
-		if err != nil {
-			return err
-		}
-		if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, id); err != nil {
-			return err
-		}
-		if last > r.delivered {
-			r.delivered = last
-		}
-		_, err = tx.Exec(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`, r.delivered, b.now, as)
-		return err
+		return nil
 	})
+}
+
+func (s *SQLite) complete(tx *sql.Tx, b *batch, as ASKey, id int64) error {
+	r := b.touch(s, as)
+	if r == nil {
+		return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+	}
+	var last int64
+	err := tx.QueryRow(`SELECT last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&last)
+	if errors.Is(err, sql.ErrNoRows) {
+		return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, id); err != nil {
+		return err
+	}
+	if last > r.delivered {
+		r.delivered = last
+	}
+	_, err = tx.Exec(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`, r.delivered, b.now, as)
+	return err
 }
 
 // SetState implements Store.
