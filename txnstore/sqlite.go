@@ -286,14 +286,41 @@ func (s *SQLite) flushStreams(tx *sql.Tx, b *batch, seq0 int64) error {
 	if s.nextSeq == seq0 {
 		return nil
 	}
-	for k, seqs := range b.streams {
-		if _, err := tx.Exec(`INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES (?, ?, ?, ?)`,
-			k, seqs[len(seqs)-1], seqs[0], encodeSeqs(seqs)); err != nil {
-			return err
+	// Many rows a statement: a commit touching 1,000 ASes writes 1,000
+	// stream rows, and one statement each was most of its cost.
+	args := make([]any, 0, 4*rowsPerInsert)
+	n := 0
+	flush := func() error {
+		if n == 0 {
+			return nil
 		}
+		q := insertStreams
+		if n < rowsPerInsert {
+			q = streamsInsert(n)
+		}
+		_, err := tx.Exec(q, args...)
+		args, n = args[:0], 0
+		return err
+	}
+	for k, seqs := range b.streams {
+		args = append(args, k, seqs[len(seqs)-1], seqs[0], encodeSeqs(seqs))
+		if n++; n == rowsPerInsert {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	if err := flush(); err != nil {
+		return err
 	}
 	_, err := tx.Exec(`UPDATE meta SET value = ? WHERE key = 'next_seq'`, s.nextSeq)
 	return err
+}
+
+var insertStreams = streamsInsert(rowsPerInsert)
+
+func streamsInsert(n int) string {
+	return "INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 }
 
 // maybeGC deletes stream rows and items nothing needs any more, now and
