@@ -56,3 +56,32 @@ func BenchmarkCatchup(b *testing.B) {
 		b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
 	}
 }
+
+// BenchmarkEndToEnd profiles the end-to-end figure at 10 ASes, each
+// interested in every event, and at 1,000 ASes, 10 of them per event, e.g.
+// go test -run X -bench EndToEnd/ases=10$ -cpuprofile cpu.out ./bench/
+func BenchmarkEndToEnd(b *testing.B) {
+	for _, n := range []int{10, 1000} {
+		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
+			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000}
+			cfg.defaults()
+			srv, err := startServers(cfg.ASes, n > cfg.SharedServerAbove)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.close()
+			set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+			if err != nil {
+				b.Fatal(err)
+			}
+			for range b.N {
+				r, err := endToEnd(context.Background(), &cfg, set, srv, 0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(r.submitRate, "submit/s")
+				b.ReportMetric(r.e2eRate, "events/s")
+			}
+		})
+	}
+}
