@@ -85,3 +85,27 @@ func BenchmarkEndToEnd(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkHalfLoad measures latency at a paced 15,000 events/s, 10 ASes.
+func BenchmarkHalfLoad(b *testing.B) {
+	cfg := Config{Events: 45000}
+	cfg.defaults()
+	srv, err := startServers(cfg.ASes, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.close()
+	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(r.p50, "p50-ms")
+		b.ReportMetric(r.p99, "p99-ms")
+		b.ReportMetric(r.max, "max-ms")
+	}
+}
