@@ -3,14 +3,17 @@ package bench
 import (
 	"bufio"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
 )
 
 // resetPeakRSS starts the process's peak RSS afresh (Linux: writing 5 to
-// clear_refs), so that a sweep reports each run's own peak.
+// clear_refs) after handing free heap back, so that a phase's peak is its
+// own and not the baseline's before it.
 func resetPeakRSS() {
+	debug.FreeOSMemory()
 	_ = os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
 }
 
