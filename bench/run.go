@@ -401,7 +401,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 // submitShare submits writer w's rooms' events in batches, adding to want
 // the deliveries each AS must receive. The homeserver's state is never
 // ahead of what the dispatcher has been given for a room it may (re)load:
-// the batch is submitted first.
+// the batch holding the room's earlier events is submitted first.
 func submitShare(ctx context.Context, cfg *Config, d *dispatcher.Dispatcher, st *state, w, writers, batch int, start time.Time, rate float64, want []int64) error {
 	g := newGenerator(cfg)
 	warm := make([]bool, cfg.Rooms)
@@ -434,7 +434,9 @@ func submitShare(ctx context.Context, cfg *Config, d *dispatcher.Dispatcher, st 
 			}
 		}
 		s := g.next(e)
-		if s.kind != kindMessage && (!warm[r] || s.kind == kindAlias) {
+		// A (re)load of the room while this batch is submitted would see
+		// the change before the batch's earlier events of the room.
+		if s.kind != kindMessage && (!warm[r] || s.kind == kindAlias) && slices.Contains(rooms, r) {
 			if err := flush(); err != nil {
 				return err
 			}
