@@ -37,6 +37,7 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 		return nil, err
 	}
 	defer d.Close(context.Background())
+	empty := dirSize(dir)
 	n := cfg.CatchupEvents
 	const writers, batch = 4, 200
 	room := "!catchup:" + server
@@ -68,7 +69,7 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 		return nil, fmt.Errorf("bench: catch-up submit: %w", err)
 	default:
 	}
-	res := &catchupResult{bytesPerEvent: float64(dirSize(dir)) / float64(n)}
+	res := &catchupResult{bytesPerEvent: float64(dirSize(dir)-empty) / float64(n)}
 	if got := a.events.Load(); got != 0 {
 		return nil, fmt.Errorf("bench: catch-up: a down AS accepted %d events", got)
 	}
