@@ -197,6 +197,9 @@ func TestSweepPointScales(t *testing.T) {
 		{1000, 0.01, 20000},
 		{10000, 0.001, 2000},
 	}
+	if c := sw.Point(Config{CatchupEvents: -1}, 10000); c.CatchupEvents > 0 {
+		t.Errorf("a skipped catch-up comes back in the sweep: %d events", c.CatchupEvents)
+	}
 	for _, tt := range tests {
 		c := sw.Point(Config{}, tt.ases)
 		if c.ASes != tt.ases || c.Interest != tt.interest || c.Events != tt.events || c.perRoom() > sweepDeliveries {

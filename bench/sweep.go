@@ -54,7 +54,9 @@ func (sw Sweep) Point(base Config, n int) Config {
 	c.Interest = min(c.Interest, float64(sweepDeliveries)/float64(n))
 	if n > 1000 {
 		c.Events = max(1000, c.Events*1000/n)
-		c.CatchupEvents = max(1000, c.CatchupEvents*1000/n)
+		if c.CatchupEvents > 0 {
+			c.CatchupEvents = max(1000, c.CatchupEvents*1000/n)
+		}
 	}
 	return c
 }

@@ -45,13 +45,13 @@ type Config struct {
 	Churn      float64
 	AliasChurn float64
 	// CatchupEvents is the backlog one AS builds up while down (default
-	// 100,000; 0 skips catch-up when negative).
+	// 100,000; negative skips catch-up).
 	CatchupEvents int
 	// BaselineCatchupEvents caps the backlog the baseline drains; a larger
 	// CatchupEvents is extrapolated linearly from it (default 100,000).
 	BaselineCatchupEvents int
-	// HalfLoad runs end to end again at half the measured throughput for
-	// its latency (default on; negative Rounds-like flag: set SkipHalfLoad).
+	// SkipHalfLoad skips the second end-to-end run, paced at half the
+	// measured throughput, that gives the latency at half load.
 	SkipHalfLoad bool
 	// SharedServerAbove serves the ASes from one HTTP server, routing by
 	// path, when there are more of them than this (default 100): each AS
