@@ -66,12 +66,12 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 	wg.Wait()
 	select {
 	case err := <-errc:
-		return nil, fmt.Errorf("bench: catch-up submit: %w", err)
+		return nil, fmt.Errorf("submit: %w", err)
 	default:
 	}
 	res := &catchupResult{bytesPerEvent: float64(dirSize(dir)-empty) / float64(n)}
 	if got := a.events.Load(); got != 0 {
-		return nil, fmt.Errorf("bench: catch-up: a down AS accepted %d events", got)
+		return nil, fmt.Errorf("a down AS accepted %d events", got)
 	}
 	a.down.Store(false)
 	d.Wake(set.All()[0].ID)
@@ -79,13 +79,13 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 	deadline := start.Add(30 * time.Minute)
 	for a.events.Load() < int64(n) {
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("bench: catch-up: %d of %d events after %s", a.events.Load(), n, time.Since(start))
+			return nil, fmt.Errorf("%d of %d events after %s", a.events.Load(), n, time.Since(start))
 		}
 		time.Sleep(time.Millisecond)
 	}
 	res.drain = time.Since(start)
 	if got := a.events.Load(); got != int64(n) {
-		return nil, fmt.Errorf("bench: catch-up: AS got %d events, want %d", got, n)
+		return nil, fmt.Errorf("AS got %d events, want %d", got, n)
 	}
 	return res, nil
 }

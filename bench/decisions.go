@@ -71,7 +71,7 @@ func decisionsFigure(ctx context.Context, cfg *Config, set *registry.Set, pats [
 		return err
 	})
 	if err != nil {
-		return Figure{}, fmt.Errorf("bench: decisions: %w", err)
+		return Figure{}, fmt.Errorf("decisions: %w", err)
 	}
 	bst := newState(&dcfg)
 	plain, err := newPlainDecider(&dcfg, pats, bst)
@@ -84,7 +84,7 @@ func decisionsFigure(ctx context.Context, cfg *Config, set *registry.Set, pats [
 		return err
 	})
 	if err != nil {
-		return Figure{}, fmt.Errorf("bench: baseline decisions: %w", err)
+		return Figure{}, fmt.Errorf("baseline decisions: %w", err)
 	}
 	return Figure{Name: FigDecisions, Unit: "decisions/s", Value: rate, Baseline: base,
 		Note: fmt.Sprintf("%.0f%% membership and %.0f%% alias changes", 100*cfg.Churn, 100*cfg.AliasChurn)}, nil

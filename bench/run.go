@@ -123,7 +123,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	next("dispatch decisions")
 	dec, err := decisionsFigure(ctx, &cfg, set, pats)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("bench: %w", err)
 	}
 	rep.Figures = append(rep.Figures, dec)
 
@@ -134,7 +134,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		resetPeakRSS()
 		r, err := endToEnd(ctx, &cfg, set, srv, 0)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: end to end: %w", err)
 		}
 		rss = max(rss, peakRSS())
 		submit, e2e = append(submit, r.submitRate), append(e2e, r.e2eRate)
@@ -143,13 +143,13 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		next(fmt.Sprintf("limit, round %d", round+1))
 		ins, put, err := limit(ctx, &cfg, srv)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: limit: %w", err)
 		}
 		limInsert, limPut = append(limInsert, ins), append(limPut, put)
 		next(fmt.Sprintf("baseline, round %d", round+1))
 		b, err := baseline(ctx, &cfg, pats, srv)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: baseline: %w", err)
 		}
 		base = append(base, b)
 	}
@@ -167,7 +167,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		resetPeakRSS()
 		r, err := endToEnd(ctx, &cfg, set, srv, rate)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: half load: %w", err)
 		}
 		rss = max(rss, peakRSS())
 		rep.Figures = append(rep.Figures,
@@ -181,18 +181,18 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		resetPeakRSS()
 		c, err := catchup(ctx, &cfg, set, srv)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: catch-up: %w", err)
 		}
 		rss = max(rss, peakRSS())
 		next("catch-up, baseline")
 		n := min(cfg.CatchupEvents, cfg.BaselineCatchupEvents)
 		b, err := baselineCatchup(ctx, &cfg, srv.as[0], n)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: baseline catch-up: %w", err)
 		}
 		lim, err := catchupLimit(ctx, &cfg, srv.as[0], n)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: catch-up limit: %w", err)
 		}
 		f := Figure{Name: FigCatchup, Unit: "s", Value: c.drain.Seconds(), LowerIsBetter: true,
 			Note: fmt.Sprintf("%d events; %.0f events/s", cfg.CatchupEvents, float64(cfg.CatchupEvents)/c.drain.Seconds())}
@@ -299,7 +299,7 @@ func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, dir str
 	}
 	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), OpenStore: open, RoomState: state, Queue: q})
 	if err != nil {
-		return nil, fmt.Errorf("bench: dispatcher: %w", err)
+		return nil, fmt.Errorf("dispatcher: %w", err)
 	}
 	return d, nil
 }
@@ -325,7 +325,7 @@ type e2eResult struct {
 func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers, rate float64) (*e2eResult, error) {
 	dir, err := os.MkdirTemp("", "asdispatch-bench-")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("temp dir: %w", err)
 	}
 	defer os.RemoveAll(dir)
 	srv.reset()
@@ -355,7 +355,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 	submitted := time.Since(start)
 	select {
 	case err := <-errc:
-		return nil, fmt.Errorf("bench: submit: %w", err)
+		return nil, fmt.Errorf("submit: %w", err)
 	default:
 	}
 	stored := dirSize(dir) - empty
@@ -374,13 +374,13 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 			continue
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("bench: only %d of %d deliveries arrived", srv.total(), total)
+			return nil, fmt.Errorf("only %d of %d deliveries arrived", srv.total(), total)
 		}
 		time.Sleep(time.Millisecond)
 	}
 	elapsed := time.Since(start)
 	if got := srv.total(); got != total {
-		return nil, fmt.Errorf("bench: %d deliveries arrived, the homeserver's state says %d", got, total)
+		return nil, fmt.Errorf("%d deliveries arrived, the homeserver's state says %d", got, total)
 	}
 	lat := srv.latencies()
 	ms := func(q float64) float64 {

@@ -78,7 +78,7 @@ func RunSweep(ctx context.Context, base Config, sw Sweep, progress Progress) (*S
 			progress(fmt.Sprintf("%d ASes: %s", n, stage), i*total+done, len(sw.ASes)*total)
 		})
 		if err != nil {
-			return nil, fmt.Errorf("bench: sweep at %d ASes: %w", n, err)
+			return nil, fmt.Errorf("%w (sweep at %d ASes)", err, n)
 		}
 		res.Reports = append(res.Reports, rep)
 	}
