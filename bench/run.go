@@ -1,27 +1,21 @@
 package bench
 
 import (
-	"bytes"
 	"context"
-	"database/sql"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	_ "github.com/mattn/go-sqlite3" // the limit's raw inserts
-
+	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/dispatcher"
 	"github.com/asdispatch/asdispatch/namespace"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
+	"github.com/asdispatch/asdispatch/txnstore"
 )
 
 // Figure is one measured quantity, beside its references where it has them
@@ -32,6 +26,32 @@ type Figure struct {
 	Value    float64 `json:"value"`
 	Baseline float64 `json:"baseline,omitempty"`
 	Limit    float64 `json:"limit,omitempty"`
+	// LowerIsBetter turns the ratios around (seconds, bytes).
+	LowerIsBetter bool `json:"lower_is_better,omitempty"`
+	// Note says how the figure was obtained when that is not obvious.
+	Note string `json:"note,omitempty"`
+}
+
+// VsBaseline is how many times better than the baseline the figure is.
+func (f Figure) VsBaseline() float64 {
+	if f.Value == 0 || f.Baseline == 0 {
+		return 0
+	}
+	if f.LowerIsBetter {
+		return f.Baseline / f.Value
+	}
+	return f.Value / f.Baseline
+}
+
+// OfLimit is the figure as a share of the limit (0..1).
+func (f Figure) OfLimit() float64 {
+	if f.Value == 0 || f.Limit == 0 {
+		return 0
+	}
+	if f.LowerIsBetter {
+		return f.Limit / f.Value
+	}
+	return f.Value / f.Limit
 }
 
 // Report is a whole run.
@@ -40,85 +60,37 @@ type Report struct {
 	Figures []Figure `json:"figures"`
 }
 
+// Figure returns the figure called name, if the report has it.
+func (r *Report) Figure(name string) (Figure, bool) {
+	for _, f := range r.Figures {
+		if f.Name == name {
+			return f, true
+		}
+	}
+	return Figure{}, false
+}
+
+// Figure names.
+const (
+	FigMatcher    = "matcher lookups"
+	FigDecisions  = "dispatch decisions"
+	FigSubmit     = "durable Submit"
+	FigEndToEnd   = "end to end (acknowledged by every interested AS)"
+	FigP50        = "latency Submit to AS at full load, p50"
+	FigP99        = "latency Submit to AS at full load, p99"
+	FigMax        = "latency Submit to AS at full load, max"
+	FigHalfRate   = "half load, paced submits"
+	FigHalfP50    = "latency at half load, p50"
+	FigHalfP99    = "latency at half load, p99"
+	FigHalfMax    = "latency at half load, max"
+	FigCatchup    = "catch-up: backlog of one AS drained after it comes back"
+	FigStored     = "stored per event after Submit (db + wal)"
+	FigBacklogged = "stored per backlogged event (db + wal)"
+	FigRSS        = "peak RSS"
+)
+
 // Progress is told what the run is doing; done of total steps.
 type Progress func(stage string, done, total int)
-
-// asServer is one AS on 127.0.0.1 that checks the hs_token and counts the
-// events it accepts, sampling their latency.
-type asServer struct {
-	token    string
-	events   atomic.Int64
-	mu       sync.Mutex
-	latency  []time.Duration
-	srv      *http.Server
-	url      string
-	maxDelay time.Duration
-}
-
-var tMarker = []byte(`"t":`)
-
-func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Authorization") != "Bearer "+a.token {
-		w.WriteHeader(http.StatusForbidden)
-		return
-	}
-	body, _ := io.ReadAll(r.Body)
-	now := time.Now().UnixNano()
-	var n int64
-	var sample []time.Duration
-	for rest := body; ; {
-		i := bytes.Index(rest, tMarker)
-		if i < 0 {
-			break
-		}
-		rest = rest[i+len(tMarker):]
-		j := bytes.IndexByte(rest, ',')
-		if j < 0 {
-			break
-		}
-		if n%8 == 0 {
-			if t, err := strconv.ParseInt(string(rest[:j]), 10, 64); err == nil {
-				sample = append(sample, time.Duration(now-t))
-			}
-		}
-		n++
-	}
-	a.events.Add(n)
-	a.mu.Lock()
-	a.latency = append(a.latency, sample...)
-	a.mu.Unlock()
-	w.Write([]byte("{}"))
-}
-
-func startAS(i int) (*asServer, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	a := &asServer{token: fmt.Sprintf("bench-hs-%d", i), url: "http://" + ln.Addr().String()}
-	a.srv = &http.Server{Handler: a}
-	go a.srv.Serve(ln)
-	return a, nil
-}
-
-// roomState serves the generated rooms to the dispatcher.
-type roomState struct{ c *Config }
-
-func (s roomState) JoinedLocalMembers(_ context.Context, roomID string) ([]string, error) {
-	var r int
-	fmt.Sscanf(roomID, "!room%d:", &r)
-	var out []string
-	for _, i := range s.c.roomASes(r) {
-		out = append(out, fmt.Sprintf("@_as%d_ghost%d:bench.example.org", i, r))
-	}
-	for m := len(out); m < s.c.MembersPerRoom; m++ {
-		out = append(out, fmt.Sprintf("@user%d_%d:bench.example.org", r, m))
-	}
-	return out, nil
-}
-
-func (roomState) LocalAliases(context.Context, string) ([]string, error) { return nil, nil }
-func (roomState) IsLocalUser(u string) bool                              { return true }
 
 // Run measures cfg and reports every figure.
 func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
@@ -126,58 +98,121 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	if progress == nil {
 		progress = func(string, int, int) {}
 	}
-	servers := make([]*asServer, cfg.ASes)
-	for i := range servers {
-		a, err := startAS(i)
-		if err != nil {
-			return nil, fmt.Errorf("bench: start AS: %w", err)
-		}
-		servers[i] = a
-		defer a.srv.Close()
+	srv, err := startServers(cfg.ASes, cfg.ASes > cfg.SharedServerAbove)
+	if err != nil {
+		return nil, err
 	}
-	set, pats, err := buildSet(cfg.ASes, func(i int) string { return servers[i].url }, func(i int) string { return servers[i].token })
+	defer srv.close()
+	set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
 	if err != nil {
 		return nil, fmt.Errorf("bench: registrations: %w", err)
 	}
 	rep := &Report{Config: cfg}
-	steps := 2 + 3*cfg.Rounds
+	steps := 4 + 3*cfg.Rounds
+	if !cfg.SkipHalfLoad {
+		steps++
+	}
+	if cfg.CatchupEvents > 0 {
+		steps += 2
+	}
 	step := 0
 	next := func(stage string) { step++; progress(stage, step, steps) }
 
 	next("matcher")
-	rep.Figures = append(rep.Figures, matcherFigure(set, pats, cfg))
+	rep.Figures = append(rep.Figures, matcherFigure(set, pats, &cfg))
+	next("dispatch decisions")
+	dec, err := decisionsFigure(ctx, &cfg, set, pats)
+	if err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
+	}
+	rep.Figures = append(rep.Figures, dec)
 
-	var submit, e2e, p50, p99, pmax, limInsert, limPut, base []float64
+	var rss float64 // the highest peak of the asdispatch phases
+	var submit, e2e, p50, p99, pmax, stored, limInsert, limPut, base []float64
 	for round := 0; round < cfg.Rounds; round++ {
 		next(fmt.Sprintf("end to end, round %d", round+1))
-		r, err := endToEnd(ctx, cfg, set, servers)
+		resetPeakRSS()
+		r, err := endToEnd(ctx, &cfg, set, srv, 0)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: end to end: %w", err)
 		}
+		rss = max(rss, peakRSS())
 		submit, e2e = append(submit, r.submitRate), append(e2e, r.e2eRate)
 		p50, p99, pmax = append(p50, r.p50), append(p99, r.p99), append(pmax, r.max)
+		stored = append(stored, r.bytesPerEvent)
 		next(fmt.Sprintf("limit, round %d", round+1))
-		ins, put, err := limit(ctx, cfg, servers)
+		ins, put, err := limit(ctx, &cfg, srv)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: limit: %w", err)
 		}
 		limInsert, limPut = append(limInsert, ins), append(limPut, put)
 		next(fmt.Sprintf("baseline, round %d", round+1))
-		b, err := baseline(ctx, cfg, pats, servers)
+		b, err := baseline(ctx, &cfg, pats, srv)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("bench: baseline: %w", err)
 		}
 		base = append(base, b)
 	}
-	next("done")
 	limitE2E := min(median(limInsert), median(limPut))
 	rep.Figures = append(rep.Figures,
-		Figure{Name: "durable Submit", Unit: "events/s", Value: median(submit), Baseline: median(base), Limit: median(limInsert)},
-		Figure{Name: "end to end (acknowledged by every interested AS)", Unit: "events/s", Value: median(e2e), Baseline: median(base), Limit: limitE2E},
-		Figure{Name: "latency Submit to AS, p50", Unit: "ms", Value: median(p50)},
-		Figure{Name: "latency Submit to AS, p99", Unit: "ms", Value: median(p99)},
-		Figure{Name: "latency Submit to AS, max", Unit: "ms", Value: median(pmax)},
+		Figure{Name: FigSubmit, Unit: "events/s", Value: median(submit), Baseline: median(base), Limit: median(limInsert)},
+		Figure{Name: FigEndToEnd, Unit: "events/s", Value: median(e2e), Baseline: median(base), Limit: limitE2E},
+		Figure{Name: FigP50, Unit: "ms", Value: median(p50)},
+		Figure{Name: FigP99, Unit: "ms", Value: median(p99)},
+		Figure{Name: FigMax, Unit: "ms", Value: median(pmax)},
 	)
+	if !cfg.SkipHalfLoad {
+		next("end to end at half load")
+		rate := median(e2e) / 2
+		resetPeakRSS()
+		r, err := endToEnd(ctx, &cfg, set, srv, rate)
+		if err != nil {
+			return nil, fmt.Errorf("bench: half load: %w", err)
+		}
+		rss = max(rss, peakRSS())
+		rep.Figures = append(rep.Figures,
+			Figure{Name: FigHalfRate, Unit: "events/s", Value: r.e2eRate, Note: fmt.Sprintf("paced at %.0f events/s", rate)},
+			Figure{Name: FigHalfP50, Unit: "ms", Value: r.p50},
+			Figure{Name: FigHalfP99, Unit: "ms", Value: r.p99},
+			Figure{Name: FigHalfMax, Unit: "ms", Value: r.max})
+	}
+	if cfg.CatchupEvents > 0 {
+		next(fmt.Sprintf("catch-up, %d events", cfg.CatchupEvents))
+		resetPeakRSS()
+		c, err := catchup(ctx, &cfg, set, srv)
+		if err != nil {
+			return nil, fmt.Errorf("bench: catch-up: %w", err)
+		}
+		rss = max(rss, peakRSS())
+		next("catch-up, baseline")
+		n := min(cfg.CatchupEvents, cfg.BaselineCatchupEvents)
+		b, err := baselineCatchup(ctx, &cfg, srv.as[0], n)
+		if err != nil {
+			return nil, fmt.Errorf("bench: baseline catch-up: %w", err)
+		}
+		lim, err := catchupLimit(ctx, &cfg, srv.as[0], n)
+		if err != nil {
+			return nil, fmt.Errorf("bench: catch-up limit: %w", err)
+		}
+		f := Figure{Name: FigCatchup, Unit: "s", Value: c.drain.Seconds(), LowerIsBetter: true,
+			Note: fmt.Sprintf("%d events; %.0f events/s", cfg.CatchupEvents, float64(cfg.CatchupEvents)/c.drain.Seconds())}
+		scale := float64(cfg.CatchupEvents) / float64(n)
+		f.Baseline, f.Limit = b.Seconds()*scale, lim.Seconds()*scale
+		if n < cfg.CatchupEvents {
+			f.Note += fmt.Sprintf("; baseline and limit (sequential raw PUTs) extrapolated linearly from %d events (%.2f s, %.2f s)", n, b.Seconds(), lim.Seconds())
+		} else {
+			f.Note += "; limit: the same transactions as raw PUTs, one at a time"
+		}
+		rep.Figures = append(rep.Figures, f,
+			Figure{Name: FigBacklogged, Unit: "bytes/event", Value: c.bytesPerEvent, LowerIsBetter: true,
+				Note: fmt.Sprintf("%d-byte events; the empty store with its ASes not counted", cfg.EventSize)})
+	}
+	next("done")
+	rep.Figures = append(rep.Figures,
+		Figure{Name: FigStored, Unit: "bytes/event", Value: median(stored), LowerIsBetter: true,
+			Note: fmt.Sprintf("%d-byte events, deliveries still in flight; the empty store with its ASes not counted", cfg.EventSize)},
+		Figure{Name: FigRSS, Unit: "MiB", Value: rss / (1 << 20), LowerIsBetter: true,
+			Note: "highest of the end-to-end, half-load and catch-up phases; the process includes the AS servers"})
 	return rep, nil
 }
 
@@ -190,82 +225,129 @@ func median(v []float64) float64 {
 	return s[len(s)/2]
 }
 
+func sortDurations(d []time.Duration) { slices.Sort(d) }
+
 // matcherFigure times lookups of the indexed matcher and of the plain
 // per-regex loop on the same IDs.
-func matcherFigure(set *registry.Set, pats []namespace.Pattern, cfg Config) Figure {
+func matcherFigure(set *registry.Set, pats []namespace.Pattern, cfg *Config) Figure {
 	ids := make([]string, 1024)
 	for i := range ids {
-		switch i % 3 {
-		case 0:
-			ids[i] = fmt.Sprintf("@_as%d_ghost:bench.example.org", i%cfg.ASes)
-		case 1:
-			ids[i] = fmt.Sprintf("@u%d:as%d.bridge.example.org", i, i%cfg.ASes)
-		default:
-			ids[i] = fmt.Sprintf("@alice%d:bench.example.org", i)
+		if i%3 == 2 {
+			ids[i] = fmt.Sprintf("@alice%d:%s", i, server)
+		} else {
+			ids[i] = cfg.ghost(int(mix64(uint64(i))%uint64(cfg.ASes)), i)
 		}
 	}
 	var buf []namespace.Hit
-	rate := func(n int, f func(id string)) float64 {
+	rate := func(budget time.Duration, f func(id string)) float64 {
 		start := time.Now()
-		for i := 0; i < n; i++ {
-			f(ids[i%len(ids)])
+		n := 0
+		for time.Since(start) < budget {
+			for range 16 {
+				f(ids[n%len(ids)])
+				n++
+			}
 		}
 		return float64(n) / time.Since(start).Seconds()
 	}
-	indexed := rate(500000, func(id string) { buf = set.UsersInterested(buf[:0], id) })
+	indexed := rate(300*time.Millisecond, func(id string) { buf = set.UsersInterested(buf[:0], id) })
 	plain, _ := namespace.NewPlain(pats)
-	base := rate(max(20, 1000000/len(pats)), func(id string) { buf = plain.AppendMatch(buf[:0], namespace.Users, id) })
-	return Figure{Name: "matcher lookups", Unit: "lookups/s", Value: indexed, Baseline: base}
+	base := rate(300*time.Millisecond, func(id string) { buf = plain.AppendMatch(buf[:0], namespace.Users, id) })
+	return Figure{Name: FigMatcher, Unit: "lookups/s", Value: indexed, Baseline: base}
+}
+
+// openDispatcher starts a dispatcher on a fresh store in dir. The ASes are
+// registered in the store concurrently first: one commit for many instead
+// of one each, which a 10,000-AS start would otherwise spend minutes on.
+func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, dir string, state dispatcher.RoomState) (*dispatcher.Dispatcher, error) {
+	q := queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, RetryInitial: 100 * time.Millisecond, RetryMax: time.Second}
+	if cfg.ASes > cfg.SharedServerAbove {
+		// One server for every AS: let more than 8 connections to it idle.
+		q.Client = asapi.New(asapi.Options{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256, IdleConnTimeout: 90 * time.Second}})
+	}
+	open := func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+		st, err := txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
+		if err != nil {
+			return nil, err
+		}
+		var wg sync.WaitGroup
+		errc := make(chan error, 1)
+		const workers = 256
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := w; i < len(set.All()); i += workers {
+					if _, err := st.EnsureAS(ctx, set.All()[i].ID); err != nil {
+						select {
+						case errc <- err:
+						default:
+						}
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		select {
+		case err := <-errc:
+			st.Close()
+			return nil, err
+		default:
+		}
+		return st, nil
+	}
+	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), OpenStore: open, RoomState: state, Queue: q})
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: %w", err)
+	}
+	return d, nil
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	for _, f := range []string{"dispatcher.db", "dispatcher.db-wal"} {
+		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
+			n += fi.Size()
+		}
+	}
+	return n
 }
 
 type e2eResult struct {
-	submitRate, e2eRate, p50, p99, max float64
+	submitRate, e2eRate, p50, p99, max, bytesPerEvent float64
 }
 
-func endToEnd(ctx context.Context, cfg Config, set *registry.Set, servers []*asServer) (*e2eResult, error) {
+// endToEnd submits cfg.Events generated events from 8 writers, each owning
+// a share of the rooms so every room's events keep their order, and waits
+// until every AS has exactly the events the homeserver's state says it
+// must get. rate > 0 paces the submits at rate events/s.
+func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers, rate float64) (*e2eResult, error) {
 	dir, err := os.MkdirTemp("", "asdispatch-bench-")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("temp dir: %w", err)
 	}
 	defer os.RemoveAll(dir)
-	for _, s := range servers {
-		s.events.Store(0)
-		s.mu.Lock()
-		s.latency = s.latency[:0]
-		s.mu.Unlock()
-	}
-	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: dir, RoomState: roomState{&cfg},
-		Queue: queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, RetryInitial: 100 * time.Millisecond}})
+	srv.reset()
+	st := newState(cfg)
+	d, err := openDispatcher(ctx, cfg, set, dir, st)
 	if err != nil {
 		return nil, err
 	}
 	defer d.Close(context.Background())
-	var want int64
-	for e := 0; e < cfg.Events; e++ {
-		want += int64(len(cfg.roomASes(e % cfg.Rooms)))
-	}
+	empty := dirSize(dir) // the registered ASes, before any event
 	const writers, batch = 8, 50
+	wants := make([][]int64, writers)
 	start := time.Now()
 	var wg sync.WaitGroup
 	errc := make(chan error, writers)
 	for w := 0; w < writers; w++ {
 		wg.Add(1)
+		wants[w] = make([]int64, cfg.ASes)
 		go func() {
 			defer wg.Done()
-			evs := make([]dispatcher.Event, 0, batch)
-			for e := w; e < cfg.Events; e += writers {
-				room := fmt.Sprintf("!room%d:bench.example.org", e%cfg.Rooms)
-				id := fmt.Sprintf("$e%d", e)
-				sender := fmt.Sprintf("@user%d_%d:bench.example.org", e%cfg.Rooms, cfg.ASes)
-				evs = append(evs, dispatcher.Event{ID: id, RoomID: room, Type: "m.room.message", Sender: sender,
-					JSON: eventJSON(id, room, sender, cfg.EventSize, time.Now().UnixNano())})
-				if len(evs) == batch || e+writers >= cfg.Events {
-					if err := d.Submit(ctx, evs...); err != nil {
-						errc <- err
-						return
-					}
-					evs = evs[:0]
-				}
+			if err := submitShare(ctx, cfg, d, st, w, writers, batch, start, rate, wants[w]); err != nil {
+				errc <- err
 			}
 		}()
 	}
@@ -273,31 +355,34 @@ func endToEnd(ctx context.Context, cfg Config, set *registry.Set, servers []*asS
 	submitted := time.Since(start)
 	select {
 	case err := <-errc:
-		return nil, fmt.Errorf("bench: submit: %w", err)
+		return nil, fmt.Errorf("submit: %w", err)
 	default:
 	}
-	deadline := time.Now().Add(10 * time.Minute)
-	for {
-		var got int64
-		for _, s := range servers {
-			got += s.events.Load()
+	stored := dirSize(dir) - empty
+	want := make([]int64, cfg.ASes)
+	var total int64
+	for _, ws := range wants {
+		for i, n := range ws {
+			want[i] += n
+			total += n
 		}
-		if got >= want {
-			break
+	}
+	deadline := time.Now().Add(10 * time.Minute)
+	for i := 0; i < len(want); {
+		if srv.as[i].events.Load() >= want[i] {
+			i++
+			continue
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("bench: only %d of %d deliveries arrived", got, want)
+			return nil, fmt.Errorf("only %d of %d deliveries arrived", srv.total(), total)
 		}
 		time.Sleep(time.Millisecond)
 	}
-	total := time.Since(start)
-	var lat []time.Duration
-	for _, s := range servers {
-		s.mu.Lock()
-		lat = append(lat, s.latency...)
-		s.mu.Unlock()
+	elapsed := time.Since(start)
+	if got := srv.total(); got != total {
+		return nil, fmt.Errorf("%d deliveries arrived, the homeserver's state says %d", got, total)
 	}
-	slices.Sort(lat)
+	lat := srv.latencies()
 	ms := func(q float64) float64 {
 		if len(lat) == 0 {
 			return 0
@@ -305,79 +390,73 @@ func endToEnd(ctx context.Context, cfg Config, set *registry.Set, servers []*asS
 		return float64(lat[min(len(lat)-1, int(q*float64(len(lat))))]) / 1e6
 	}
 	return &e2eResult{
-		submitRate: float64(cfg.Events) / submitted.Seconds(),
-		e2eRate:    float64(cfg.Events) / total.Seconds(),
-		p50:        ms(0.50), p99: ms(0.99), max: ms(1),
+		submitRate:    float64(cfg.Events) / submitted.Seconds(),
+		e2eRate:       float64(cfg.Events) / elapsed.Seconds(),
+		p50:           ms(0.50),
+		p99:           ms(0.99),
+		max:           ms(1),
+		bytesPerEvent: float64(stored) / float64(cfg.Events),
 	}, nil
 }
 
-// limit measures what this machine can do with the same bytes and nothing
-// else: raw SQLite inserts (same durability, 1000 rows a commit) and raw
-// loopback PUTs of 100-event bodies to the same servers, one in flight per
-// AS. Both are in events/s of the workload.
-func limit(ctx context.Context, cfg Config, servers []*asServer) (insertRate, putRate float64, err error) {
-	dir, err := os.MkdirTemp("", "asdispatch-limit-")
-	if err != nil {
-		return 0, 0, err
-	}
-	defer os.RemoveAll(dir)
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dir, "raw.db")+"?_journal_mode=WAL&_synchronous=FULL")
-	if err != nil {
-		return 0, 0, err
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(1)
-	if _, err := db.ExecContext(ctx, `CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`); err != nil {
-		return 0, 0, err
-	}
-	data := eventJSON("$x", "!room0:bench.example.org", "@u:bench.example.org", cfg.EventSize, 0)
-	start := time.Now()
-	for done := 0; done < cfg.Events; {
-		tx, err := db.BeginTx(ctx, nil)
-		if err != nil {
-			return 0, 0, err
+// submitShare submits writer w's rooms' events in batches, adding to want
+// the deliveries each AS must receive. The homeserver's state is never
+// ahead of what the dispatcher has been given for a room it may (re)load:
+// the batch holding the room's earlier events is submitted first.
+func submitShare(ctx context.Context, cfg *Config, d *dispatcher.Dispatcher, st *state, w, writers, batch int, start time.Time, rate float64, want []int64) error {
+	g := newGenerator(cfg)
+	warm := make([]bool, cfg.Rooms)
+	evs := make([]dispatcher.Event, 0, batch)
+	var rooms []int
+	flush := func() error {
+		if len(evs) == 0 {
+			return nil
 		}
-		for i := 0; i < 1000 && done < cfg.Events; i, done = i+1, done+1 {
-			if _, err := tx.Exec(`INSERT INTO raw (data) VALUES (?)`, data); err != nil {
-				tx.Rollback()
-				return 0, 0, err
-			}
+		if err := d.Submit(ctx, evs...); err != nil {
+			return err
 		}
-		if err := tx.Commit(); err != nil {
-			return 0, 0, err
+		for _, r := range rooms {
+			warm[r] = true
 		}
+		evs, rooms = evs[:0], rooms[:0]
+		return nil
 	}
-	insertRate = float64(cfg.Events) / time.Since(start).Seconds()
-
-	body := bytes.NewBufferString(`{"events":[`)
-	for i := 0; i < cfg.MaxEventsPerTxn; i++ {
-		if i > 0 {
-			body.WriteByte(',')
+	for e := 0; e < cfg.Events; e++ {
+		r := e % cfg.Rooms
+		if r%writers != w {
+			continue
 		}
-		body.Write(eventJSON(fmt.Sprintf("$%d", i), "!r:x", "@u:x", cfg.EventSize, 0))
-	}
-	body.WriteString(`]}`)
-	perAS := cfg.Events * len(cfg.roomASes(0)) / cfg.ASes / cfg.MaxEventsPerTxn
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2}}
-	start = time.Now()
-	var wg sync.WaitGroup
-	for _, s := range servers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < max(1, perAS); i++ {
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPut, fmt.Sprintf("%s/_matrix/app/v1/transactions/limit%d", s.url, i), bytes.NewReader(body.Bytes()))
-				req.Header.Set("Authorization", "Bearer "+s.token)
-				req.Header.Set("Content-Type", "application/json")
-				if resp, err := client.Do(req); err == nil {
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
+		if rate > 0 {
+			if wait := time.Until(start.Add(time.Duration(float64(e) / rate * 1e9))); wait > 0 {
+				if err := flush(); err != nil {
+					return err
 				}
+				time.Sleep(wait)
 			}
-		}()
+		}
+		s := g.next(e)
+		// A (re)load of the room while this batch is submitted would see
+		// the change before the batch's earlier events of the room.
+		if s.kind != kindMessage && (!warm[r] || s.kind == kindAlias) && slices.Contains(rooms, r) {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		for _, as := range st.apply(s) {
+			want[as]++
+		}
+		if s.kind == kindAlias {
+			// A directory change: the homeserver tells the dispatcher.
+			d.InvalidateRoom(roomID(r))
+			warm[r] = false
+		}
+		evs = append(evs, cfg.event(s, time.Now().UnixNano()))
+		rooms = append(rooms, r)
+		if len(evs) == batch {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
 	}
-	wg.Wait()
-	deliveries := float64(max(1, perAS) * len(servers) * cfg.MaxEventsPerTxn)
-	putRate = deliveries / time.Since(start).Seconds() / float64(len(cfg.roomASes(0)))
-	return insertRate, putRate, nil
+	return flush()
 }

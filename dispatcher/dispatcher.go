@@ -108,6 +108,8 @@ type Dispatcher struct {
 	closed atomic.Bool
 
 	reloadMu sync.Mutex
+	// scratch recycles Interested's buffers, called once per event.
+	scratch sync.Pool
 }
 
 // New opens the store and starts a sender for every AS of the registry's
@@ -311,6 +313,36 @@ func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch
 		r.mu.Unlock()
 	}
 	return v.targets(sc.idx, v.push), nil
+}
+
+// Interested returns the IDs of the ASes interested in ev (sender,
+// state_key, room ID, the room's local members and aliases), applying ev to
+// the room's interest as Submit would, but queuing nothing. It is the
+// decision Submit makes per event, exposed for benchmarks and diagnostics;
+// it allocates only the result.
+func (d *Dispatcher) Interested(ctx context.Context, ev Event) ([]string, error) {
+	if d.closed.Load() {
+		return nil, ErrClosed
+	}
+	v := d.view.Load()
+	sc, _ := d.scratch.Get().(*scratch)
+	if sc == nil {
+		sc = new(scratch)
+	}
+	defer d.scratch.Put(sc)
+	keys, err := d.decide(ctx, v, &ev, sc)
+	if err != nil || len(keys) == 0 {
+		return nil, err
+	}
+	all := v.set.All()
+	out := make([]string, 0, len(keys))
+	for _, i := range sc.idx {
+		if v.push[i] {
+			out = append(out, all[i].ID)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }
 
 // targets maps AS indices to the sorted, unique store keys of those allowed.

@@ -431,3 +431,39 @@ func TestStorageFaultRecovers(t *testing.T) {
 		t.Errorf("delivered %v, want %v", got, acked)
 	}
 }
+
+// TestInterestedFollowsTheRoom checks that Interested makes Submit's
+// decision (members, aliases, state_key) and applies membership like Submit.
+func TestInterestedFollowsTheRoom(t *testing.T) {
+	state := &roomState{
+		members: map[string][]string{"!r:hs": {"@alice:hs"}},
+		aliases: map[string][]string{"!a:hs": {"#irc_chan:hs"}},
+	}
+	d := newTestDispatcher(t, state,
+		registration("irc", "http://127.0.0.1:1", `@irc_.*`, `#irc_.*`, "", false),
+		registration("tg", "http://127.0.0.1:1", `@tg_.*`, "", `!tg_.*`, false),
+		registration("nourl", "", `@irc_.*`, "", "", false))
+	ctx := context.Background()
+	tests := []struct {
+		ev   Event
+		want []string
+	}{
+		{ev("$1", "!r:hs", "m.room.message", "@alice:hs", nil, ""), nil},
+		{ev("$2", "!r:hs", "m.room.message", "@irc_x:hs", nil, ""), []string{"irc"}},
+		{ev("$3", "!r:hs", "m.room.member", "@tg_bob:hs", sk("@tg_bob:hs"), "join"), []string{"tg"}},
+		{ev("$4", "!r:hs", "m.room.message", "@alice:hs", nil, ""), []string{"tg"}},
+		{ev("$5", "!r:hs", "m.room.member", "@tg_bob:hs", sk("@tg_bob:hs"), "leave"), []string{"tg"}},
+		{ev("$6", "!r:hs", "m.room.message", "@alice:hs", nil, ""), nil},
+		{ev("$7", "!a:hs", "m.room.message", "@alice:hs", nil, ""), []string{"irc"}},
+		{ev("$8", "!tg_room:hs", "m.room.message", "@irc_y:hs", nil, ""), []string{"irc", "tg"}},
+	}
+	for _, tt := range tests {
+		got, err := d.Interested(ctx, tt.ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("%s: got %v, want %v", tt.ev.ID, got, tt.want)
+		}
+	}
+}

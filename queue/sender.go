@@ -49,7 +49,7 @@ type sender struct {
 	downSince time.Time
 
 	// ops is the current term's storeOps queue; only run's goroutine uses it.
-	ops chan func(context.Context)
+	ops chan storeOp
 	// lost ends the current term; nil without leases.
 	lost func()
 	// leading is set while this process holds the AS's lease.
@@ -146,15 +146,13 @@ func (s *sender) run() {
 
 // term delivers until bctx ends; sctx ending abandons a send in flight.
 func (s *sender) term(bctx, sctx context.Context) {
-	ops := make(chan func(context.Context), 64)
+	ops := make(chan storeOp, 64)
 	s.ops = ops
 	var opsDone sync.WaitGroup
 	opsDone.Add(1)
 	go func() {
 		defer opsDone.Done()
-		for op := range ops {
-			op(sctx)
-		}
+		s.storeOps(sctx, ops)
 	}()
 	defer func() {
 		close(ops)
@@ -307,14 +305,22 @@ func (s *sender) build(ctx context.Context, ready chan<- *txn, frozen []txnstore
 		}
 	}
 	lim := s.q.limits()
+	// carry is what the last read brought beyond the transactions frozen
+	// from it: the items right after `after`, so the next round starts from
+	// them instead of reading them again (a read brings up to three times
+	// what a transaction of events takes).
+	var carry []txnstore.Item
 	for {
 		room := cap(ready) - len(ready)
 		if room < 1 {
 			room = 1
 		}
-		items, err := s.next(ctx, after, room*(lim.events+lim.ephemeral+lim.toDevice))
-		if err != nil {
-			return
+		items := carry
+		if len(items) == 0 {
+			var err error
+			if items, err = s.next(ctx, after, room*(lim.events+lim.ephemeral+lim.toDevice)); err != nil {
+				return
+			}
 		}
 		f := s.as.Load().Format
 		var txns []*txn
@@ -337,8 +343,9 @@ func (s *sender) build(ctx context.Context, ready chan<- *txn, frozen []txnstore
 			items = items[n:]
 			prev = last
 		}
+		carry = items
 		var ids []int64
-		err = s.retryStore(ctx, "freeze", func(ctx context.Context) error {
+		err := s.retryStore(ctx, "freeze", func(ctx context.Context) error {
 			var err error
 			ids, err = s.q.store.Freeze(ctx, s.key, 0, recs)
 			return err
@@ -648,14 +655,86 @@ func (s *sender) completed(t *txn, attempts int, sentAt time.Time) {
 		s.log.Debug("transaction sent", zap.Int64("txn_id", t.ID), zap.Int("events", len(t.items)),
 			zap.Duration("took", now.Sub(sentAt)))
 	}
-	s.ops <- func(ctx context.Context) {
-		if wasDown {
-			_ = s.q.store.SetState(ctx, s.key, st)
+	op := storeOp{complete: id}
+	if wasDown {
+		op.state = &st
+	}
+	s.ops <- op
+}
+
+// storeOp is one store write of a sender, applied in order by storeOps:
+// fn, or the completion of a transaction (after setting state, if set).
+type storeOp struct {
+	fn       func(context.Context)
+	complete int64
+	state    *txnstore.State
+}
+
+// manyCompleter is a store that records several completions in one write.
+type manyCompleter interface {
+	CompleteMany(ctx context.Context, as txnstore.ASKey, ids []int64) error
+}
+
+// maxCompleteBatch bounds the completions recorded in one write.
+const maxCompleteBatch = 64
+
+// storeOps applies the sender's store writes in order until ops is closed.
+// Completions already queued behind one another are recorded in one write
+// when the store can: one at a time, each waiting for its commit, they
+// bound a catching-up AS to one transaction per commit.
+func (s *sender) storeOps(ctx context.Context, ops <-chan storeOp) {
+	var pending *storeOp
+	for {
+		var op storeOp
+		if pending != nil {
+			op, pending = *pending, nil
+		} else {
+			var ok bool
+			if op, ok = <-ops; !ok {
+				return
+			}
 		}
-		if err := s.q.store.Complete(ctx, s.key, id); err != nil && ctx.Err() == nil {
-			// The transaction stays frozen and is resent, same id and body,
-			// after a restart: the AS drops it as a duplicate.
-			s.log.Warn("recording a delivered transaction failed", zap.Int64("txn_id", id), zap.Error(err))
+		if op.complete == 0 {
+			op.fn(ctx)
+			continue
+		}
+		if op.state != nil {
+			_ = s.q.store.SetState(ctx, s.key, *op.state)
+		}
+		ids := []int64{op.complete}
+		closed := false
+	gather:
+		for len(ids) < maxCompleteBatch {
+			select {
+			case o, ok := <-ops:
+				if !ok {
+					closed = true
+					break gather
+				}
+				if o.complete == 0 || o.state != nil {
+					pending = &o
+					break gather
+				}
+				ids = append(ids, o.complete)
+			default:
+				break gather
+			}
+		}
+		var err error
+		if mc, ok := s.q.store.(manyCompleter); ok && len(ids) > 1 {
+			err = mc.CompleteMany(ctx, s.key, ids)
+		} else {
+			for _, id := range ids {
+				err = errors.Join(err, s.q.store.Complete(ctx, s.key, id))
+			}
+		}
+		if err != nil && ctx.Err() == nil {
+			// The transactions stay frozen and are resent, same ids and
+			// bodies, after a restart: the AS drops them as duplicates.
+			s.log.Warn("recording delivered transactions failed", zap.Int64s("txn_ids", ids), zap.Error(err))
+		}
+		if closed {
+			return
 		}
 	}
 }
@@ -697,14 +776,14 @@ func (s *sender) failed(t *txn, err error, attempt int, wait time.Duration) {
 	body, needSave := t.body, !t.saved
 	t.saved = true
 	id := t.ID
-	s.ops <- func(ctx context.Context) {
+	s.ops <- storeOp{fn: func(ctx context.Context) {
 		if needSave {
 			if err := s.q.store.SaveBody(ctx, s.key, id, body); err != nil && ctx.Err() == nil {
 				s.log.Warn("storing a transaction body failed", zap.Int64("txn_id", id), zap.Error(err))
 			}
 		}
 		_ = s.q.store.SetState(ctx, s.key, st)
-	}
+	}}
 }
 
 // retryStore runs op until it succeeds or ctx ends: a store error (disk

@@ -508,6 +508,12 @@ func (s *Postgres) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 
 // Complete implements Store.
 func (s *Postgres) Complete(ctx context.Context, as ASKey, id int64) error {
+	return s.CompleteMany(ctx, as, []int64{id})
+}
+
+// CompleteMany is Complete for several transactions of as, in one write. A
+// transaction it does not know is an error, the others are still recorded.
+func (s *Postgres) CompleteMany(ctx context.Context, as ASKey, ids []int64) error {
 	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		if err := s.fence(ctx, tx, as); err != nil {
 			return err
@@ -519,16 +525,38 @@ func (s *Postgres) Complete(ctx context.Context, as ASKey, id int64) error {
 		if !ok {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
-		var last int64
-		err = tx.QueryRowContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = $2 RETURNING last_seq`, as, id).Scan(&last)
-		if errors.Is(err, sql.ErrNoRows) {
-			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
-		}
+		rows, err := tx.QueryContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = ANY($2::BIGINT[]) RETURNING txn_id, last_seq`, as, ids)
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE appservices SET delivered = GREATEST(delivered, $1), last_success_ms = $2 WHERE as_key = $3`, last, b.now, as)
-		return err
+		var last int64
+		done := map[int64]bool{}
+		for rows.Next() {
+			var id, l int64
+			if err := rows.Scan(&id, &l); err != nil {
+				rows.Close()
+				return err
+			}
+			done[id], last = true, max(last, l)
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		if len(done) > 0 {
+			if _, err := tx.ExecContext(ctx, `UPDATE appservices SET delivered = GREATEST(delivered, $1), last_success_ms = $2 WHERE as_key = $3`, last, b.now, as); err != nil {
+				return err
+			}
+		}
+		var errs []error
+		for _, id := range ids {
+			if !done[id] {
+				errs = append(errs, fmt.Errorf("%w: %d", ErrUnknownTxn, id))
+			}
+		}
+		if len(errs) > 0 {
+			return callError{errors.Join(errs...)}
+		}
+		return nil
 	})
 }
 

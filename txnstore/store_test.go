@@ -472,3 +472,36 @@ func testFailedCommitLosesNothing(t *testing.T, be backend) {
 		t.Errorf("stream has %d items, OnCommit saw %d; want 3 each", len(items), len(seen))
 	}
 }
+
+// TestCompleteMany checks that several completions in one write are the
+// same as one at a time, and that an unknown id does not stop the others.
+func TestCompleteMany(t *testing.T) { forEach(t, testCompleteMany) }
+
+func testCompleteMany(t *testing.T, be backend) {
+	ctx := context.Background()
+	s := be.fresh(t, Options{}).(interface {
+		testStore
+		CompleteMany(context.Context, ASKey, []int64) error
+	})
+	a := ensure(t, s, "a")
+	seqs := appendN(t, s, 6, KindEvent, a)
+	ids, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{0, seqs[1]}}, {Range: Range{seqs[1], seqs[3]}}, {Range: Range{seqs[3], seqs[5]}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CompleteMany(ctx, a, ids[:2]); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := s.Delivered(ctx, a); d != seqs[3] {
+		t.Errorf("delivered %d, want %d", d, seqs[3])
+	}
+	if err := s.CompleteMany(ctx, a, []int64{ids[0], ids[2]}); !errors.Is(err, ErrUnknownTxn) {
+		t.Errorf("completing %d twice: %v, want ErrUnknownTxn", ids[0], err)
+	}
+	if d, _ := s.Delivered(ctx, a); d != seqs[5] {
+		t.Errorf("delivered %d after the known one, want %d", d, seqs[5])
+	}
+	if frozen, err := s.Frozen(ctx, a); err != nil || len(frozen) != 0 {
+		t.Errorf("Frozen = %v, %v; want none", frozen, err)
+	}
+}

@@ -25,17 +25,61 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds; each figure is their median")
 	fs.IntVar(&cfg.MaxEventsPerTxn, "max-events-per-txn", 100, "events per transaction")
 	fs.IntVar(&cfg.MaxTxnBytes, "max-txn-bytes", 4<<20, "bytes per transaction")
+	fs.IntVar(&cfg.Namespaces, "namespaces", 3, "users regexes per AS (plus one aliases and one rooms regex)")
+	mix := fs.String("mix", "prefix,suffix,alternation", "kinds of the users regexes, in turn: prefix, suffix, alternation, noliteral")
+	fs.Float64Var(&cfg.Churn, "churn", 0.05, "share of events that are a ghost joining or leaving (negative: none)")
+	fs.Float64Var(&cfg.AliasChurn, "alias-churn", 0.01, "share of events that move the room's alias (negative: none)")
+	fs.IntVar(&cfg.CatchupEvents, "catchup-events", 100000, "backlog of one AS while it is down (negative: skip catch-up)")
+	fs.IntVar(&cfg.BaselineCatchupEvents, "baseline-catchup-events", 100000, "most events the baseline drains; more are extrapolated")
+	halfLoad := fs.Bool("half-load", true, "measure latency at half the measured end-to-end throughput")
+	sweep := fs.String("sweep", "", "run each figure for several values, e.g. ases=10,100,1000,10000")
+	plot := fs.String("plot", "bench-sweep.png", "PNG plot of the sweep")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	var err error
+	if cfg.Mix, err = bench.ParseMix(*mix); err != nil {
+		fmt.Fprintf(stderr, "asdispatch bench: --mix: %v\n", err)
+		return 2
+	}
+	cfg.SkipHalfLoad = !*halfLoad
 	progress := func(stage string, done, total int) {
 		const width = 30
 		n := width * done / total
-		fmt.Fprintf(stderr, "\r[%s%s] %d/%d %-40s", strings.Repeat("#", n), strings.Repeat(".", width-n), done, total, stage)
+		fmt.Fprintf(stderr, "\r[%s%s] %d/%d %-50s", strings.Repeat("#", n), strings.Repeat(".", width-n), done, total, stage)
 		if done == total {
 			fmt.Fprintln(stderr)
 		}
+	}
+	if *sweep != "" {
+		sw, err := bench.ParseSweep(*sweep)
+		if err != nil {
+			fmt.Fprintf(stderr, "asdispatch bench: --sweep: %v\n", err)
+			return 2
+		}
+		res, err := bench.RunSweep(context.Background(), cfg, sw, func(stage string, done, total int) {
+			progress(stage, done, total)
+		})
+		if err != nil {
+			fmt.Fprintf(stderr, "\nasdispatch bench: %v\n", err)
+			return 1
+		}
+		if *plot != "" {
+			if err := res.Plot(*plot); err != nil {
+				fmt.Fprintf(stderr, "asdispatch bench: plot: %v\n", err)
+				return 1
+			}
+		}
+		if *asJSON {
+			printJSON(stdout, res)
+			return 0
+		}
+		res.WriteTable(stdout)
+		if *plot != "" {
+			fmt.Fprintf(stdout, "\nplot: %s\n", *plot)
+		}
+		return 0
 	}
 	rep, err := bench.Run(context.Background(), cfg, progress)
 	if err != nil {
@@ -43,21 +87,37 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(rep)
+		printJSON(stdout, rep)
 		return 0
 	}
 	c := rep.Config
-	fmt.Fprintf(stdout, "%d ASes, %d rooms, interest %.0f%%, %d-byte events, %d events a round, median of %d rounds\n\n",
-		c.ASes, c.Rooms, c.Interest*100, c.EventSize, c.Events, c.Rounds)
+	fmt.Fprintf(stdout, "%d ASes (%d users regexes each: %s), %d rooms, interest %.1f%%, %.0f%% membership and %.0f%% alias changes, %d-byte events, %d events a round, median of %d rounds\n\n",
+		c.ASes, c.Namespaces, strings.Join(c.Mix, ","), c.Rooms, c.Interest*100, c.Churn*100, c.AliasChurn*100, c.EventSize, c.Events, c.Rounds)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "figure\tasdispatch\tbaseline\tlimit\tvs baseline\tof limit\t")
+	var notes []string
 	for _, f := range rep.Figures {
-		fmt.Fprintf(tw, "%s (%s)\t%s\t%s\t%s\t%s\t%s\t\n", f.Name, f.Unit, num(f.Value), num(f.Baseline), num(f.Limit), ratio(f.Value, f.Baseline, "x"), ratio(100*f.Value, f.Limit, "%"))
+		name := f.Name
+		if f.Note != "" {
+			notes = append(notes, fmt.Sprintf("[%d] %s: %s", len(notes)+1, f.Name, f.Note))
+			name += fmt.Sprintf(" [%d]", len(notes))
+		}
+		fmt.Fprintf(tw, "%s (%s)\t%s\t%s\t%s\t%s\t%s\t\n", name, f.Unit, num(f.Value), num(f.Baseline), num(f.Limit), ratio(f.VsBaseline(), "x"), ratio(100*f.OfLimit(), "%"))
 	}
 	tw.Flush()
+	if len(notes) > 0 {
+		fmt.Fprintln(stdout)
+		for _, n := range notes {
+			fmt.Fprintln(stdout, n)
+		}
+	}
 	return 0
+}
+
+func printJSON(w io.Writer, v any) {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
 }
 
 func num(v float64) string {
@@ -73,9 +133,9 @@ func num(v float64) string {
 	}
 }
 
-func ratio(a, b float64, unit string) string {
-	if a == 0 || b == 0 {
+func ratio(v float64, unit string) string {
+	if v == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%.1f%s", a/b, unit)
+	return fmt.Sprintf("%.1f%s", v, unit)
 }

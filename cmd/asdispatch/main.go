@@ -21,7 +21,7 @@ var commands = map[string]command{
 	"check":  {"validate registration files: asdispatch check FILE_OR_DIR...", runCheck},
 	"serve":  {"run the stub homeserver: asdispatch serve [--config homeserver.yaml]", runServe},
 	"demo":   {"run the seed's walkthrough end to end, no config needed", runDemo},
-	"bench":  {"measure fan-out against the baseline and this machine's limit: asdispatch bench [--ases N] [--json]", runBench},
+	"bench":  {"measure fan-out against the baseline and this machine's limit: asdispatch bench [--ases N] [--interest F] [--mix K,K] [--catchup-events N] [--sweep ases=N,N] [--json]", runBench},
 	"status": {"show each appservice's state and backlog: asdispatch status --data DIR [--json]", runStatus},
 }
 

@@ -1,0 +1,111 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"testing"
+)
+
+// BenchmarkDecisions profiles the dispatch decisions figure, e.g.
+// go test -run X -bench Decisions/ases=10000 -cpuprofile cpu.out ./bench/
+func BenchmarkDecisions(b *testing.B) {
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
+			cfg := Config{ASes: n, Interest: 10 / float64(n)}
+			cfg.defaults()
+			srv, err := startServers(n, true)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.close()
+			set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				f, err := decisionsFigure(context.Background(), &cfg, set, pats[:0])
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(f.Value, "decisions/s")
+			}
+		})
+	}
+}
+
+// BenchmarkCatchup profiles catch-up of one AS, e.g.
+// go test -run X -bench Catchup -cpuprofile cpu.out ./bench/
+func BenchmarkCatchup(b *testing.B) {
+	cfg := Config{CatchupEvents: 200000}
+	cfg.defaults()
+	srv, err := startServers(cfg.ASes, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.close()
+	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		r, err := catchup(context.Background(), &cfg, set, srv)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
+	}
+}
+
+// BenchmarkEndToEnd profiles the end-to-end figure at 10 ASes, each
+// interested in every event, and at 1,000 ASes, 10 of them per event, e.g.
+// go test -run X -bench EndToEnd/ases=10$ -cpuprofile cpu.out ./bench/
+func BenchmarkEndToEnd(b *testing.B) {
+	for _, n := range []int{10, 1000} {
+		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
+			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000}
+			cfg.defaults()
+			srv, err := startServers(cfg.ASes, n > cfg.SharedServerAbove)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer srv.close()
+			set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+			if err != nil {
+				b.Fatal(err)
+			}
+			for range b.N {
+				r, err := endToEnd(context.Background(), &cfg, set, srv, 0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(r.submitRate, "submit/s")
+				b.ReportMetric(r.e2eRate, "events/s")
+			}
+		})
+	}
+}
+
+// BenchmarkHalfLoad measures latency at a paced 15,000 events/s, 10 ASes.
+func BenchmarkHalfLoad(b *testing.B) {
+	cfg := Config{Events: 45000}
+	cfg.defaults()
+	srv, err := startServers(cfg.ASes, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.close()
+	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(r.p50, "p50-ms")
+		b.ReportMetric(r.p99, "p99-ms")
+		b.ReportMetric(r.max, "max-ms")
+	}
+}
