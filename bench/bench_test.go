@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
 func tiny() Config {
@@ -94,7 +96,7 @@ func TestDecisionsFollowState(t *testing.T) {
 				t.Fatal(err)
 			}
 			st, bst := newState(&cfg), newState(&cfg)
-			d, err := openDispatcher(ctx, &cfg, set, t.TempDir(), st)
+			d, err := openDispatcher(ctx, &cfg, set, &storeEnv{backend: StoreSQLite, dir: t.TempDir()}, st, "test")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -311,5 +313,31 @@ func TestSharedServerRoutesByPathAndToken(t *testing.T) {
 	}
 	if srv.as[1].events.Load() != 1 || srv.as[0].events.Load() != 0 || srv.as[2].events.Load() != 0 {
 		t.Errorf("counts %d %d %d, want 0 1 0", srv.as[0].events.Load(), srv.as[1].events.Load(), srv.as[2].events.Load())
+	}
+}
+
+// TestRunPostgres runs the whole bench on PostgreSQL with two dispatcher
+// instances sharing the store; it skips without a server unless CI is set.
+func TestRunPostgres(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts servers and databases")
+	}
+	cfg := tiny()
+	cfg.Store, cfg.DSN, cfg.Processes = StorePostgres, pgtest.Schema(t), []int{1, 2}
+	rep, err := Run(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{FigSubmit, FigEndToEnd, FigCatchup, FigStored, "end to end, 1 process", "end to end, 2 processes"} {
+		if f, ok := rep.Figure(name); !ok || f.Value <= 0 {
+			t.Errorf("%s = %+v", name, f)
+		}
+	}
+	if f, _ := rep.Figure(FigStored); !strings.Contains(f.Note, "tables") {
+		t.Errorf("stored bytes note %q does not say it weighs tables", f.Note)
+	}
+	cfg.Store = StoreSQLite
+	if _, err := Run(context.Background(), cfg, nil); err == nil {
+		t.Error("two instances on one SQLite file were not refused")
 	}
 }

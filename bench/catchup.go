@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -23,21 +22,21 @@ type catchupResult struct {
 // Bringing it back includes Wake, as a homeserver does on a successful ping;
 // without it the sender would first wait out its backoff.
 func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) (*catchupResult, error) {
-	dir, err := os.MkdirTemp("", "asdispatch-catchup-")
+	env, err := newStoreEnv(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(dir)
+	defer env.close()
 	a := srv.as[0]
 	srv.reset()
 	a.down.Store(true)
 	defer a.down.Store(false)
-	d, err := openDispatcher(ctx, cfg, set, dir, newState(cfg))
+	d, err := openDispatcher(ctx, cfg, set, env, newState(cfg), "bench")
 	if err != nil {
 		return nil, err
 	}
 	defer d.Close(context.Background())
-	empty := dirSize(dir)
+	empty := env.size(ctx)
 	n := cfg.CatchupEvents
 	const writers, batch = 4, 200
 	room := "!catchup:" + server
@@ -69,7 +68,7 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 		return nil, fmt.Errorf("submit: %w", err)
 	default:
 	}
-	res := &catchupResult{bytesPerEvent: float64(dirSize(dir)-empty) / float64(n)}
+	res := &catchupResult{bytesPerEvent: float64(env.size(ctx)-empty) / float64(n)}
 	if got := a.events.Load(); got != 0 {
 		return nil, fmt.Errorf("a down AS accepted %d events", got)
 	}

@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/asdispatch/asdispatch/dispatcher"
@@ -55,13 +54,13 @@ func decisionRun(ctx context.Context, cfg *Config, st *state, budget time.Durati
 func decisionsFigure(ctx context.Context, cfg *Config, set *registry.Set, pats []namespace.Pattern) (Figure, error) {
 	dcfg := *cfg
 	dcfg.EventSize = 0 // only aliases are read from the JSON
-	dir, err := os.MkdirTemp("", "asdispatch-decide-")
+	env, err := newStoreEnv(ctx, &dcfg)
 	if err != nil {
 		return Figure{}, err
 	}
-	defer os.RemoveAll(dir)
+	defer env.close()
 	st := newState(&dcfg)
-	d, err := openDispatcher(ctx, &dcfg, set, dir, st)
+	d, err := openDispatcher(ctx, &dcfg, set, env, st, "bench")
 	if err != nil {
 		return Figure{}, err
 	}

@@ -75,7 +75,7 @@ func BenchmarkEndToEnd(b *testing.B) {
 				b.Fatal(err)
 			}
 			for range b.N {
-				r, err := endToEnd(context.Background(), &cfg, set, srv, 0)
+				r, err := endToEnd(context.Background(), &cfg, set, srv, 0, 1)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -100,7 +100,7 @@ func BenchmarkHalfLoad(b *testing.B) {
 		b.Fatal(err)
 	}
 	for range b.N {
-		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000)
+		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000, 1)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -84,8 +84,8 @@ const (
 	FigHalfP99    = "latency at half load, p99"
 	FigHalfMax    = "latency at half load, max"
 	FigCatchup    = "catch-up: backlog of one AS drained after it comes back"
-	FigStored     = "stored per event after Submit (db + wal)"
-	FigBacklogged = "stored per backlogged event (db + wal)"
+	FigStored     = "stored per event after Submit"
+	FigBacklogged = "stored per backlogged event"
 	FigRSS        = "peak RSS"
 )
 
@@ -95,6 +95,11 @@ type Progress func(stage string, done, total int)
 // Run measures cfg and reports every figure.
 func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	cfg.defaults()
+	for _, n := range cfg.Processes {
+		if n > 1 && cfg.Store != StorePostgres {
+			return nil, fmt.Errorf("bench: %d dispatcher instances need a shared store (--store postgres)", n)
+		}
+	}
 	if progress == nil {
 		progress = func(string, int, int) {}
 	}
@@ -108,7 +113,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		return nil, fmt.Errorf("bench: registrations: %w", err)
 	}
 	rep := &Report{Config: cfg}
-	steps := 4 + 3*cfg.Rounds
+	steps := 4 + 3*cfg.Rounds + len(cfg.Processes)
 	if !cfg.SkipHalfLoad {
 		steps++
 	}
@@ -132,7 +137,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	for round := 0; round < cfg.Rounds; round++ {
 		next(fmt.Sprintf("end to end, round %d", round+1))
 		resetPeakRSS()
-		r, err := endToEnd(ctx, &cfg, set, srv, 0)
+		r, err := endToEnd(ctx, &cfg, set, srv, 0, 1)
 		if err != nil {
 			return nil, fmt.Errorf("bench: end to end: %w", err)
 		}
@@ -161,11 +166,29 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		Figure{Name: FigP99, Unit: "ms", Value: median(p99)},
 		Figure{Name: FigMax, Unit: "ms", Value: median(pmax)},
 	)
+	for _, n := range cfg.Processes {
+		next(fmt.Sprintf("end to end, %d dispatcher instances", n))
+		var rates []float64
+		for round := 0; round < cfg.Rounds; round++ {
+			r, err := endToEnd(ctx, &cfg, set, srv, 0, n)
+			if err != nil {
+				return nil, fmt.Errorf("bench: end to end with %d processes: %w", n, err)
+			}
+			rates = append(rates, r.e2eRate)
+		}
+		name := fmt.Sprintf("end to end, %d processes", n)
+		if n == 1 {
+			name = "end to end, 1 process"
+		}
+		rep.Figures = append(rep.Figures, Figure{Name: name, Unit: "events/s",
+			Value: median(rates), Baseline: median(base), Limit: limitE2E,
+			Note: "dispatcher instances on the one PostgreSQL store, each with its own connections and sender leases; a room always goes through the same one"})
+	}
 	if !cfg.SkipHalfLoad {
 		next("end to end at half load")
 		rate := median(e2e) / 2
 		resetPeakRSS()
-		r, err := endToEnd(ctx, &cfg, set, srv, rate)
+		r, err := endToEnd(ctx, &cfg, set, srv, rate, 1)
 		if err != nil {
 			return nil, fmt.Errorf("bench: half load: %w", err)
 		}
@@ -205,12 +228,12 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		}
 		rep.Figures = append(rep.Figures, f,
 			Figure{Name: FigBacklogged, Unit: "bytes/event", Value: c.bytesPerEvent, LowerIsBetter: true,
-				Note: fmt.Sprintf("%d-byte events; the empty store with its ASes not counted", cfg.EventSize)})
+				Note: fmt.Sprintf("%d-byte events; %s; the empty store with its ASes not counted", cfg.EventSize, storeMeasure(cfg.Store))})
 	}
 	next("done")
 	rep.Figures = append(rep.Figures,
 		Figure{Name: FigStored, Unit: "bytes/event", Value: median(stored), LowerIsBetter: true,
-			Note: fmt.Sprintf("%d-byte events, deliveries still in flight; the empty store with its ASes not counted", cfg.EventSize)},
+			Note: fmt.Sprintf("%d-byte events, deliveries still in flight; %s; the empty store with its ASes not counted", cfg.EventSize, storeMeasure(cfg.Store))},
 		Figure{Name: FigRSS, Unit: "MiB", Value: rss / (1 << 20), LowerIsBetter: true,
 			Note: "highest of the end-to-end, half-load and catch-up phases; the process includes the AS servers"})
 	return rep, nil
@@ -259,14 +282,14 @@ func matcherFigure(set *registry.Set, pats []namespace.Pattern, cfg *Config) Fig
 // openDispatcher starts a dispatcher on a fresh store in dir. The ASes are
 // registered in the store concurrently first: one commit for many instead
 // of one each, which a 10,000-AS start would otherwise spend minutes on.
-func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, dir string, state dispatcher.RoomState) (*dispatcher.Dispatcher, error) {
-	q := queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, RetryInitial: 100 * time.Millisecond, RetryMax: time.Second}
+func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, env *storeEnv, state dispatcher.RoomState, owner string) (*dispatcher.Dispatcher, error) {
+	q := queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, RetryInitial: 100 * time.Millisecond, RetryMax: time.Second, Owner: owner}
 	if cfg.ASes > cfg.SharedServerAbove {
 		// One server for every AS: let more than 8 connections to it idle.
 		q.Client = asapi.New(asapi.Options{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256, IdleConnTimeout: 90 * time.Second}})
 	}
 	open := func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
-		st, err := txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
+		st, err := env.open(ctx, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -304,6 +327,14 @@ func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, dir str
 	return d, nil
 }
 
+// storeMeasure says what the stored-bytes figures weigh.
+func storeMeasure(store string) string {
+	if store == StorePostgres {
+		return "the schema's tables with indexes and TOAST"
+	}
+	return "db + wal files"
+}
+
 func dirSize(dir string) int64 {
 	var n int64
 	for _, f := range []string{"dispatcher.db", "dispatcher.db-wal"} {
@@ -322,20 +353,30 @@ type e2eResult struct {
 // a share of the rooms so every room's events keep their order, and waits
 // until every AS has exactly the events the homeserver's state says it
 // must get. rate > 0 paces the submits at rate events/s.
-func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers, rate float64) (*e2eResult, error) {
-	dir, err := os.MkdirTemp("", "asdispatch-bench-")
-	if err != nil {
-		return nil, fmt.Errorf("temp dir: %w", err)
-	}
-	defer os.RemoveAll(dir)
-	srv.reset()
-	st := newState(cfg)
-	d, err := openDispatcher(ctx, cfg, set, dir, st)
+//
+// instances > 1 (PostgreSQL only) runs that many dispatchers on the one
+// store, each with its own connections and sender leases, as homeserver
+// processes would; writer w submits through instance w % instances, so a
+// room always goes through the same one (as Synapse shards event
+// persistence by room).
+func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers, rate float64, instances int) (*e2eResult, error) {
+	env, err := newStoreEnv(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	defer d.Close(context.Background())
-	empty := dirSize(dir) // the registered ASes, before any event
+	defer env.close()
+	srv.reset()
+	st := newState(cfg)
+	ds := make([]*dispatcher.Dispatcher, max(instances, 1))
+	for i := range ds {
+		d, err := openDispatcher(ctx, cfg, set, env, st, fmt.Sprintf("bench-%d", i))
+		if err != nil {
+			return nil, err
+		}
+		defer d.Close(context.Background())
+		ds[i] = d
+	}
+	empty := env.size(ctx) // the registered ASes, before any event
 	const writers, batch = 8, 50
 	wants := make([][]int64, writers)
 	start := time.Now()
@@ -346,7 +387,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 		wants[w] = make([]int64, cfg.ASes)
 		go func() {
 			defer wg.Done()
-			if err := submitShare(ctx, cfg, d, st, w, writers, batch, start, rate, wants[w]); err != nil {
+			if err := submitShare(ctx, cfg, ds[w%len(ds)], st, w, writers, batch, start, rate, wants[w]); err != nil {
 				errc <- err
 			}
 		}()
@@ -358,7 +399,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 		return nil, fmt.Errorf("submit: %w", err)
 	default:
 	}
-	stored := dirSize(dir) - empty
+	stored := env.size(ctx) - empty
 	want := make([]int64, cfg.ASes)
 	var total int64
 	for _, ws := range wants {

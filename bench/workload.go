@@ -57,6 +57,13 @@ type Config struct {
 	// path, when there are more of them than this (default 100): each AS
 	// still has its own URL and hs_token.
 	SharedServerAbove int
+	// Store is the backend, StoreSQLite (default) or StorePostgres on DSN.
+	Store string
+	DSN   string
+	// Processes lists the dispatcher instance counts the end-to-end
+	// figure is also measured with on a shared (PostgreSQL) store, e.g.
+	// 1, 2, 3; empty measures one.
+	Processes []int
 }
 
 // Namespace kinds for Config.Mix.
@@ -115,6 +122,9 @@ func (c *Config) defaults() {
 		c.AliasChurn = 0.01
 	}
 	c.Churn, c.AliasChurn = max(c.Churn, 0), max(c.AliasChurn, 0)
+	if c.Store == "" {
+		c.Store = StoreSQLite
+	}
 }
 
 const server = "bench.example.org"

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -31,6 +32,9 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	fs.Float64Var(&cfg.AliasChurn, "alias-churn", 0.01, "share of events that move the room's alias (negative: none)")
 	fs.IntVar(&cfg.CatchupEvents, "catchup-events", 100000, "backlog of one AS while it is down (negative: skip catch-up)")
 	fs.IntVar(&cfg.BaselineCatchupEvents, "baseline-catchup-events", 100000, "most events the baseline drains; more are extrapolated")
+	stores := fs.String("store", bench.StoreSQLite, "store backend(s): sqlite, postgres, or sqlite,postgres for both side by side")
+	fs.StringVar(&cfg.DSN, "dsn", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "PostgreSQL DSN for --store postgres (each phase uses a new schema, dropped after)")
+	processes := fs.String("processes", "1,2,3", "with --store postgres: dispatcher instances sharing the store, end to end measured for each")
 	halfLoad := fs.Bool("half-load", true, "measure latency at half the measured end-to-end throughput")
 	sweep := fs.String("sweep", "", "run each figure for several values, e.g. ases=10,100,1000,10000")
 	plot := fs.String("plot", "bench-sweep.png", "PNG plot of the sweep")
@@ -44,6 +48,23 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cfg.SkipHalfLoad = !*halfLoad
+	var backends []string
+	for _, b := range strings.Split(*stores, ",") {
+		if b != bench.StoreSQLite && b != bench.StorePostgres {
+			fmt.Fprintf(stderr, "asdispatch bench: --store: %q is neither sqlite nor postgres\n", b)
+			return 2
+		}
+		backends = append(backends, b)
+	}
+	var procs []int
+	for _, p := range strings.Split(*processes, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(p))
+		if err != nil || n < 1 || n > 16 {
+			fmt.Fprintf(stderr, "asdispatch bench: --processes: %q is not a count from 1 to 16\n", p)
+			return 2
+		}
+		procs = append(procs, n)
+	}
 	progress := func(stage string, done, total int) {
 		const width = 30
 		n := width * done / total
@@ -52,7 +73,12 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr)
 		}
 	}
+	if *sweep != "" && len(backends) > 1 {
+		fmt.Fprintln(stderr, "asdispatch bench: --sweep runs one --store at a time")
+		return 2
+	}
 	if *sweep != "" {
+		cfg.Store = backends[0]
 		sw, err := bench.ParseSweep(*sweep)
 		if err != nil {
 			fmt.Fprintf(stderr, "asdispatch bench: --sweep: %v\n", err)
@@ -81,18 +107,72 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	rep, err := bench.Run(context.Background(), cfg, progress)
-	if err != nil {
-		fmt.Fprintf(stderr, "\nasdispatch bench: %v\n", err)
-		return 1
+	var reps []*bench.Report
+	for _, b := range backends {
+		c := cfg
+		c.Store = b
+		if b == bench.StorePostgres {
+			c.Processes = procs
+		}
+		rep, err := bench.Run(context.Background(), c, progress)
+		if err != nil {
+			fmt.Fprintf(stderr, "\nasdispatch bench: %s: %v\n", b, err)
+			return 1
+		}
+		reps = append(reps, rep)
 	}
 	if *asJSON {
-		printJSON(stdout, rep)
+		if len(reps) == 1 {
+			printJSON(stdout, reps[0])
+		} else {
+			printJSON(stdout, map[string]any{"reports": reps})
+		}
 		return 0
 	}
+	for i, rep := range reps {
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		printReport(stdout, rep)
+	}
+	if len(reps) > 1 {
+		printSideBySide(stdout, reps)
+	}
+	return 0
+}
+
+// printSideBySide puts each figure of every store in one row.
+func printSideBySide(w io.Writer, reps []*bench.Report) {
+	fmt.Fprintln(w, "\nside by side (same run, same workload):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "figure\t")
+	for _, r := range reps {
+		fmt.Fprintf(tw, "%s\t", r.Config.Store)
+	}
+	fmt.Fprintln(tw)
+	seen := map[string]bool{}
+	for _, r := range reps {
+		for _, f := range r.Figures {
+			if seen[f.Name] {
+				continue
+			}
+			seen[f.Name] = true
+			fmt.Fprintf(tw, "%s (%s)\t", f.Name, f.Unit)
+			for _, o := range reps {
+				g, _ := o.Figure(f.Name)
+				fmt.Fprintf(tw, "%s\t", num(g.Value))
+			}
+			fmt.Fprintln(tw)
+		}
+	}
+	tw.Flush()
+}
+
+// printReport prints one report as a table with its notes.
+func printReport(stdout io.Writer, rep *bench.Report) {
 	c := rep.Config
-	fmt.Fprintf(stdout, "%d ASes (%d users regexes each: %s), %d rooms, interest %.1f%%, %.0f%% membership and %.0f%% alias changes, %d-byte events, %d events a round, median of %d rounds\n\n",
-		c.ASes, c.Namespaces, strings.Join(c.Mix, ","), c.Rooms, c.Interest*100, c.Churn*100, c.AliasChurn*100, c.EventSize, c.Events, c.Rounds)
+	fmt.Fprintf(stdout, "store %s; %d ASes (%d users regexes each: %s), %d rooms, interest %.1f%%, %.0f%% membership and %.0f%% alias changes, %d-byte events, %d events a round, median of %d rounds\n\n",
+		c.Store, c.ASes, c.Namespaces, strings.Join(c.Mix, ","), c.Rooms, c.Interest*100, c.Churn*100, c.AliasChurn*100, c.EventSize, c.Events, c.Rounds)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "figure\tasdispatch\tbaseline\tlimit\tvs baseline\tof limit\t")
 	var notes []string
@@ -111,7 +191,6 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stdout, n)
 		}
 	}
-	return 0
 }
 
 func printJSON(w io.Writer, v any) {

@@ -19,6 +19,9 @@ func TestBenchFlags(t *testing.T) {
 	}{
 		{"bad mix", []string{"--mix", "prefix,glob"}, 2, []string{"unknown namespace kind"}},
 		{"bad sweep", []string{"--sweep", "rooms=1"}, 2, []string{"want ases="}},
+		{"bad store", []string{"--store", "mysql"}, 2, []string{"neither sqlite nor postgres"}},
+		{"bad processes", []string{"--store", "postgres", "--processes", "1,0"}, 2, []string{"not a count"}},
+		{"sweep of two stores", []string{"--store", "sqlite,postgres", "--sweep", "ases=1,3"}, 2, []string{"one --store at a time"}},
 		{"tiny run", append([]string{"--ases", "2", "--mix", "suffix,noliteral"}, tiny...), 0,
 			[]string{"dispatch decisions", "catch-up", "latency at half load, p99", "peak RSS", "suffix,noliteral"}},
 		{"tiny sweep", append([]string{"--sweep", "ases=1,3", "--plot", plot}, tiny...), 0,
@@ -40,6 +43,9 @@ func TestBenchFlags(t *testing.T) {
 				}
 			}
 		})
+	}
+	if testing.Short() {
+		return
 	}
 	if b, err := os.ReadFile(plot); err != nil || !bytes.HasPrefix(b, []byte("\x89PNG")) {
 		t.Errorf("plot: %v, starts %q", err, b[:min(8, len(b))])
