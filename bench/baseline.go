@@ -7,13 +7,15 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 	_ "github.com/mattn/go-sqlite3" // the baseline's and the limit's own tables
 
 	"github.com/asdispatch/asdispatch/dispatcher"
@@ -117,23 +119,76 @@ func (p *plainDecider) decide(ctx context.Context, ev *dispatcher.Event) ([]int,
 // baselineTxns stores, syncs and sends one AS's 100-event transactions one
 // at a time, awaiting each before the next, and deletes them once sent.
 type baselineTxns struct {
-	db     *sql.DB
+	db     *baselineDB
 	client *http.Client
 	srv    *servers
 	txnID  int
 }
 
-func openBaselineDB(ctx context.Context, dir, schema string) (*sql.DB, error) {
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dir, "baseline.db")+"?_journal_mode=WAL&_synchronous=FULL")
+// baselineDB is the references' own database on the bench's store: a
+// SQLite file (WAL, synchronous=FULL) or a fresh PostgreSQL schema, one
+// connection, each statement its own durable commit unless in a tx.
+type baselineDB struct {
+	*sql.DB
+	env *storeEnv
+}
+
+// openBaselineDB creates the tables of ddl (SQLite syntax, ";"-separated)
+// in a fresh store of cfg's backend.
+func openBaselineDB(ctx context.Context, cfg *Config, ddl string) (*baselineDB, error) {
+	env, err := newStoreEnv(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	db.SetMaxOpenConns(1)
-	if _, err := db.ExecContext(ctx, schema); err != nil {
-		db.Close()
-		return nil, err
+	var db *sql.DB
+	if env.backend == StorePostgres {
+		pcfg, err := pgx.ParseConfig(env.dsn)
+		if err != nil {
+			env.close()
+			return nil, err
+		}
+		db = stdlib.OpenDB(*pcfg)
+		ddl = strings.NewReplacer("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY", "INTEGER", "BIGINT", "BLOB", "BYTEA").Replace(ddl)
+	} else {
+		db, err = sql.Open("sqlite3", "file:"+filepath.Join(env.dir, "baseline.db")+"?_journal_mode=WAL&_synchronous=FULL")
+		if err != nil {
+			env.close()
+			return nil, err
+		}
 	}
-	return db, nil
+	db.SetMaxOpenConns(1)
+	b := &baselineDB{DB: db, env: env}
+	for _, stmt := range strings.Split(ddl, ";") {
+		if _, err := db.ExecContext(ctx, stmt); err != nil {
+			b.Close()
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+// q writes a query's "?" placeholders as the backend wants them.
+func (b *baselineDB) q(query string) string {
+	if b.env.backend != StorePostgres {
+		return query
+	}
+	var out strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			fmt.Fprintf(&out, "$%d", n)
+			continue
+		}
+		out.WriteRune(r)
+	}
+	return out.String()
+}
+
+func (b *baselineDB) Close() error {
+	err := b.DB.Close()
+	b.env.close()
+	return err
 }
 
 const txnSchema = `CREATE TABLE txns (as_id INTEGER, txn_id INTEGER, body BLOB, PRIMARY KEY (as_id, txn_id))`
@@ -148,7 +203,7 @@ func (b *baselineTxns) send(ctx context.Context, as int, events [][]byte) error 
 	}
 	body.WriteString(`]}`)
 	b.txnID++
-	if _, err := b.db.ExecContext(ctx, `INSERT INTO txns (as_id, txn_id, body) VALUES (?, ?, ?)`, as, b.txnID, body.Bytes()); err != nil {
+	if _, err := b.db.ExecContext(ctx, b.db.q(`INSERT INTO txns (as_id, txn_id, body) VALUES (?, ?, ?)`), as, b.txnID, body.Bytes()); err != nil {
 		return err
 	}
 	a := b.srv.as[as]
@@ -167,7 +222,7 @@ func (b *baselineTxns) send(ctx context.Context, as int, events [][]byte) error 
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("baseline: AS answered %s", resp.Status)
 	}
-	_, err = b.db.ExecContext(ctx, `DELETE FROM txns WHERE as_id = ? AND txn_id = ?`, as, b.txnID)
+	_, err = b.db.ExecContext(ctx, b.db.q(`DELETE FROM txns WHERE as_id = ? AND txn_id = ?`), as, b.txnID)
 	return err
 }
 
@@ -177,12 +232,7 @@ func (b *baselineTxns) send(ctx context.Context, as int, events [][]byte) error 
 // the next. It runs the same workload for at most baselineBudget and
 // returns its events/s.
 func baseline(ctx context.Context, cfg *Config, pats []namespace.Pattern, srv *servers) (float64, error) {
-	dir, err := os.MkdirTemp("", "asdispatch-baseline-")
-	if err != nil {
-		return 0, err
-	}
-	defer os.RemoveAll(dir)
-	db, err := openBaselineDB(ctx, dir, txnSchema)
+	db, err := openBaselineDB(ctx, cfg, txnSchema)
 	if err != nil {
 		return 0, err
 	}
@@ -231,12 +281,7 @@ func baseline(ctx context.Context, cfg *Config, pats []namespace.Pattern, srv *s
 // synced, sent and awaited, then deleted, one transaction at a time.
 // Filling the backlog is not timed.
 func baselineCatchup(ctx context.Context, cfg *Config, a *asServer, n int) (time.Duration, error) {
-	dir, err := os.MkdirTemp("", "asdispatch-baseline-")
-	if err != nil {
-		return 0, err
-	}
-	defer os.RemoveAll(dir)
-	db, err := openBaselineDB(ctx, dir, txnSchema+`; CREATE TABLE backlog (seq INTEGER PRIMARY KEY, data BLOB)`)
+	db, err := openBaselineDB(ctx, cfg, txnSchema+`; CREATE TABLE backlog (seq INTEGER PRIMARY KEY, data BLOB)`)
 	if err != nil {
 		return 0, err
 	}
@@ -248,7 +293,7 @@ func baselineCatchup(ctx context.Context, cfg *Config, a *asServer, n int) (time
 		}
 		for i := 0; i < 1000 && done < n; i, done = i+1, done+1 {
 			id := "$c" + strconv.Itoa(done)
-			if _, err := tx.Exec(`INSERT INTO backlog (data) VALUES (?)`, eventJSON(id, "!catchup:"+server, "m.room.message", "@u:"+server, nil, "", cfg.EventSize, 0)); err != nil {
+			if _, err := tx.Exec(db.q(`INSERT INTO backlog (data) VALUES (?)`), eventJSON(id, "!catchup:"+server, "m.room.message", "@u:"+server, nil, "", cfg.EventSize, 0)); err != nil {
 				tx.Rollback()
 				return 0, err
 			}
@@ -264,7 +309,7 @@ func baselineCatchup(ctx context.Context, cfg *Config, a *asServer, n int) (time
 	var after int64
 	events := make([][]byte, 0, cfg.MaxEventsPerTxn)
 	for {
-		rows, err := db.QueryContext(ctx, `SELECT seq, data FROM backlog WHERE seq > ? ORDER BY seq LIMIT ?`, after, cfg.MaxEventsPerTxn)
+		rows, err := db.QueryContext(ctx, db.q(`SELECT seq, data FROM backlog WHERE seq > ? ORDER BY seq LIMIT ?`), after, cfg.MaxEventsPerTxn)
 		if err != nil {
 			return 0, err
 		}
@@ -287,7 +332,7 @@ func baselineCatchup(ctx context.Context, cfg *Config, a *asServer, n int) (time
 		if err := txns.send(ctx, 0, events); err != nil {
 			return 0, err
 		}
-		if _, err := db.ExecContext(ctx, `DELETE FROM backlog WHERE seq <= ?`, after); err != nil {
+		if _, err := db.ExecContext(ctx, db.q(`DELETE FROM backlog WHERE seq <= ?`), after); err != nil {
 			return 0, err
 		}
 	}
@@ -299,33 +344,44 @@ func baselineCatchup(ctx context.Context, cfg *Config, a *asServer, n int) (time
 }
 
 // limit measures what this machine can do with the same bytes and nothing
-// else: raw SQLite inserts (same durability, 1000 rows a commit) and raw
-// loopback PUTs of 100-event bodies to the same servers, one in flight per
-// AS, at most 64 at once. Both are in events/s of the workload.
+// else: raw inserts into the bench's store (same durability, 1000 rows a
+// commit: row by row in SQLite, one array insert in PostgreSQL, the fastest
+// plain way of each) and raw loopback PUTs of 100-event bodies to the same
+// servers, one in flight per AS, at most 64 at once. Both are in events/s
+// of the workload.
 func limit(ctx context.Context, cfg *Config, srv *servers) (insertRate, putRate float64, err error) {
-	dir, err := os.MkdirTemp("", "asdispatch-limit-")
-	if err != nil {
-		return 0, 0, err
-	}
-	defer os.RemoveAll(dir)
-	db, err := openBaselineDB(ctx, dir, `CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`)
+	db, err := openBaselineDB(ctx, cfg, `CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`)
 	if err != nil {
 		return 0, 0, err
 	}
 	defer db.Close()
 	data := eventJSON("$x", roomID(0), "m.room.message", sender(0), nil, "", cfg.EventSize, 0)
+	pg := db.env.backend == StorePostgres
+	rows := make([][]byte, 1000)
+	for i := range rows {
+		rows[i] = data
+	}
 	start := time.Now()
 	for done := 0; done < cfg.Events; {
 		tx, err := db.BeginTx(ctx, nil)
 		if err != nil {
 			return 0, 0, err
 		}
-		for i := 0; i < 1000 && done < cfg.Events; i, done = i+1, done+1 {
-			if _, err := tx.Exec(`INSERT INTO raw (data) VALUES (?)`, data); err != nil {
+		n := min(1000, cfg.Events-done)
+		if pg {
+			if _, err := tx.Exec(`INSERT INTO raw (data) SELECT unnest($1::BYTEA[])`, rows[:n]); err != nil {
 				tx.Rollback()
 				return 0, 0, err
 			}
+		} else {
+			for i := 0; i < n; i++ {
+				if _, err := tx.Exec(`INSERT INTO raw (data) VALUES (?)`, data); err != nil {
+					tx.Rollback()
+					return 0, 0, err
+				}
+			}
 		}
+		done += n
 		if err := tx.Commit(); err != nil {
 			return 0, 0, err
 		}
