@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"testing"
+
+	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
 // BenchmarkDecisions profiles the dispatch decisions figure, e.g.
@@ -60,10 +62,19 @@ func BenchmarkCatchup(b *testing.B) {
 // BenchmarkEndToEnd profiles the end-to-end figure at 10 ASes, each
 // interested in every event, and at 1,000 ASes, 10 of them per event, e.g.
 // go test -run X -bench EndToEnd/ases=10$ -cpuprofile cpu.out ./bench/
+//
+// The store=postgres case runs on ASDISPATCH_TEST_POSTGRES (or the local
+// server): go test -run X -bench EndToEnd/store=postgres ./bench/
 func BenchmarkEndToEnd(b *testing.B) {
-	for _, n := range []int{10, 1000} {
-		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
-			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000}
+	cases := []struct {
+		name  string
+		ases  int
+		store string
+	}{{"ases=10", 10, StoreSQLite}, {"ases=1000", 1000, StoreSQLite}, {"store=postgres", 10, StorePostgres}}
+	for _, c := range cases {
+		n := c.ases
+		b.Run(c.name, func(b *testing.B) {
+			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000, Store: c.store, DSN: pgtest.DSN()}
 			cfg.defaults()
 			srv, err := startServers(cfg.ASes, n > cfg.SharedServerAbove)
 			if err != nil {
