@@ -65,13 +65,32 @@ const minUseful = 2
 
 func buildIndex(pats []entry, lits []literals) *index {
 	ix := &index{pats: pats, trie: []trieNode{{}}}
+	// How many patterns share each literal: a literal every AS has (a
+	// server name like ":example.org") selects nothing, however long.
+	factorShare := map[string]int{}
+	prefixShare := map[string]int{}
+	for _, l := range lits {
+		factorShare[l.factor]++
+		for _, p := range l.prefixes {
+			prefixShare[p]++
+		}
+	}
 	var factors []string
 	var factorPats []int32
 	for i, l := range lits {
 		pi := int32(i)
 		pre := shortest(l.prefixes)
 		usefulPrefix := pre >= minUseful && !sigilOnly(l.prefixes)
+		prefixShared := 0
+		for _, p := range l.prefixes {
+			prefixShared = max(prefixShared, prefixShare[p])
+		}
 		switch {
+		case usefulPrefix && len(l.factor) >= 3 && prefixShared < factorShare[l.factor]:
+			// The prefix is the more selective key.
+			for _, p := range l.prefixes {
+				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
+			}
 		case usefulPrefix && (l.exact || pre >= len(l.factor)):
 			for _, p := range l.prefixes {
 				ix.addPrefix(p, cand{pat: pi, exact: l.exact})

@@ -291,3 +291,32 @@ func TestPathologicalPatterns(t *testing.T) {
 		})
 	}
 }
+
+// TestSharedFactorNotIndexed: when every AS's pattern ends in the same
+// server name, that literal selects nothing; the distinct prefixes are
+// indexed instead, so a lookup runs only the regexes whose prefix matches.
+func TestSharedFactorNotIndexed(t *testing.T) {
+	var pats []Pattern
+	for i := range 1000 {
+		pats = append(pats, Pattern{Kind: Rooms, Owner: i, Regex: fmt.Sprintf(`!_as%d_.*:example\.org`, i)})
+	}
+	pats = append(pats, Pattern{Kind: Rooms, Owner: 1000, Regex: `!.*:bridge\.example\.org`}) // a distinct factor stays a factor
+	m, err := Compile(pats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ix := m.kinds[Rooms]
+	if ix.ac == nil || len(ix.scan) != 0 {
+		t.Fatalf("want one factor in the automaton and nothing scanned, got ac=%v scan=%d", ix.ac != nil, len(ix.scan))
+	}
+	for id, want := range map[string]int{"!_as7_abc:example.org": 0, "!x:bridge.example.org": 1} {
+		n := 0
+		ix.ac.each(id, func(int32) { n++ })
+		if n != want {
+			t.Errorf("the automaton reports %d patterns for %s, want %d (the shared suffix must not be a key)", n, id, want)
+		}
+	}
+	if got := m.Match(Rooms, "!_as7_abc:example.org"); len(got) != 1 || got[0].Owner != 7 {
+		t.Errorf("Match = %v, want AS 7", got)
+	}
+}
