@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -173,10 +174,9 @@ func (c *Config) registrationYAML(i int, url, hsToken string) string {
 		re, ex := c.userRegex(i, j)
 		fmt.Fprintf(&b, "    - {exclusive: %v, regex: %s}\n", ex, strconv.Quote(re))
 	}
-	fmt.Fprintf(&b, "  aliases:\n    - {exclusive: true, regex: \"#_as%d_.*\"}\n", i)
-	// Not "!_as%d_.*:bench\\.example\\.org": the index would key it on
-	// the server suffix every AS shares and run 10,000 regexes per room ID.
-	fmt.Fprintf(&b, "  rooms:\n    - {exclusive: false, regex: \"!_as%d_.*\"}\n", i)
+	fmt.Fprintf(&b, "  aliases:\n    - {exclusive: true, regex: %s}\n", strconv.Quote(fmt.Sprintf("#_as%d_.*:%s", i, regexp.QuoteMeta(server))))
+	// The server suffix every AS shares: the index must key on the prefix.
+	fmt.Fprintf(&b, "  rooms:\n    - {exclusive: false, regex: %s}\n", strconv.Quote(fmt.Sprintf("!_as%d_.*:%s", i, regexp.QuoteMeta(server))))
 	return b.String()
 }
 
