@@ -188,7 +188,6 @@ func (s *SQLite) writer() {
 			}
 		}
 		s.commit(ops)
-		s.maybeGC(len(s.ops) == 0)
 	}
 }
 
@@ -214,6 +213,16 @@ func (s *SQLite) commit(ops []*op) {
 		}
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
+		}
+		if s.gcDue() {
+			// In the commit, not after it: its own commit would cost another
+			// fsync. A failed commit leaves the garbage for the next one.
+			if _, err := tx.Exec(gcStreams); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(gcItems); err != nil {
+				return err
+			}
 		}
 		if s.opts.BeforeCommit != nil {
 			if err := s.opts.BeforeCommit(); err != nil {
@@ -287,16 +296,16 @@ func streamsInsert(n int) string {
 	return "INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 }
 
-// maybeGC deletes stream rows and items nothing needs any more, now and
-// then, so its cost is spread thin.
-func (s *SQLite) maybeGC(idle bool) {
+// gcDue says whether this commit also deletes the stream rows and items
+// nothing needs any more: every 64th commit, or sooner when the writer is
+// idle, so the cost is spread thin.
+func (s *SQLite) gcDue() bool {
 	s.sinceGC++
-	if s.sinceGC < 256 && !(idle && s.sinceGC > 1) {
-		return
+	if s.sinceGC < 64 && !(len(s.ops) == 0 && s.sinceGC > 1) {
+		return false
 	}
 	s.sinceGC = 0
-	_, _ = s.wdb.Exec(gcStreams)
-	_, _ = s.wdb.Exec(gcItems)
+	return true
 }
 
 // EnsureAS implements Store.
