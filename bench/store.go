@@ -6,7 +6,6 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 
@@ -52,18 +51,7 @@ func newStoreEnv(ctx context.Context, cfg *Config) (*storeEnv, error) {
 		admin.Close()
 		return nil, fmt.Errorf("postgres: create schema: %w", err)
 	}
-	return &storeEnv{backend: StorePostgres, dsn: withSearchPath(cfg.DSN, schema), schema: schema, admin: admin}, nil
-}
-
-// withSearchPath returns dsn with its search_path set to schema.
-func withSearchPath(dsn, schema string) string {
-	if u, err := url.Parse(dsn); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
-		q := u.Query()
-		q.Set("search_path", schema)
-		u.RawQuery = q.Encode()
-		return u.String()
-	}
-	return dsn + " search_path=" + schema
+	return &storeEnv{backend: StorePostgres, dsn: txnstore.WithSearchPath(cfg.DSN, schema), schema: schema, admin: admin}, nil
 }
 
 // open opens one more store on the environment: on PostgreSQL each is a

@@ -7,8 +7,8 @@ package bench
 import (
 	"context"
 	"fmt"
-	"slices"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"

@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/asdispatch/asdispatch/internal/pgdsn"
 )
 
 // Postgres is the Store several processes share. Each process runs one
@@ -69,6 +71,11 @@ const (
 	// once (pg_advisory_xact_lock key, "asdm").
 	migrationLock = 0x6173646d
 )
+
+// WithSearchPath returns dsn (a URL or key=value DSN) with its search_path
+// set to schema: the way to keep the dispatcher's tables in a schema of
+// their own in the homeserver's database.
+func WithSearchPath(dsn, schema string) string { return pgdsn.WithSearchPath(dsn, schema) }
 
 // OpenPostgres connects to the database of dsn (a libpq URL or key=value
 // string; its search_path picks the schema) and brings the schema up to date.
@@ -160,22 +167,9 @@ func (s *Postgres) do(ctx context.Context, fn func(ctx context.Context, tx *sql.
 func (s *Postgres) writer() {
 	defer close(s.done)
 	for {
-		o, ok := <-s.ops
+		ops, ok := nextBatch(s.ops)
 		if !ok {
 			return
-		}
-		ops := []*pgOp{o}
-	drain:
-		for len(ops) < maxOpsPerCommit {
-			select {
-			case o, ok := <-s.ops:
-				if !ok {
-					break drain
-				}
-				ops = append(ops, o)
-			default:
-				break drain
-			}
 		}
 		s.commit(ops)
 		s.maybeGC(len(s.ops) == 0)

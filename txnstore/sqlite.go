@@ -167,25 +167,34 @@ func (s *SQLite) do(ctx context.Context, fn func(tx *sql.Tx, b *batch) error) er
 
 const maxOpsPerCommit = 4096
 
+// nextBatch waits for an op and takes every op already queued behind it,
+// up to maxOpsPerCommit: the ops one commit serves. False once ops closes.
+func nextBatch[T any](ops chan T) ([]T, bool) {
+	o, ok := <-ops
+	if !ok {
+		return nil, false
+	}
+	batch := []T{o}
+	for len(batch) < maxOpsPerCommit {
+		select {
+		case o, ok := <-ops:
+			if !ok {
+				return batch, true
+			}
+			batch = append(batch, o)
+		default:
+			return batch, true
+		}
+	}
+	return batch, true
+}
+
 func (s *SQLite) writer() {
 	defer close(s.done)
 	for {
-		o, ok := <-s.ops
+		ops, ok := nextBatch(s.ops)
 		if !ok {
 			return
-		}
-		ops := []*op{o}
-	drain:
-		for len(ops) < maxOpsPerCommit {
-			select {
-			case o, ok := <-s.ops:
-				if !ok {
-					break drain
-				}
-				ops = append(ops, o)
-			default:
-				break drain
-			}
 		}
 		s.commit(ops)
 	}

@@ -10,7 +10,6 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
-	"net/url"
 	"os"
 	"strconv"
 	"testing"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
+
+	"github.com/asdispatch/asdispatch/internal/pgdsn"
 )
 
 // DefaultDSN is the server used when ASDISPATCH_TEST_POSTGRES is unset.
@@ -70,15 +71,7 @@ func Schema(t testing.TB) string {
 }
 
 // WithSearchPath returns dsn with its search_path set to schema.
-func WithSearchPath(dsn, schema string) string {
-	if u, err := url.Parse(dsn); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
-		q := u.Query()
-		q.Set("search_path", schema)
-		u.RawQuery = q.Encode()
-		return u.String()
-	}
-	return dsn + " search_path=" + schema
-}
+func WithSearchPath(dsn, schema string) string { return pgdsn.WithSearchPath(dsn, schema) }
 
 // Open returns a connection pool on dsn for a test's own queries.
 func Open(t testing.TB, dsn string) *sql.DB {
