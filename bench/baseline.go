@@ -388,14 +388,7 @@ func limit(ctx context.Context, cfg *Config, srv *servers) (insertRate, putRate 
 	}
 	insertRate = float64(cfg.Events) / time.Since(start).Seconds()
 
-	body := bytes.NewBufferString(`{"events":[`)
-	for i := 0; i < cfg.MaxEventsPerTxn; i++ {
-		if i > 0 {
-			body.WriteByte(',')
-		}
-		body.Write(eventJSON("$"+strconv.Itoa(i), "!r:x", "m.room.message", "@u:x", nil, "", cfg.EventSize, 0))
-	}
-	body.WriteString(`]}`)
+	body := rawBody(cfg)
 	perAS := max(1, cfg.Events*cfg.perRoom()/cfg.ASes/cfg.MaxEventsPerTxn)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	defer client.CloseIdleConnections()
@@ -429,10 +422,9 @@ func limit(ctx context.Context, cfg *Config, srv *servers) (insertRate, putRate 
 	return insertRate, putRate, nil
 }
 
-// catchupLimit is the least a catch-up of n events to one AS can take here:
-// n/MaxEventsPerTxn raw PUTs of a 100-event body, one at a time (the
-// order the AS must see), nothing stored.
-func catchupLimit(ctx context.Context, cfg *Config, a *asServer, n int) (time.Duration, error) {
+// rawBody is a full transaction body of the workload's events, for the
+// raw PUTs of the limits.
+func rawBody(cfg *Config) *bytes.Buffer {
 	body := bytes.NewBufferString(`{"events":[`)
 	for i := 0; i < cfg.MaxEventsPerTxn; i++ {
 		if i > 0 {
@@ -441,6 +433,14 @@ func catchupLimit(ctx context.Context, cfg *Config, a *asServer, n int) (time.Du
 		body.Write(eventJSON("$"+strconv.Itoa(i), "!r:x", "m.room.message", "@u:x", nil, "", cfg.EventSize, 0))
 	}
 	body.WriteString(`]}`)
+	return body
+}
+
+// catchupLimit is the least a catch-up of n events to one AS can take here:
+// n/MaxEventsPerTxn raw PUTs of a 100-event body, one at a time (the
+// order the AS must see), nothing stored.
+func catchupLimit(ctx context.Context, cfg *Config, a *asServer, n int) (time.Duration, error) {
+	body := rawBody(cfg)
 	client := &http.Client{Transport: &http.Transport{}}
 	defer client.CloseIdleConnections()
 	start := time.Now()
