@@ -105,10 +105,20 @@ func migrate(ctx context.Context, tx *sql.Tx, d *dialect) error {
 }
 
 // Garbage collection: stream rows every cursor has passed, then items no
-// stream row needs. Items at or past next_seq are not committed yet.
+// stream row needs. Items at or past next_seq are not committed yet. Both
+// walk the streams primary key (as_key, last_seq) per AS instead of the
+// whole table: with a large backlog a scan would cost every collection as
+// much as the backlog. An AS's rows are disjoint ranges in order, so its
+// lowest first_seq is that of its lowest last_seq.
 const (
-	gcStreams = `DELETE FROM streams WHERE last_seq <= (SELECT delivered FROM appservices a WHERE a.as_key = streams.as_key)`
-	gcItems   = `DELETE FROM items WHERE seq < COALESCE((SELECT MIN(first_seq) FROM streams), (SELECT value FROM meta WHERE key = 'next_seq'))`
+	gcStreams = `DELETE FROM streams WHERE (as_key, last_seq) IN (SELECT s.as_key, s.last_seq FROM appservices a
+		JOIN streams s ON s.as_key = a.as_key AND s.last_seq <= a.delivered)`
+	// SQLite plans the join with streams outside without statistics;
+	// CROSS JOIN makes it walk the ASes and search streams by range.
+	gcStreamsSQLite = `DELETE FROM streams WHERE (as_key, last_seq) IN (SELECT s.as_key, s.last_seq FROM appservices a
+		CROSS JOIN streams s ON s.as_key = a.as_key AND s.last_seq <= a.delivered)`
+	gcItems = `DELETE FROM items WHERE seq < COALESCE((SELECT MIN((SELECT s.first_seq FROM streams s WHERE s.as_key = a.as_key
+		ORDER BY s.last_seq LIMIT 1)) FROM appservices a), (SELECT value FROM meta WHERE key = 'next_seq'))`
 )
 
 func encodeSeqs(seqs []int64) []byte {

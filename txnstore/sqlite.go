@@ -226,7 +226,7 @@ func (s *SQLite) commit(ops []*op) {
 		if s.gcDue() {
 			// In the commit, not after it: its own commit would cost another
 			// fsync. A failed commit leaves the garbage for the next one.
-			if _, err := tx.Exec(gcStreams); err != nil {
+			if _, err := tx.Exec(gcStreamsSQLite); err != nil {
 				return err
 			}
 			if _, err := tx.Exec(gcItems); err != nil {
