@@ -30,6 +30,7 @@ type fakeAS struct {
 	mu      sync.Mutex
 	reqs    []attempt
 	respond func(n int, a attempt) int
+	delay   time.Duration // before each answer
 	got     chan struct{}
 }
 
@@ -80,6 +81,7 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 	if respond != nil {
 		code = respond(n, a)
 	}
+	time.Sleep(f.delay)
 	w.WriteHeader(code)
 	_, _ = w.Write([]byte("{}"))
 	select {
@@ -515,5 +517,30 @@ func TestTooLargeSingleEvent(t *testing.T) {
 				t.Fatalf("delivered %d events %.40q, want %.40q", len(got), got, tt.want)
 			}
 		})
+	}
+}
+
+// TestTrickleIsBatched: events arriving one by one while a transaction is
+// in flight wait and go together in the next one, instead of each becoming
+// a transaction (two commits) of its own.
+func TestTrickleIsBatched(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	defer h.close()
+	as := newFakeAS(t, nil)
+	as.delay = 20 * time.Millisecond // a slow AS
+	key := h.start(as, "a")
+	want := seqBodies("e", 60)
+	for _, e := range want {
+		h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, e)
+		time.Sleep(2 * time.Millisecond)
+	}
+	waitFor(t, "all events", func() bool { return len(as.delivered()) == len(want) })
+	if got := as.delivered(); !equal(got, want) {
+		t.Fatalf("delivered %v, want %v", got, want)
+	}
+	if n := len(as.attempts()); n > 12 {
+		t.Errorf("60 events trickling in at 2 ms to an AS taking 20 ms came in %d transactions; want them batched", n)
+	} else {
+		t.Logf("60 events in %d transactions", n)
 	}
 }

@@ -43,6 +43,9 @@ type sender struct {
 
 	signal chan struct{} // new items
 	wake   chan struct{} // retry now
+	sent   chan struct{} // a transaction was delivered
+	// sending is set while run delivers a transaction.
+	sending atomic.Bool
 
 	liveMu    sync.Mutex
 	live      Live
@@ -72,6 +75,7 @@ func newSender(q *Queues, as AS) *sender {
 		completeAfter: unknown,
 		signal:        make(chan struct{}, 1),
 		wake:          make(chan struct{}, 1),
+		sent:          make(chan struct{}, 1),
 		done:          make(chan struct{}),
 		live:          Live{Up: true},
 	}
@@ -170,7 +174,10 @@ func (s *sender) term(bctx, sctx context.Context) {
 			// Stopping: what is frozen stays frozen for the next run.
 			continue
 		}
+		s.sending.Store(true)
 		s.deliver(bctx, sctx, t)
+		s.sending.Store(false)
+		s.poke(s.sent)
 	}
 }
 
@@ -315,14 +322,26 @@ func (s *sender) build(ctx context.Context, ready chan<- *txn, frozen []txnstore
 		if room < 1 {
 			room = 1
 		}
+		readMax := room * (lim.events + lim.ephemeral + lim.toDevice)
 		items := carry
 		if len(items) == 0 {
 			var err error
-			if items, err = s.next(ctx, after, room*(lim.events+lim.ephemeral+lim.toDevice)); err != nil {
+			if items, err = s.next(ctx, after, readMax, nil); err != nil {
 				return
 			}
 		}
 		f := s.as.Load().Format
+		// Hold a partial transaction back while another is queued or in
+		// flight: what arrives meanwhile joins it, so a trickle of events
+		// does not become a transaction (and two commits) per event. Full
+		// transactions are still frozen ahead.
+		for len(items) < readMax && cut(items, lim, f) == len(items) && (len(ready) > 0 || s.sending.Load()) {
+			more, err := s.next(ctx, items[len(items)-1].Seq, readMax-len(items), s.sent)
+			if err != nil {
+				return
+			}
+			items = append(items, more...)
+		}
 		var txns []*txn
 		var recs []txnstore.Txn
 		prev := after
@@ -365,10 +384,11 @@ func (s *sender) build(ctx context.Context, ready chan<- *txn, frozen []txnstore
 	}
 }
 
-// next returns up to max items after seq `after`, waiting for at least one.
-func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Item, error) {
+// next returns up to max items after seq `after`, waiting for at least
+// one, or returns none when wake fires first (nil: never).
+func (s *sender) next(ctx context.Context, after int64, max int, wake <-chan struct{}) ([]txnstore.Item, error) {
 	if s.q.leaser != nil {
-		return s.poll(ctx, after, max)
+		return s.poll(ctx, after, max, wake)
 	}
 	for {
 		s.mu.Lock()
@@ -393,6 +413,8 @@ func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Ite
 			select {
 			case <-s.signal:
 				continue
+			case <-wake:
+				return nil, nil
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			}
@@ -431,7 +453,7 @@ func (s *sender) next(ctx context.Context, after int64, max int) ([]txnstore.Ite
 
 // poll is next on a shared store: read, and when nothing is there, wait for
 // a local commit or the poll interval (commits of other processes).
-func (s *sender) poll(ctx context.Context, after int64, max int) ([]txnstore.Item, error) {
+func (s *sender) poll(ctx context.Context, after int64, max int, wake <-chan struct{}) ([]txnstore.Item, error) {
 	for {
 		var items []txnstore.Item
 		err := s.retryStore(ctx, "read", func(ctx context.Context) error {
@@ -446,6 +468,9 @@ func (s *sender) poll(ctx context.Context, after int64, max int) ([]txnstore.Ite
 		select {
 		case <-s.signal:
 			t.Stop()
+		case <-wake:
+			t.Stop()
+			return nil, nil
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
