@@ -425,37 +425,12 @@ func (s *Postgres) Freeze(ctx context.Context, as ASKey, replace int64, txns []T
 		if err != nil {
 			return err
 		}
-		if len(txns) == 0 {
-			return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
-		}
 		var lastFrozen int64
 		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM txns WHERE as_key = $1`, as).Scan(&lastFrozen); err != nil {
 			return err
 		}
-		start, end := max(delivered, lastFrozen), int64(-1)
-		if replace != 0 {
-			err := tx.QueryRowContext(ctx, `SELECT after_seq, last_seq FROM txns WHERE as_key = $1 AND txn_id = $2`, as, replace).Scan(&start, &end)
-			if errors.Is(err, sql.ErrNoRows) {
-				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
-			}
-			if err != nil {
-				return err
-			}
-		}
-		prev := start
-		for _, t := range txns {
-			if t.Range.After != prev || t.Range.Last <= t.Range.After {
-				return callError{fmt.Errorf("%w: (%d, %d] after %d", ErrBadRange, t.Range.After, t.Range.Last, prev)}
-			}
-			prev = t.Range.Last
-		}
-		if replace != 0 {
-			if prev != end {
-				return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
-			}
-			if _, err := tx.ExecContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = $2`, as, replace); err != nil {
-				return err
-			}
+		if err := checkFreeze(ctx, tx, postgresSQL, as, replace, max(delivered, lastFrozen), txns); err != nil {
+			return err
 		}
 		for i, t := range txns {
 			id := nextTxn

@@ -348,3 +348,37 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 	}
 	return out, nil
 }
+
+// checkFreeze checks that txns follow each other from start, the end of
+// what is delivered or frozen, or, when replace is set, that they exactly
+// cover the transaction they replace, which it then deletes.
+func checkFreeze(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start int64, txns []Txn) error {
+	if len(txns) == 0 {
+		return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
+	}
+	end := int64(-1)
+	if replace != 0 {
+		err := tx.QueryRowContext(ctx, d.q(`SELECT after_seq, last_seq FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace).Scan(&start, &end)
+		if errors.Is(err, sql.ErrNoRows) {
+			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	prev := start
+	for _, t := range txns {
+		if t.Range.After != prev || t.Range.Last <= t.Range.After {
+			return callError{fmt.Errorf("%w: (%d, %d] after %d", ErrBadRange, t.Range.After, t.Range.Last, prev)}
+		}
+		prev = t.Range.Last
+	}
+	if replace == 0 {
+		return nil
+	}
+	if prev != end {
+		return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
+	}
+	_, err := tx.ExecContext(ctx, d.q(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace)
+	return err
+}

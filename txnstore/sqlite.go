@@ -418,33 +418,8 @@ func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn
 		if r == nil {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
-		if len(txns) == 0 {
-			return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
-		}
-		start, end := max(r.delivered, r.lastFrozen), int64(-1)
-		if replace != 0 {
-			err := tx.QueryRow(`SELECT after_seq, last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, replace).Scan(&start, &end)
-			if errors.Is(err, sql.ErrNoRows) {
-				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
-			}
-			if err != nil {
-				return err
-			}
-		}
-		prev := start
-		for _, t := range txns {
-			if t.Range.After != prev || t.Range.Last <= t.Range.After {
-				return callError{fmt.Errorf("%w: (%d, %d] after %d", ErrBadRange, t.Range.After, t.Range.Last, prev)}
-			}
-			prev = t.Range.Last
-		}
-		if replace != 0 {
-			if prev != end {
-				return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
-			}
-			if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, replace); err != nil {
-				return err
-			}
+		if err := checkFreeze(context.Background(), tx, sqliteSQL, as, replace, max(r.delivered, r.lastFrozen), txns); err != nil {
+			return err
 		}
 		for i, t := range txns {
 			id := r.nextTxn
@@ -455,8 +430,8 @@ func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn
 			}
 			ids[i] = id
 		}
-		if prev > r.lastFrozen {
-			r.lastFrozen = prev
+		if last := txns[len(txns)-1].Range.Last; last > r.lastFrozen {
+			r.lastFrozen = last
 		}
 		_, err := tx.Exec(`UPDATE appservices SET next_txn = ? WHERE as_key = ?`, r.nextTxn, as)
 		return err
