@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/asdispatch/asdispatch/namespace"
+	"github.com/asdispatch/asdispatch/registry"
 	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
@@ -86,15 +88,7 @@ func TestDecisionsFollowState(t *testing.T) {
 			}
 			cfg := Config{ASes: tt.ases, Rooms: 7, Interest: tt.interest, Mix: mix, Namespaces: 2, Churn: 0.2, AliasChurn: 0.1, EventSize: 1}
 			cfg.defaults()
-			srv, err := startServers(cfg.ASes, true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer srv.close()
-			set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-			if err != nil {
-				t.Fatal(err)
-			}
+			_, set, pats := setup(t, &cfg, true)
 			st, bst := newState(&cfg), newState(&cfg)
 			d, err := openDispatcher(ctx, &cfg, set, &storeEnv{backend: StoreSQLite, dir: t.TempDir()}, st, "test")
 			if err != nil {
@@ -257,15 +251,7 @@ func TestCatchupDrains(t *testing.T) {
 	ctx := context.Background()
 	cfg := tiny()
 	cfg.defaults()
-	srv, err := startServers(cfg.ASes, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.close()
-	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, set, _ := setup(t, &cfg, false)
 	res, err := catchup(ctx, &cfg, set, srv)
 	if err != nil {
 		t.Fatal(err)
@@ -340,4 +326,20 @@ func TestRunPostgres(t *testing.T) {
 	if _, err := Run(context.Background(), cfg, nil); err == nil {
 		t.Error("two instances on one SQLite file were not refused")
 	}
+}
+
+// setup starts the AS servers of cfg (one shared server if shared) and
+// builds the registrations; the servers close when tb ends.
+func setup(tb testing.TB, cfg *Config, shared bool) (*servers, *registry.Set, []namespace.Pattern) {
+	tb.Helper()
+	srv, err := startServers(cfg.ASes, shared)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(srv.close)
+	set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return srv, set, pats
 }

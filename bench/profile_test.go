@@ -15,15 +15,7 @@ func BenchmarkDecisions(b *testing.B) {
 		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
 			cfg := Config{ASes: n, Interest: 10 / float64(n)}
 			cfg.defaults()
-			srv, err := startServers(n, true)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer srv.close()
-			set, pats, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-			if err != nil {
-				b.Fatal(err)
-			}
+			_, set, pats := setup(b, &cfg, true)
 			b.ResetTimer()
 			for range b.N {
 				f, err := decisionsFigure(context.Background(), &cfg, set, pats[:0])
@@ -41,15 +33,7 @@ func BenchmarkDecisions(b *testing.B) {
 func BenchmarkCatchup(b *testing.B) {
 	cfg := Config{CatchupEvents: 200000}
 	cfg.defaults()
-	srv, err := startServers(cfg.ASes, false)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer srv.close()
-	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-	if err != nil {
-		b.Fatal(err)
-	}
+	srv, set, _ := setup(b, &cfg, false)
 	for range b.N {
 		r, err := catchup(context.Background(), &cfg, set, srv)
 		if err != nil {
@@ -76,15 +60,7 @@ func BenchmarkEndToEnd(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000, Store: c.store, DSN: pgtest.DSN()}
 			cfg.defaults()
-			srv, err := startServers(cfg.ASes, n > cfg.SharedServerAbove)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer srv.close()
-			set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-			if err != nil {
-				b.Fatal(err)
-			}
+			srv, set, _ := setup(b, &cfg, n > cfg.SharedServerAbove)
 			for range b.N {
 				r, err := endToEnd(context.Background(), &cfg, set, srv, 0, 1)
 				if err != nil {
@@ -101,15 +77,7 @@ func BenchmarkEndToEnd(b *testing.B) {
 func BenchmarkHalfLoad(b *testing.B) {
 	cfg := Config{Events: 45000}
 	cfg.defaults()
-	srv, err := startServers(cfg.ASes, false)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer srv.close()
-	set, _, err := cfg.buildSet(func(i int) string { return srv.as[i].url }, func(i int) string { return srv.as[i].token })
-	if err != nil {
-		b.Fatal(err)
-	}
+	srv, set, _ := setup(b, &cfg, false)
 	for range b.N {
 		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000, 1)
 		if err != nil {
