@@ -26,10 +26,7 @@ type Postgres struct {
 	opts Options
 	db   *sql.DB
 
-	mu     sync.RWMutex // guards closed against sends on ops
-	closed bool
-	ops    chan *pgOp
-	done   chan struct{}
+	w *writer[*pgOp]
 
 	leaseMu sync.Mutex
 	leased  map[ASKey]string // owner of each lease Acquired here, until Released
@@ -84,13 +81,16 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Postgres, err
 	if err != nil {
 		return nil, err
 	}
-	s := &Postgres{opts: opts, db: db, ops: make(chan *pgOp, 1024), done: make(chan struct{}),
+	s := &Postgres{opts: opts, db: db, w: newWriter[*pgOp](),
 		leased: map[ASKey]string{}, ids: map[string]ASKey{}, known: map[ASKey]bool{}}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("txnstore: postgres: %w", err)
 	}
-	go s.writer()
+	s.w.start(func(ops []*pgOp) {
+		s.commit(ops)
+		s.maybeGC(s.w.idle())
+	})
 	return s, nil
 }
 
@@ -148,32 +148,10 @@ func (s *Postgres) migrate(ctx context.Context) error {
 // do hands fn to the writer and waits for its commit.
 func (s *Postgres) do(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx, b *pgBatch) error) error {
 	o := &pgOp{fn: fn, done: make(chan error, 1)}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return ErrClosed
+	if err := s.w.queue(ctx, o); err != nil {
+		return err
 	}
-	select {
-	case s.ops <- o:
-	case <-ctx.Done():
-		s.mu.RUnlock()
-		return ctx.Err()
-	}
-	s.mu.RUnlock()
-	// Once queued, the op is committed or failed whatever ctx says.
 	return <-o.done
-}
-
-func (s *Postgres) writer() {
-	defer close(s.done)
-	for {
-		ops, ok := nextBatch(s.ops)
-		if !ok {
-			return
-		}
-		s.commit(ops)
-		s.maybeGC(len(s.ops) == 0)
-	}
 }
 
 func (s *Postgres) commit(ops []*pgOp) {
@@ -606,15 +584,9 @@ func (s *Postgres) Stats() Stats {
 
 // Close implements Store.
 func (s *Postgres) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.w.close() {
 		return nil
 	}
-	s.closed = true
-	close(s.ops)
-	s.mu.Unlock()
-	<-s.done
 	return s.db.Close()
 }
 

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
-	"sync"
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // the embedded default backend
@@ -34,10 +33,7 @@ type SQLite struct {
 	wdb  *sql.DB // one connection, used only by the writer goroutine
 	rdb  *sql.DB
 
-	mu     sync.RWMutex // guards closed against sends on ops
-	closed bool
-	ops    chan *op
-	done   chan struct{}
+	w *writer[*op]
 
 	// Owned by the writer goroutine.
 	nextSeq int64
@@ -60,7 +56,6 @@ type Stats struct {
 }
 
 type op struct {
-	ctx  context.Context
 	fn   func(tx *sql.Tx, b *batch) error
 	done chan error
 }
@@ -101,14 +96,14 @@ func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
 	}
 	rdb.SetMaxOpenConns(4)
-	s := &SQLite{opts: opts, wdb: wdb, rdb: rdb, ops: make(chan *op, 1024), done: make(chan struct{}),
+	s := &SQLite{opts: opts, wdb: wdb, rdb: rdb, w: newWriter[*op](),
 		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}}
 	if err := s.migrate(ctx); err != nil {
 		wdb.Close()
 		rdb.Close()
 		return nil, fmt.Errorf("txnstore: %s: %w", path, err)
 	}
-	go s.writer()
+	s.w.start(s.commit)
 	return s, nil
 }
 
@@ -147,57 +142,11 @@ func (s *SQLite) migrate(ctx context.Context) error {
 
 // do hands fn to the writer and waits for its commit.
 func (s *SQLite) do(ctx context.Context, fn func(tx *sql.Tx, b *batch) error) error {
-	o := &op{ctx: ctx, fn: fn, done: make(chan error, 1)}
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return ErrClosed
+	o := &op{fn: fn, done: make(chan error, 1)}
+	if err := s.w.queue(ctx, o); err != nil {
+		return err
 	}
-	select {
-	case s.ops <- o:
-	case <-ctx.Done():
-		s.mu.RUnlock()
-		return ctx.Err()
-	}
-	s.mu.RUnlock()
-	// Once queued, the op is committed or failed whatever ctx says: a caller
-	// that gave up must not leave a write it believes undone.
 	return <-o.done
-}
-
-const maxOpsPerCommit = 4096
-
-// nextBatch waits for an op and takes every op already queued behind it,
-// up to maxOpsPerCommit: the ops one commit serves. False once ops closes.
-func nextBatch[T any](ops chan T) ([]T, bool) {
-	o, ok := <-ops
-	if !ok {
-		return nil, false
-	}
-	batch := []T{o}
-	for len(batch) < maxOpsPerCommit {
-		select {
-		case o, ok := <-ops:
-			if !ok {
-				return batch, true
-			}
-			batch = append(batch, o)
-		default:
-			return batch, true
-		}
-	}
-	return batch, true
-}
-
-func (s *SQLite) writer() {
-	defer close(s.done)
-	for {
-		ops, ok := nextBatch(s.ops)
-		if !ok {
-			return
-		}
-		s.commit(ops)
-	}
 }
 
 func (s *SQLite) commit(ops []*op) {
@@ -310,7 +259,7 @@ func streamsInsert(n int) string {
 // idle, so the cost is spread thin.
 func (s *SQLite) gcDue() bool {
 	s.sinceGC++
-	if s.sinceGC < 64 && !(len(s.ops) == 0 && s.sinceGC > 1) {
+	if s.sinceGC < 64 && !(s.w.idle() && s.sinceGC > 1) {
 		return false
 	}
 	s.sinceGC = 0
@@ -545,15 +494,9 @@ func (s *SQLite) Stats() Stats {
 
 // Close implements Store.
 func (s *SQLite) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.w.close() {
 		return nil
 	}
-	s.closed = true
-	close(s.ops)
-	s.mu.Unlock()
-	<-s.done
 	return errors.Join(s.wdb.Close(), s.rdb.Close())
 }
 
