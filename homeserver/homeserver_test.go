@@ -33,6 +33,8 @@ type env struct {
 	srv *Server
 	dir string
 	as  *httptest.Server
+	// answers, if set, gets the body of every answer do receives.
+	answers io.Writer
 }
 
 func start(t *testing.T, dir string, asHandler http.Handler) *env {
@@ -82,8 +84,12 @@ func (e *env) do(method, path, token string, body any) (int, map[string]any) {
 		e.t.Fatal(err)
 	}
 	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if e.answers != nil {
+		e.answers.Write(raw)
+	}
 	var out map[string]any
-	json.NewDecoder(resp.Body).Decode(&out)
+	json.Unmarshal(raw, &out)
 	return resp.StatusCode, out
 }
 

@@ -1,9 +1,7 @@
 package homeserver
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -99,32 +97,10 @@ func TestTokenBoundaries(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv)
-	defer func() { hs.Close(); srv.Close(context.Background()) }()
-
 	var answers strings.Builder // every answer the client API gave
-	do := func(method, path, token string, body any) (int, map[string]any) {
-		t.Helper()
-		var rd io.Reader
-		if body != nil {
-			js, _ := json.Marshal(body)
-			rd = bytes.NewReader(js)
-		}
-		req, _ := http.NewRequest(method, hs.URL+path, rd)
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		raw, _ := io.ReadAll(resp.Body)
-		answers.Write(raw)
-		var out map[string]any
-		json.Unmarshal(raw, &out)
-		return resp.StatusCode, out
-	}
+	e := &env{t: t, hs: httptest.NewServer(srv), srv: srv, answers: &answers}
+	defer e.stop()
+	do := e.do
 	as := func(user string) string { return "?user_id=" + url.QueryEscape(user) }
 
 	_, alice := do("POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "alice-password"})
