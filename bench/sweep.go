@@ -108,7 +108,7 @@ func (r *SweepResult) WriteTable(w io.Writer) {
 		fmt.Fprintf(tw, "%s (%s)\t", f.Name, f.Unit)
 		for _, rep := range r.Reports {
 			g, _ := rep.Figure(f.Name)
-			cell := fmtNum(g.Value)
+			cell := FormatNumber(g.Value)
 			if v := g.VsBaseline(); v != 0 {
 				cell += fmt.Sprintf(" (%.1fx)", v)
 			}
@@ -119,8 +119,12 @@ func (r *SweepResult) WriteTable(w io.Writer) {
 	tw.Flush()
 }
 
-func fmtNum(v float64) string {
+// FormatNumber writes a figure for a table: "-" for none, k and M for
+// large ones.
+func FormatNumber(v float64) string {
 	switch {
+	case v == 0:
+		return "-"
 	case v >= 1e6:
 		return fmt.Sprintf("%.2f M", v/1e6)
 	case v >= 1e4:

@@ -160,7 +160,7 @@ func printSideBySide(w io.Writer, reps []*bench.Report) {
 			fmt.Fprintf(tw, "%s (%s)\t", f.Name, f.Unit)
 			for _, o := range reps {
 				g, _ := o.Figure(f.Name)
-				fmt.Fprintf(tw, "%s\t", num(g.Value))
+				fmt.Fprintf(tw, "%s\t", bench.FormatNumber(g.Value))
 			}
 			fmt.Fprintln(tw)
 		}
@@ -182,7 +182,7 @@ func printReport(stdout io.Writer, rep *bench.Report) {
 			notes = append(notes, fmt.Sprintf("[%d] %s: %s", len(notes)+1, f.Name, f.Note))
 			name += fmt.Sprintf(" [%d]", len(notes))
 		}
-		fmt.Fprintf(tw, "%s (%s)\t%s\t%s\t%s\t%s\t%s\t\n", name, f.Unit, num(f.Value), num(f.Baseline), num(f.Limit), ratio(f.VsBaseline(), "x"), ratio(100*f.OfLimit(), "%"))
+		fmt.Fprintf(tw, "%s (%s)\t%s\t%s\t%s\t%s\t%s\t\n", name, f.Unit, bench.FormatNumber(f.Value), bench.FormatNumber(f.Baseline), bench.FormatNumber(f.Limit), ratio(f.VsBaseline(), "x"), ratio(100*f.OfLimit(), "%"))
 	}
 	tw.Flush()
 	if len(notes) > 0 {
@@ -197,19 +197,6 @@ func printJSON(w io.Writer, v any) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	enc.Encode(v)
-}
-
-func num(v float64) string {
-	switch {
-	case v == 0:
-		return "-"
-	case v >= 1e6:
-		return fmt.Sprintf("%.2f M", v/1e6)
-	case v >= 1e4:
-		return fmt.Sprintf("%.1f k", v/1e3)
-	default:
-		return fmt.Sprintf("%.2f", v)
-	}
 }
 
 func ratio(v float64, unit string) string {
