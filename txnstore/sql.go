@@ -160,32 +160,43 @@ func fromMS(v int64) time.Time {
 	return time.UnixMilli(v)
 }
 
-// readStream implements Store.Read.
-func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int64, max int) ([]Item, error) {
+// pendingSeqs calls fn with each seq of as's stream after `after`, in
+// order, until fn returns false.
+func pendingSeqs(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int64, fn func(seq int64) bool) error {
 	rows, err := db.QueryContext(ctx, d.q(`SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`), as, after)
 	if err != nil {
-		return nil, fmt.Errorf("txnstore: read: %w", err)
+		return err
 	}
-	var want []int64
-	for rows.Next() && len(want) < max {
+	defer rows.Close()
+	for rows.Next() {
 		var blob []byte
 		if err := rows.Scan(&blob); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("txnstore: read: %w", err)
+			return err
 		}
 		seqs, err := decodeSeqs(blob)
 		if err != nil {
-			rows.Close()
-			return nil, err
+			return err
 		}
 		for _, q := range seqs {
-			if q > after && len(want) < max {
-				want = append(want, q)
+			if q > after && !fn(q) {
+				return nil
 			}
 		}
 	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	return rows.Err()
+}
+
+// readStream implements Store.Read.
+func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int64, max int) ([]Item, error) {
+	if max <= 0 {
+		return nil, nil
+	}
+	var want []int64
+	err := pendingSeqs(ctx, db, d, as, after, func(q int64) bool {
+		want = append(want, q)
+		return len(want) < max
+	})
+	if err != nil {
 		return nil, fmt.Errorf("txnstore: read: %w", err)
 	}
 	if len(want) == 0 {
@@ -313,32 +324,17 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 	}
 	for i := range out {
 		st := &out[i]
-		srows, err := db.QueryContext(ctx, d.q(`SELECT seqs FROM streams WHERE as_key = ? AND last_seq > ? ORDER BY last_seq`), st.Key, st.Delivered)
+		oldest := int64(0)
+		err := pendingSeqs(ctx, db, d, st.Key, st.Delivered, func(q int64) bool {
+			st.PendingItems++
+			if oldest == 0 {
+				oldest = q
+			}
+			return true
+		})
 		if err != nil {
 			return nil, fmt.Errorf("txnstore: statuses: %w", err)
 		}
-		oldest := int64(0)
-		for srows.Next() {
-			var blob []byte
-			if err := srows.Scan(&blob); err != nil {
-				srows.Close()
-				return nil, fmt.Errorf("txnstore: statuses: %w", err)
-			}
-			seqs, err := decodeSeqs(blob)
-			if err != nil {
-				srows.Close()
-				return nil, err
-			}
-			for _, q := range seqs {
-				if q > st.Delivered {
-					st.PendingItems++
-					if oldest == 0 {
-						oldest = q
-					}
-				}
-			}
-		}
-		srows.Close()
 		if oldest != 0 {
 			var created int64
 			if err := db.QueryRowContext(ctx, d.q(`SELECT created_ms FROM items WHERE seq = ?`), oldest).Scan(&created); err == nil {
