@@ -2,8 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -41,15 +39,7 @@ func mountTmpfs(t *testing.T, size int) string {
 func TestDiskFullLosesNothing(t *testing.T) {
 	dir := mountTmpfs(t, 1<<20)
 	as := newFaultAS(t, "as", "500")
-	y := fmt.Sprintf("id: as\nurl: %s\nas_token: as-t\nhs_token: %s\nsender_localpart: bot\nnamespaces:\n  users: [{exclusive: false, regex: '@alice:hs'}]\n", as.url(), as.token)
-	r, _, err := registry.Parse("as.yaml", []byte(y))
-	if err != nil {
-		t.Fatal(err)
-	}
-	set, _, err := registry.NewSet("hs", []*registry.Registration{r})
-	if err != nil {
-		t.Fatal(err)
-	}
+	set := setOf(t, as.registration())
 	as.faulty.Store(true) // down: the backlog stays on disk
 	d, err := New(context.Background(), Config{
 		Registry: registry.NewRegistry(set), DataDir: dir,
@@ -65,9 +55,7 @@ func TestDiskFullLosesNothing(t *testing.T) {
 	n := 0
 	submit := func() error {
 		n++
-		js, _ := json.Marshal(map[string]any{"event_id": "$" + strconv.Itoa(n), "room_id": "!r:hs", "type": "m.room.message",
-			"sender": "@alice:hs", "content": map[string]any{"n": n, "ts": time.Now().UnixNano(), "pad": pad}})
-		return d.Submit(context.Background(), Event{ID: "$" + strconv.Itoa(n), RoomID: "!r:hs", Type: "m.room.message", Sender: "@alice:hs", JSON: js})
+		return d.Submit(context.Background(), aliceEvent(n, pad))
 	}
 	var acked []int
 	refused := map[int]bool{}

@@ -99,6 +99,22 @@ func (a *faultAS) up() {
 
 func (a *faultAS) url() string { return "http://" + a.addr }
 
+// registration is the AS's YAML: interested in everything @alice:hs sends.
+func (a *faultAS) registration() string {
+	id := strings.TrimPrefix(a.token, "hs-")
+	return fmt.Sprintf("id: %s\nurl: %s\nas_token: as-%s\nhs_token: %s\nsender_localpart: bot_%s\nnamespaces:\n  users: [{exclusive: false, regex: '@alice:hs'}]\n",
+		id, a.url(), id, a.token, id)
+}
+
+// aliceEvent is @alice:hs's message number n in !r:hs, stamped with the
+// time it is made (for the latency at the AS), padded with pad.
+func aliceEvent(n int, pad string) Event {
+	id := "$" + strconv.Itoa(n)
+	js, _ := json.Marshal(map[string]any{"event_id": id, "room_id": "!r:hs", "type": "m.room.message",
+		"sender": "@alice:hs", "content": map[string]any{"n": n, "ts": time.Now().UnixNano(), "pad": pad}})
+	return Event{ID: id, RoomID: "!r:hs", Type: "m.room.message", Sender: "@alice:hs", JSON: js}
+}
+
 func (a *faultAS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
@@ -222,20 +238,11 @@ func faultRun(t *testing.T, mode string, window time.Duration, events int) time.
 		faulty = newFaultAS(t, "bad", mode)
 		ases = append(ases, faulty)
 	}
-	var regs []*registry.Registration
-	for i, a := range ases {
-		y := fmt.Sprintf("id: %s\nurl: %s\nas_token: as-%d\nhs_token: %s\nsender_localpart: bot%d\nnamespaces:\n  users: [{exclusive: false, regex: '@alice:hs'}]\n",
-			strings.TrimPrefix(a.token, "hs-"), a.url(), i, a.token, i)
-		r, _, err := registry.Parse(fmt.Sprintf("r%d.yaml", i), []byte(y))
-		if err != nil {
-			t.Fatal(err)
-		}
-		regs = append(regs, r)
+	var regs []string
+	for _, a := range ases {
+		regs = append(regs, a.registration())
 	}
-	set, _, err := registry.NewSet("hs", regs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	set := setOf(t, regs...)
 	d, err := New(context.Background(), Config{
 		Registry: registry.NewRegistry(set),
 		DataDir:  t.TempDir(),
@@ -263,9 +270,7 @@ func faultRun(t *testing.T, mode string, window time.Duration, events int) time.
 				faulty.up()
 			}
 		}
-		js, _ := json.Marshal(map[string]any{"event_id": "$" + strconv.Itoa(i), "room_id": "!r:hs", "type": "m.room.message",
-			"sender": "@alice:hs", "content": map[string]any{"n": i, "ts": time.Now().UnixNano()}})
-		if err := d.Submit(context.Background(), Event{ID: "$" + strconv.Itoa(i), RoomID: "!r:hs", Type: "m.room.message", Sender: "@alice:hs", JSON: js}); err != nil {
+		if err := d.Submit(context.Background(), aliceEvent(i, "")); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(pace - time.Since(start)%pace)
