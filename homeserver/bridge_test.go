@@ -169,3 +169,39 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 		t.Errorf("an invite is not a joined room: %v", member)
 	}
 }
+
+func TestDirectoryAndContext(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice := e.register("alice")
+	pub := e.createRoom(alice, map[string]any{"visibility": "public", "name": "Lobby", "room_alias_name": "lobby"})
+	e.createRoom(alice, map[string]any{"name": "Hidden"})
+	var list struct {
+		Chunk []map[string]any `json:"chunk"`
+	}
+	e.get("GET", "/_matrix/client/v3/publicRooms", "", nil, &list)
+	if len(list.Chunk) != 1 || list.Chunk[0]["room_id"] != pub || list.Chunk[0]["canonical_alias"] != "#lobby:hs" || list.Chunk[0]["join_rule"] != "public" {
+		t.Errorf("publicRooms %v", list)
+	}
+	e.get("POST", "/_matrix/client/v3/publicRooms", alice, map[string]any{"filter": map[string]any{"generic_search_term": "nothing"}}, &list)
+	if len(list.Chunk) != 0 {
+		t.Errorf("search %v", list)
+	}
+	var ids []string
+	for i := range 5 {
+		_, out := e.do("PUT", room(pub)+"/send/m.room.message/c"+string(rune('0'+i)), alice, map[string]any{"body": i})
+		ids = append(ids, out["event_id"].(string))
+	}
+	var c struct {
+		Event  map[string]any   `json:"event"`
+		Before []map[string]any `json:"events_before"`
+		After  []map[string]any `json:"events_after"`
+	}
+	e.get("GET", room(pub)+"/context/"+url.PathEscape(ids[2])+"?limit=4", alice, nil, &c)
+	if c.Event["event_id"] != ids[2] || len(c.Before) != 2 || c.Before[0]["event_id"] != ids[1] || len(c.After) != 2 || c.After[0]["event_id"] != ids[3] {
+		t.Errorf("context %v", c)
+	}
+	var rules map[string]any
+	if e.get("GET", "/_matrix/client/v3/pushrules/", alice, nil, &rules) != 200 || rules["global"] == nil {
+		t.Errorf("pushrules %v", rules)
+	}
+}
