@@ -1,8 +1,11 @@
 package homeserver
 
 import (
+	"encoding/json"
+	"net/http"
 	"net/url"
 	"testing"
+	"time"
 )
 
 // TestWhatBridgesCallFirst walks what mautrix bridgev2, matrix-bot-sdk and
@@ -203,5 +206,44 @@ func TestDirectoryAndContext(t *testing.T) {
 	var rules map[string]any
 	if e.get("GET", "/_matrix/client/v3/pushrules/", alice, nil, &rules) != 200 || rules["global"] == nil {
 		t.Errorf("pushrules %v", rules)
+	}
+}
+
+// TestPrevContent: a state event carries what it replaced, in answers and
+// in AS transactions.
+func TestPrevContent(t *testing.T) {
+	got := make(chan map[string]any, 100)
+	e := start(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []map[string]any `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		for _, ev := range txn.Events {
+			got <- ev
+		}
+		w.Write([]byte("{}"))
+	}))
+	alice := e.register("alice")
+	roomID := e.createRoom(alice, map[string]any{"invite": []string{"@bridgebot:hs"}})
+	e.do("POST", room(roomID)+"/join", "as-bridge", nil)
+	var ev map[string]any
+	e.get("GET", room(roomID)+"/state/m.room.member/"+url.PathEscape("@bridgebot:hs")+"?format=event", alice, nil, &ev)
+	u := ev["unsigned"].(map[string]any)
+	if u["prev_content"].(map[string]any)["membership"] != "invite" || u["replaces_state"] == nil || u["prev_sender"] != "@alice:hs" {
+		t.Errorf("join without prev_content: %v", ev)
+	}
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case ev := <-got:
+			if ev["type"] == "m.room.member" && ev["state_key"] == "@bridgebot:hs" && ev["content"].(map[string]any)["membership"] == "join" {
+				if u := ev["unsigned"].(map[string]any); u["prev_content"] == nil || u["age"] == nil {
+					t.Errorf("AS got the join without prev_content or age: %v", ev)
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatal("the AS never got the join")
+		}
 	}
 }
