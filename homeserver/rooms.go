@@ -19,9 +19,9 @@ func (s *Server) roomRoutes() []route {
 		{"POST", v3 + "/rooms/{room}/leave", user, typed(s.leave)},
 		{"POST", v3 + "/rooms/{room}/forget", user, s.forget},
 		{"POST", v3 + "/rooms/{room}/invite", user, typed(s.invite)},
-		{"POST", v3 + "/rooms/{room}/kick", user, typed(s.memberOp("leave"))},
-		{"POST", v3 + "/rooms/{room}/ban", user, typed(s.memberOp("ban"))},
-		{"POST", v3 + "/rooms/{room}/unban", user, typed(s.memberOp("leave"))},
+		{"POST", v3 + "/rooms/{room}/kick", user, typed(s.memberOp("leave", false))},
+		{"POST", v3 + "/rooms/{room}/ban", user, typed(s.memberOp("ban", false))},
+		{"POST", v3 + "/rooms/{room}/unban", user, typed(s.memberOp("leave", true))},
 		{"PUT", v3 + "/rooms/{room}/send/{type}/{txn}", user, s.sendMessage},
 		{"PUT", v3 + "/rooms/{room}/state/{type}", user, s.sendState},
 		{"PUT", v3 + "/rooms/{room}/state/{type}/{key...}", user, s.sendState},
@@ -383,8 +383,8 @@ func (s *Server) invite(r *request, req *reqMember) (any, error) {
 	return empty, s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil)
 }
 
-// memberOp is kick and unban (leave) and ban of another user.
-func (s *Server) memberOp(membership string) func(*request, *reqMember) (any, error) {
+// memberOp is kick (leave), ban, and unban (leave of a banned user only).
+func (s *Server) memberOp(membership string, unban bool) func(*request, *reqMember) (any, error) {
 	return func(r *request, req *reqMember) (any, error) {
 		roomID, err := r.roomParam()
 		if err != nil {
@@ -403,7 +403,7 @@ func (s *Server) memberOp(membership string) func(*request, *reqMember) (any, er
 		ctx := r.Context()
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if strings.HasSuffix(r.URL.Path, "/unban") {
+		if unban {
 			m, err := s.membership(ctx, s.st.db, roomID, req.UserID)
 			if err != nil {
 				return nil, err
