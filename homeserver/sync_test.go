@@ -3,6 +3,7 @@ package homeserver
 import (
 	"encoding/json"
 	"net/url"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -158,4 +159,56 @@ func TestSync(t *testing.T) {
 		{"bad since", "GET", "/_matrix/client/v3/sync?since=garbage", bob, nil, 400, "M_INVALID_PARAM"},
 		{"unknown filter id", "GET", "/_matrix/client/v3/sync?filter=77", bob, nil, 400, "M_INVALID_PARAM"},
 	})
+}
+
+// TestConcurrentSendsAndSync: parallel senders and a long-polling reader;
+// the reader sees every message once, in the order /messages has them.
+func TestConcurrentSendsAndSync(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice := e.register("alice")
+	roomID := e.createRoom(alice, map[string]any{"preset": "public_chat"})
+	toks := []string{alice}
+	for _, n := range []string{"bob", "carol", "dave"} {
+		tok := e.register(n)
+		e.do("POST", room(roomID)+"/join", tok, nil)
+		toks = append(toks, tok)
+	}
+	var initial syncResp
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &initial)
+	const each = 10
+	done := make(chan struct{})
+	for i, tok := range toks {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for j := range each {
+				e.do("PUT", room(roomID)+"/send/m.room.message/c"+string(rune('a'+j)), tok, map[string]any{"body": i*100 + j})
+			}
+		}()
+	}
+	var seen []string
+	since := initial.NextBatch
+	deadline := time.Now().Add(20 * time.Second)
+	for len(seen) < len(toks)*each && time.Now().Before(deadline) {
+		var s syncResp
+		e.get("GET", "/_matrix/client/v3/sync?timeout=2000&filter="+url.QueryEscape(`{"room":{"timeline":{"limit":1000}}}`)+"&since="+since, alice, nil, &s)
+		for _, ev := range s.Rooms.Join[roomID].Timeline.Events {
+			seen = append(seen, ev["event_id"].(string))
+		}
+		since = s.NextBatch
+	}
+	for range toks {
+		<-done
+	}
+	if len(seen) != len(toks)*each {
+		t.Fatalf("sync saw %d messages, want %d", len(seen), len(toks)*each)
+	}
+	var page struct {
+		Chunk []map[string]any `json:"chunk"`
+	}
+	e.get("GET", room(roomID)+"/messages?dir=b&limit="+strconv.Itoa(len(seen)), alice, nil, &page)
+	for i, ev := range page.Chunk {
+		if want := seen[len(seen)-1-i]; ev["event_id"] != want {
+			t.Fatalf("order differs at %d: /messages %v, /sync %s", i, ev["event_id"], want)
+		}
+	}
 }
