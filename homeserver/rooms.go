@@ -584,10 +584,8 @@ func (s *Server) typing(r *request, req *struct {
 	if err != nil {
 		return nil, err
 	}
-	users := []string{}
-	if *req.Typing {
-		users = append(users, u)
-	}
+	// ASes get who types in the room now, as Synapse sends it.
+	users := s.setTyping(roomID, u, *req.Typing, time.Duration(req.Timeout)*time.Millisecond)
 	js, _ := json.Marshal(map[string]any{"type": "m.typing", "room_id": roomID, "content": map[string]any{"user_ids": users}})
 	return empty, s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{Type: "m.typing", RoomID: roomID, Users: []string{u}, JSON: js})
 }
@@ -623,7 +621,16 @@ func (s *Server) sendReceipt(r *request, roomID, typ, eventID string) error {
 	if ev == nil || ev.RoomID != roomID {
 		return errNotFound.With("event %s not found in the room", eventID)
 	}
-	content := map[string]any{eventID: map[string]any{typ: map[string]any{r.c.userID: map[string]any{"ts": time.Now().UnixMilli()}}}}
+	ts := time.Now().UnixMilli()
+	s.mu.Lock()
+	_, err = s.st.db.ExecContext(r.Context(), `INSERT OR REPLACE INTO receipts (room_id, user_id, type, event_id, ts, pos) VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(pos), 0) + 1 FROM receipts))`,
+		roomID, r.c.userID, typ, eventID, ts)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	s.wake()
+	content := map[string]any{eventID: map[string]any{typ: map[string]any{r.c.userID: map[string]any{"ts": ts}}}}
 	js, _ := json.Marshal(map[string]any{"type": "m.receipt", "room_id": roomID, "content": content})
 	return s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{
 		Type: "m.receipt", RoomID: roomID, Users: []string{r.c.userID}, Private: typ == "m.read.private", JSON: js,

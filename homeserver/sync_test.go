@@ -212,3 +212,63 @@ func TestConcurrentSendsAndSync(t *testing.T) {
 		}
 	}
 }
+
+// TestSyncEphemeral: typing and read receipts reach other members through
+// /sync; private receipts only their owner.
+func TestSyncEphemeral(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice, bob := e.register("alice"), e.register("bob")
+	roomID := e.createRoom(alice, map[string]any{"preset": "public_chat"})
+	e.do("POST", room(roomID)+"/join", bob, nil)
+	_, sent := e.do("PUT", room(roomID)+"/send/m.room.message/1", alice, map[string]any{"body": "x"})
+	evID := sent["event_id"].(string)
+	type ephSync struct {
+		NextBatch string `json:"next_batch"`
+		Rooms     struct {
+			Join map[string]struct {
+				Ephemeral struct {
+					Events []map[string]any `json:"events"`
+				} `json:"ephemeral"`
+			} `json:"join"`
+		} `json:"rooms"`
+	}
+	var s0 ephSync
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &s0)
+	ephemeral := func(since string) (map[string]any, string) {
+		var s ephSync
+		e.get("GET", "/_matrix/client/v3/sync?timeout=3000&since="+since, alice, nil, &s)
+		out := map[string]any{}
+		for _, ev := range s.Rooms.Join[roomID].Ephemeral.Events {
+			out[ev["type"].(string)] = ev["content"]
+		}
+		return out, s.NextBatch
+	}
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": true, "timeout": 10000})
+	got, next := ephemeral(s0.NextBatch)
+	if ids := got["m.typing"].(map[string]any)["user_ids"].([]any); len(ids) != 1 || ids[0] != "@bob:hs" {
+		t.Errorf("typing %v", got)
+	}
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": false})
+	got, next = ephemeral(next)
+	if ids := got["m.typing"].(map[string]any)["user_ids"].([]any); len(ids) != 0 {
+		t.Errorf("typing stopped %v", got)
+	}
+	e.do("POST", room(roomID)+"/receipt/m.read.private/"+url.PathEscape(evID), bob, map[string]any{})
+	e.do("POST", room(roomID)+"/receipt/m.read/"+url.PathEscape(evID), bob, map[string]any{})
+	got, _ = ephemeral(next)
+	rc, _ := got["m.receipt"].(map[string]any)
+	byType, _ := rc[evID].(map[string]any)
+	if byType["m.read"] == nil || byType["m.read.private"] != nil {
+		t.Errorf("receipts %v", got)
+	}
+	// A typing notice ends at its timeout.
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": true, "timeout": 100})
+	time.Sleep(300 * time.Millisecond)
+	var s1 ephSync
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &s1)
+	for _, ev := range s1.Rooms.Join[roomID].Ephemeral.Events {
+		if ev["type"] == "m.typing" {
+			t.Errorf("expired typing notice still shown: %v", ev)
+		}
+	}
+}
