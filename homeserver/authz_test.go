@@ -30,6 +30,8 @@ func TestAuthorization(t *testing.T) {
 		{"invited bob joins", "POST", p + "/join", bob, nil, 200, ""},
 		{"inviting a joined member", "POST", p + "/invite", alice, map[string]any{"user_id": "@bob:hs"}, 403, "M_FORBIDDEN"},
 		{"a member sends a message", "PUT", p + "/send/m.room.message/1", bob, map[string]any{"body": "x"}, 200, ""},
+		{"an event over 64 KiB", "PUT", p + "/send/m.room.message/big", bob, map[string]any{"body": strings.Repeat("x", 65536)}, 413, "M_TOO_LARGE"},
+		{"a state key over 255 bytes", "PUT", p + "/state/x.y/" + strings.Repeat("k", 256), alice, map[string]any{}, 400, "M_INVALID_PARAM"},
 		{"a member sets the name below state_default", "PUT", p + "/state/m.room.name/", bob, map[string]any{"name": "x"}, 403, "M_FORBIDDEN"},
 		{"a member raises itself", "PUT", p + "/state/m.room.power_levels/", bob, map[string]any{"users": map[string]any{"@bob:hs": 100}}, 403, "M_FORBIDDEN"},
 		{"a state key of another user", "PUT", p + "/state/x.y/" + url.PathEscape("@bob:hs"), alice, map[string]any{}, 403, "M_FORBIDDEN"},
@@ -54,7 +56,18 @@ func TestAuthorization(t *testing.T) {
 		{"bob leaves", "POST", p + "/leave", bob, nil, 200, ""},
 		{"a left user sends", "PUT", p + "/send/m.room.message/2", bob, map[string]any{"body": "x"}, 403, "M_FORBIDDEN"},
 		{"a left user reads state", "GET", p + "/state", bob, nil, 403, "M_FORBIDDEN"},
+		{"a left user reads history up to the leave", "GET", p + "/messages", bob, nil, 200, ""},
+		{"a user who never joined reads history", "GET", p + "/messages", carol, nil, 403, "M_FORBIDDEN"},
 	})
+
+	e.do("PUT", p+"/send/m.room.message/after", alice, map[string]any{"body": "after bob left"})
+	var hist struct {
+		Chunk []map[string]any `json:"chunk"`
+	}
+	e.get("GET", p+"/messages?dir=b&limit=1", bob, nil, &hist)
+	if len(hist.Chunk) != 1 || hist.Chunk[0]["type"] != "m.room.member" || hist.Chunk[0]["state_key"] != "@bob:hs" {
+		t.Errorf("a left user's newest visible event is his leave: %v", hist.Chunk)
+	}
 
 	// Aliases: only the creator, someone with power over the canonical
 	// alias, or the namespace's AS deletes one; you alias only rooms you

@@ -19,6 +19,42 @@ func (s *Server) roomReadRoutes() []route {
 	}
 }
 
+// historyRoom checks that the caller may read the {room}'s history and
+// returns the last position it may see: everything while joined; up to
+// its leave (or ban) after it left, as with Synapse's "shared" history.
+func (s *Server) historyRoom(r *request) (string, int64, error) {
+	roomID, err := r.roomParam()
+	if err != nil {
+		return "", 0, err
+	}
+	ctx := r.Context()
+	m, err := s.membership(ctx, s.st.db, roomID, r.c.userID)
+	if err != nil {
+		return "", 0, err
+	}
+	switch m {
+	case "join":
+		return roomID, 1 << 62, nil
+	case "leave", "ban":
+		var upto int64
+		if _, err := one(ctx, s.st.db, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE room_id = ? AND type = 'm.room.member' AND state_key = ?`,
+			[]any{roomID, r.c.userID}, &upto); err != nil {
+			return "", 0, err
+		}
+		// A user who never joined (rejected an invite, banned before
+		// joining) sees nothing.
+		var joined int
+		if _, err := one(ctx, s.st.db, `SELECT COUNT(*) FROM events WHERE room_id = ? AND type = 'm.room.member' AND state_key = ? AND json_extract(json, '$.content.membership') = 'join'`,
+			[]any{roomID, r.c.userID}, &joined); err != nil {
+			return "", 0, err
+		}
+		if joined > 0 {
+			return roomID, upto, nil
+		}
+	}
+	return "", 0, errForbidden.With("%s is not in the room", r.c.userID)
+}
+
 func (s *Server) joinedRooms(r *request) (any, error) {
 	rooms, err := s.st.list(r.Context(), `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, r.c.userID)
 	if err != nil {
@@ -128,7 +164,7 @@ func (s *Server) joinedMembers(r *request) (any, error) {
 }
 
 func (s *Server) getEvent(r *request) (any, error) {
-	roomID, err := s.joinedRoom(r)
+	roomID, upto, err := s.historyRoom(r)
 	if err != nil {
 		return nil, err
 	}
@@ -136,7 +172,7 @@ func (s *Server) getEvent(r *request) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if ev == nil || ev.RoomID != roomID {
+	if ev == nil || ev.RoomID != roomID || ev.seq > upto {
 		return nil, errNotFound.With("event not found")
 	}
 	return ev.viewFor(r.c), nil
@@ -162,7 +198,7 @@ func posToken(n int64) string { return "t" + strconv.FormatInt(n, 10) }
 // `from` (default: the newest event), dir=f forwards (default: the start),
 // stopping at `to`; at most `limit` events (default 10, at most 1000).
 func (s *Server) messages(r *request) (any, error) {
-	roomID, err := s.joinedRoom(r)
+	roomID, upto, err := s.historyRoom(r)
 	if err != nil {
 		return nil, err
 	}
@@ -200,12 +236,13 @@ func (s *Server) messages(r *request) (any, error) {
 	var evs []*event
 	if dir == "b" {
 		evs, err = queryEvents(ctx, s.st.db, `SELECT `+eventCols+` FROM events WHERE room_id = ? AND seq <= ? AND seq > ? ORDER BY seq DESC LIMIT ?`,
-			roomID, from, max(to, 0), limit+1)
+			roomID, min(from, upto), max(to, 0), limit+1)
 	} else {
 		upper := to
 		if upper < 0 {
 			upper = 1 << 62
 		}
+		upper = min(upper, upto)
 		evs, err = queryEvents(ctx, s.st.db, `SELECT `+eventCols+` FROM events WHERE room_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?`,
 			roomID, from, upper, limit+1)
 	}

@@ -277,6 +277,10 @@ func (s *Server) resolve(ctx context.Context, idOrAlias string) (string, error) 
 	return "", errNotFound.With("room alias %s not found", idOrAlias)
 }
 
+// maxEventBytes is the spec's limit on an event's size in its federation
+// format; the client format is close enough for the stub.
+const maxEventBytes = 65536
+
 type reqReason struct {
 	Reason string `json:"reason"`
 }
@@ -451,6 +455,9 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if typ == "" {
 		return nil, errInvalidParam.With("event type is empty")
 	}
+	if len(typ) > 255 || (stateKey != nil && len(*stateKey) > 255) {
+		return nil, errInvalidParam.With("event type and state key are at most 255 bytes")
+	}
 	ctx, c, txn := r.Context(), r.c, r.PathValue("txn")
 	if stateKey != nil && typ == "m.room.canonical_alias" {
 		if err := s.checkCanonicalAlias(ctx, roomID, content); err != nil {
@@ -478,6 +485,9 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if redacts != "" {
 		ev.Redacts = redacts
 		content["redacts"] = redacts
+	}
+	if js, err := json.Marshal(ev); err != nil || len(js) > maxEventBytes {
+		return nil, errTooLarge.With("event is larger than %d bytes", maxEventBytes)
 	}
 	var target *event
 	err = s.sendChecked(ctx, ev, func(tx *sql.Tx) error {
