@@ -220,3 +220,21 @@ func keyField(field string, k *yaml.Node) string {
 	}
 	return field + "." + k.Value
 }
+
+// IsYAMLString reports whether PyYAML (and so Synapse) reads the scalar n
+// as a string: quoted, tagged !!str, or plain and not a null, boolean,
+// number or date in YAML 1.1. Other config files Synapse reads (such as
+// app_service_config_files in homeserver.yaml) can check their values with
+// it.
+func IsYAMLString(n *yaml.Node) bool {
+	if n.Kind != yaml.ScalarNode {
+		return false
+	}
+	switch {
+	case n.Style&yaml.TaggedStyle != 0:
+		return n.ShortTag() == "!!str"
+	case n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle|yaml.LiteralStyle|yaml.FoldedStyle) != 0:
+		return true
+	}
+	return pyTag(n.Value) == "!!str"
+}

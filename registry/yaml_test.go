@@ -45,7 +45,9 @@ func TestYAMLParity(t *testing.T) {
 				return len(r.Namespaces.Users) == 1 && r.Namespaces.Users[0].Regex == "@a_.*" && !r.Namespaces.Users[0].Exclusive
 			}},
 		{"merge at the top", "common: &common\n  url: http://x:1\n  sender_localpart: bot\n  rate_limited: false\nid: a\nas_token: t\nhs_token: h\n<<: *common\nurl: http://own:2\nnamespaces: {}\n",
-			func(r *Registration) bool { return r.URL == "http://own:2" && r.SenderLocalpart == "bot" && !r.RateLimited }},
+			func(r *Registration) bool {
+				return r.URL == "http://own:2" && r.SenderLocalpart == "bot" && !r.RateLimited
+			}},
 		{"alias as a key", "x: &k id\n*k : irc\nurl: null\nas_token: t\nhs_token: h\nsender_localpart: b\nnamespaces: {}\n",
 			func(r *Registration) bool { return r.ID == "irc" }},
 		{"alias as a value", "t: &tok shared-secret\nid: a\nurl: null\nas_token: *tok\nhs_token: h\nsender_localpart: b\nnamespaces: {}\n",
