@@ -182,13 +182,13 @@ func (r *resolver) mapping(n *yaml.Node, field string) *yaml.Node {
 			// The first mapping of the list wins: add them last to first.
 			for j := len(v.Content) - 1; j >= 0; j-- {
 				if m := v.Content[j]; m.Kind != yaml.MappingNode {
-					r.p.fail(m, fmt.Sprintf("%s[%d]", name, j), "a merge key takes mappings, got %s", kindName(m))
+					r.p.fail(m, fmt.Sprintf("%s[%d]", name, j), "a merge key takes mappings, got %s", shapeName(m))
 				} else {
 					merged = append(merged, pairsOf(m)...)
 				}
 			}
 		default:
-			r.p.fail(n.Content[i+1], name, "a merge key takes a mapping or a list of mappings, got %s", kindName(v))
+			r.p.fail(n.Content[i+1], name, "a merge key takes a mapping or a list of mappings, got %s", shapeName(v))
 		}
 	}
 	c := &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map", Line: n.Line, Column: n.Column}
@@ -237,4 +237,13 @@ func IsYAMLString(n *yaml.Node) bool {
 		return true
 	}
 	return pyTag(n.Value) == "!!str"
+}
+
+// shapeName names a node's type without its value: a merged scalar may be
+// an anchored token.
+func shapeName(n *yaml.Node) string {
+	if n.Kind == yaml.ScalarNode {
+		return strings.TrimPrefix(n.Tag, "!!")
+	}
+	return kindName(n)
 }
