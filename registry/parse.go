@@ -94,14 +94,13 @@ func Parse(file string, data []byte) (*Registration, []Warning, error) {
 	if err := dec.Decode(&next); err == nil {
 		p.fail(&next, "(file)", "a second YAML document; a registration is one (PyYAML's safe_load refuses more)")
 	}
+	// The resolver's problems (a key written twice, a bad alias) are
+	// reported together with those of the fields.
 	root := p.resolve(&doc)
-	if len(p.problems) > 0 {
+	if root == nil {
 		return nil, nil, &FileError{File: file, Problems: p.problems}
 	}
-	if root == nil || root.Kind != yaml.MappingNode || root.Tag != "!!map" {
-		if root == nil {
-			root = doc.Content[0]
-		}
+	if root.Kind != yaml.MappingNode {
 		p.fail(root, "(file)", "a registration is a mapping of keys, got %s", kindName(root))
 		return nil, nil, &FileError{File: file, Problems: p.problems}
 	}
@@ -314,7 +313,10 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 					if ev.Kind != yaml.ScalarNode || ev.Tag != "!!str" {
 						// `regex: 123` is a number to PyYAML, and Synapse
 						// refuses it, as it refuses a null one.
-						p.fail(ev, ef+".regex", "must be a string, got %s (quote it to make it a string)", kindName(ev))
+						p.str(ev, ef+".regex")
+						if ev.Tag == "!!null" {
+							p.fail(ev, ef+".regex", "must be a string, got null")
+						}
 						break
 					}
 					entry.Regex = ev.Value

@@ -88,6 +88,7 @@ func TestYAMLRefused(t *testing.T) {
 		{"two users lists", base + "namespaces:\n  users:\n    - {regex: '@a_.*', exclusive: true}\n  users:\n    - {regex: '@b_.*', exclusive: true}\n",
 			[]string{"p.yaml:9: namespaces.users: key written twice (first on line 7)"}},
 		{"two ids", base + "id: other\n" + ns, []string{"p.yaml:6: id: key written twice (first on line 1)"}},
+		{"all problems at once", base + "id: other\nprotocols: [1]\n" + ns, []string{"id: key written twice", "protocols[0]: must be a string"}},
 		{"two merge keys", base + "a: &a {x: 1}\n" + "m:\n  <<: *a\n  <<: *a\n" + ns, []string{"m.<<: key written twice"}},
 		{"hex as_token", strings.Replace(base, "as-secret", "0x1F", 1) + ns, []string{"p.yaml:3: as_token: must be a string, got int (quote it"}},
 		{"int hs_token", strings.Replace(base, "hs-secret", "123", 1) + ns, []string{"p.yaml:4: hs_token: must be a string, got int"}},
