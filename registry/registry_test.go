@@ -2,11 +2,13 @@ package registry
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 const valid = `id: irc
@@ -388,4 +390,29 @@ func TestSharedSender(t *testing.T) {
 			t.Errorf("warnings = %v", warns)
 		}
 	}
+}
+
+// TestManyOverlapsBounded: a thousand ASes claiming one namespace load
+// fast, with a bounded list of overlap warnings.
+func TestManyOverlapsBounded(t *testing.T) {
+	var regs []*Registration
+	for i := range 1000 {
+		r, _, err := Parse(fmt.Sprintf("as%04d.yaml", i), []byte(fmt.Sprintf("id: as%d\nurl: null\nas_token: t%d\nhs_token: h%d\nsender_localpart: bot%d\nnamespaces:\n  users: [{exclusive: true, regex: '@.*'}]\n", i, i, i, i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		regs = append(regs, r)
+	}
+	start := time.Now()
+	set, warns, err := NewSet("hs", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warns) != maxOverlapWarnings+1 || !strings.Contains(warns[len(warns)-1].Message, "only the first") {
+		t.Errorf("%d warnings, want %d and a last one saying more were left out", len(warns), maxOverlapWarnings+1)
+	}
+	if err := set.CheckRegister(set.ByID("as7"), "@x:hs"); !errors.Is(err, ErrExclusive) {
+		t.Errorf("CheckRegister = %v, want M_EXCLUSIVE", err)
+	}
+	t.Logf("NewSet of 1000 overlapping ASes: %v", time.Since(start))
 }

@@ -233,10 +233,26 @@ func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
 					}
 					seen[k] = true
 					warns = append(warns, overlapWarning(refs[i], refs[j], id))
+					if len(warns) == maxOverlapWarnings {
+						// Many ASes claiming one namespace: say so once
+						// rather than for every pair of them.
+						sortWarnings(warns)
+						return append(warns, Warning{File: refs[i].as.File, Field: refs[i].field(),
+							Message: fmt.Sprintf("more exclusive namespaces overlap; only the first %d overlaps are listed", maxOverlapWarnings)})
+					}
 				}
 			}
 		}
 	}
+	sortWarnings(warns)
+	return warns
+}
+
+// maxOverlapWarnings bounds the overlap warnings, and the work of finding
+// them when many ASes claim the same namespace.
+const maxOverlapWarnings = 50
+
+func sortWarnings(warns []Warning) {
 	sort.Slice(warns, func(i, j int) bool {
 		if warns[i].File != warns[j].File {
 			return warns[i].File < warns[j].File
@@ -246,7 +262,6 @@ func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
 		}
 		return warns[i].Message < warns[j].Message
 	})
-	return warns
 }
 
 // overlapWarning is filed under the earlier of the two files (by name and
