@@ -230,6 +230,7 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 		s.known[k] = true
 	}
 	s.st.commits++
+	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *pgOp) int { return o.size }))
 	if err != nil {
 		return -1, err
 	}
@@ -294,7 +295,9 @@ func (s *Postgres) flushAppends(ctx context.Context, tx *sql.Tx, b *pgBatch) ([]
 			bound += len(data[hi])
 			hi++
 		}
-		s.st.stmtBytes = max(s.st.stmtBytes, bound)
+		if hi-lo > 1 {
+			s.st.stmtBytes = max(s.st.stmtBytes, bound)
+		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO items (seq, kind, data, created_ms)
 			SELECT u.seq, u.kind, u.data, $4 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BYTEA[]) AS u(seq, kind, data)`,
 			seqs[lo:hi], kinds[lo:hi], data[lo:hi], b.now); err != nil {
@@ -462,7 +465,7 @@ func (s *Postgres) Freeze(ctx context.Context, as ASKey, replace int64, txns []T
 		return err
 	})
 	// A failed freeze that was not refused may have landed all the same.
-	s.unsure.record(as, key, err != nil && !refused)
+	s.unsure.record(as, key, err == nil, err != nil && !refused)
 	if err != nil {
 		return nil, err
 	}

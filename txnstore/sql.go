@@ -734,12 +734,16 @@ func (u *unsureFreezes) repeats(as ASKey, key string) bool {
 	return u.m[as] == key
 }
 
-// record notes the outcome of as's freeze key: unsure or not.
-func (u *unsureFreezes) record(as ASKey, key string, unsure bool) {
+// record notes the outcome of as's freeze key: ok (it landed), unsure
+// (it may have), or neither (refused: the unsure one stays repeatable).
+func (u *unsureFreezes) record(as ASKey, key string, ok, unsure bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if !unsure {
+	if ok {
 		delete(u.m, as)
+		return
+	}
+	if !unsure {
 		return
 	}
 	if u.m == nil {

@@ -63,8 +63,9 @@ type asRow struct {
 
 // stats are counters for tests.
 type stats struct {
-	commits   int64
-	stmtBytes int // most bytes one statement bound
+	commits    int64
+	stmtBytes  int // most bytes one statement of several items bound
+	batchBytes int // most bytes one commit wrote
 }
 
 type op struct {
@@ -244,6 +245,7 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 		return culprit, err
 	}
 	s.st.commits++
+	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *op) int { return o.size }))
 	if err != nil {
 		return -1, err
 	}
@@ -366,7 +368,9 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 			if n < rowsPerInsert {
 				q = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 			}
-			s.st.stmtBytes = max(s.st.stmtBytes, bound)
+			if n > 1 {
+				s.st.stmtBytes = max(s.st.stmtBytes, bound)
+			}
 			_, err := tx.Exec(q, args...)
 			args, n, bound = args[:0], 0, 0
 			return err
@@ -435,7 +439,7 @@ func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn
 		return nil
 	})
 	// A failed freeze that was not refused may have landed all the same.
-	s.unsure.record(as, key, err != nil && !refused)
+	s.unsure.record(as, key, err == nil, err != nil && !refused)
 	if err != nil {
 		return nil, err
 	}

@@ -147,3 +147,12 @@ func leaseFault(h *storehook.Hooks) error {
 	}
 	return nil
 }
+
+// batchSize adds up the bytes ops write.
+func batchSize[T any](ops []T, size func(T) int) int {
+	n := 0
+	for _, o := range ops {
+		n += size(o)
+	}
+	return n
+}
