@@ -293,6 +293,11 @@ func testOpenFromVersion2(t *testing.T, be backend) {
 		t.Fatal(err)
 	}
 
+	// `asdispatch status` of the new version before the store is migrated.
+	if sts, err := be.status(ctx, loc); err != nil || len(sts) != 1 || sts[0].PendingTxns != 1 || sts[0].PendingItems != 4 {
+		t.Errorf("status before the upgrade = %+v, %v", sts, err)
+	}
+
 	s := be.openAt(t, loc, Options{})
 	defer s.Close()
 	var v int

@@ -371,8 +371,18 @@ func readFrozen(ctx context.Context, db *sql.DB, d *dialect, as ASKey) ([]Txn, e
 
 // statuses implements Store.Statuses.
 func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
+	// A read-only status may see a store not migrated yet by the new
+	// version of the program: before version 3 there are no split rows.
+	var v int
+	if err := db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	live := ` AND t.replaced_by = 0`
+	if v < 3 {
+		live = ``
+	}
 	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
-		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key AND t.replaced_by = 0 AND t.last_seq > a.delivered)
+		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key`+live+` AND t.last_seq > a.delivered)
 		FROM appservices a ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("txnstore: statuses: %w", err)

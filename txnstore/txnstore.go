@@ -199,7 +199,8 @@ type Leaser interface {
 	// already owner's, and reports whether owner holds it now.
 	Acquire(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
 	// Renew extends owner's lease by ttl from now; false means owner lost it.
-	// Acquire and Renew may be repeated after an error.
+	// After an error (ambiguous too), Acquire and Renew may be repeated:
+	// the answer then is the lease as it is.
 	Renew(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
 	// Release gives up owner's lease so another process can take it at once.
 	Release(ctx context.Context, as ASKey, owner string) error

@@ -56,7 +56,8 @@ type Hooks struct {
 	// Commit, if set, is called before each commit with the kind of each of
 	// its ops (one entry per op, in order; test-internal ops are absent),
 	// and before each lease call with []Op{Lease}. It may block to make
-	// the commit slow. It is called from the store's writing goroutine.
+	// the commit slow. It is called from the store's writing goroutine
+	// for commits and from the caller's for lease calls.
 	Commit func(ops []Op) Fault
 	// StmtBytes bounds the bytes one statement binds, BatchBytes those of
 	// one group commit (an op larger than it still commits, alone); zero
