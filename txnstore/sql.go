@@ -507,7 +507,7 @@ func alreadyFrozen(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replac
 		err = tx.QueryRowContext(ctx, d.q(`SELECT txn_id FROM txns WHERE as_key = ? AND after_seq = ? AND last_seq = ? AND replaced_by = 0`),
 			as, txns[0].Range.After, txns[0].Range.Last).Scan(&first)
 		if err == nil {
-			// Made by a split, not by a plain freeze.
+			// Rows a split made (a tombstone names the first) are no plain freeze.
 			var n int
 			err = tx.QueryRowContext(ctx, d.q(`SELECT COUNT(*) FROM txns WHERE as_key = ? AND replaced_by = ?`), as, first).Scan(&n)
 			if err == nil && n > 0 {
