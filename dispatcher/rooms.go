@@ -36,7 +36,12 @@ type room struct {
 type roomLocks struct {
 	mu sync.Mutex
 	m  map[string]*roomLock
+	// free recycles unused locks: most calls find their room unlocked, and
+	// deciding an event should not allocate.
+	free []*roomLock
 }
+
+const maxFreeRoomLocks = 64
 
 type roomLock struct {
 	ch chan struct{} // holds a value while locked; a channel, so a wait can end with ctx
@@ -48,22 +53,38 @@ type roomLock struct {
 
 func newRoomLocks() *roomLocks { return &roomLocks{m: map[string]*roomLock{}} }
 
-func (ls *roomLocks) lock(ctx context.Context, roomID string) (*roomLock, error) {
+// lock locks the room, then calls read under ls.mu, so that read sees the
+// room's gen and cache entry as one.
+func (ls *roomLocks) lock(ctx context.Context, roomID string, read func(*roomLock)) (*roomLock, error) {
 	ls.mu.Lock()
 	l := ls.m[roomID]
 	if l == nil {
-		l = &roomLock{ch: make(chan struct{}, 1)}
+		if n := len(ls.free); n > 0 {
+			l, ls.free = ls.free[n-1], ls.free[:n-1]
+		} else {
+			l = &roomLock{ch: make(chan struct{}, 1)}
+		}
 		ls.m[roomID] = l
 	}
 	l.refs++
+	select {
+	case l.ch <- struct{}{}: // free: the usual case, one critical section
+		read(l)
+		ls.mu.Unlock()
+		return l, nil
+	default:
+	}
 	ls.mu.Unlock()
 	select {
 	case l.ch <- struct{}{}:
-		return l, nil
 	case <-ctx.Done():
 		ls.drop(roomID, l)
 		return nil, ctx.Err()
 	}
+	ls.mu.Lock()
+	read(l)
+	ls.mu.Unlock()
+	return l, nil
 }
 
 func (ls *roomLocks) unlock(roomID string, l *roomLock) {
@@ -75,6 +96,9 @@ func (ls *roomLocks) drop(roomID string, l *roomLock) {
 	ls.mu.Lock()
 	if l.refs--; l.refs == 0 {
 		delete(ls.m, roomID)
+		if len(ls.free) < maxFreeRoomLocks {
+			ls.free = append(ls.free, l) // gen need not restart: it is compared within one hold
+		}
 	}
 	ls.mu.Unlock()
 }
@@ -112,16 +136,18 @@ type heldRoom struct {
 // acquire locks the room and reads its interest, loading it from RoomState
 // if the cache does not hold it.
 func (rs *rooms) acquire(ctx context.Context, roomID string) (heldRoom, error) {
-	l, err := rs.locks.lock(ctx, roomID)
+	h := heldRoom{id: roomID}
+	var r *room
+	var ok bool
+	// Read gen and the cache entry together, as InvalidateRoom changes them.
+	l, err := rs.locks.lock(ctx, roomID, func(l *roomLock) {
+		h.gen = l.gen
+		r, ok = rs.cache.Get(roomID)
+	})
 	if err != nil {
 		return heldRoom{}, err
 	}
-	h := heldRoom{id: roomID, lock: l}
-	// Read gen and the cache entry together, as InvalidateRoom changes them.
-	rs.locks.mu.Lock()
-	h.gen = l.gen
-	r, ok := rs.cache.Get(roomID)
-	rs.locks.mu.Unlock()
+	h.lock = l
 	if !ok {
 		if r, err = rs.load(ctx, roomID); err != nil {
 			rs.locks.unlock(roomID, l)

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -298,5 +300,51 @@ func TestAliasInterestFromDirectoryOnly(t *testing.T) {
 				t.Errorf("AS got %v, want %v", got, want)
 			}
 		})
+	}
+}
+
+// TestRoomLocksUnderContention: Submits of several rooms each, Interested,
+// ephemeral events and InvalidateRoom on a few rooms at once, some with a
+// context that ends while they wait, neither deadlock nor leave a room lock
+// behind.
+func TestRoomLocksUnderContention(t *testing.T) {
+	rec := newRecorder(t)
+	d := newTestDispatcher(t, &roomState{}, registration("irc", rec.srv.URL, `@irc_.*`, "", "", true))
+	rooms := []string{"!a:hs", "!b:hs", "!c:hs"}
+	var wg sync.WaitGroup
+	for w := 0; w < 6; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 60; i++ {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%4)*time.Millisecond)
+				r1, r2 := rooms[(w+i)%3], rooms[(w+2*i+1)%3]
+				user := fmt.Sprintf("@irc_%d:hs", w)
+				switch i % 4 {
+				case 0:
+					d.Submit(ctx, ev(fmt.Sprintf("$%d-%d", w, i), r1, "m.room.member", user, sk(user), "join"),
+						ev(fmt.Sprintf("$%d-%d-m", w, i), r2, "m.room.message", "@alice:hs", nil, ""))
+				case 1:
+					d.Interested(ctx, ev("$x", r2, "m.room.member", user, sk(user), "leave"))
+				case 2:
+					d.SubmitEphemeral(ctx, Ephemeral{Type: "m.presence", Users: []string{"@alice:hs"}, Rooms: rooms, JSON: []byte(`{"type":"m.presence"}`)})
+				case 3:
+					d.InvalidateRoom(r1)
+				}
+				cancel()
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("deadlock")
+	}
+	d.locks.mu.Lock()
+	defer d.locks.mu.Unlock()
+	if len(d.locks.m) != 0 {
+		t.Errorf("%d room locks left behind", len(d.locks.m))
 	}
 }
