@@ -5,6 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -346,5 +350,51 @@ func TestRoomLocksUnderContention(t *testing.T) {
 	defer d.locks.mu.Unlock()
 	if len(d.locks.m) != 0 {
 		t.Errorf("%d room locks left behind", len(d.locks.m))
+	}
+}
+
+// TestLegacyTokenNotInStatus: a legacy AS's hs_token, which goes in
+// ?access_token=, shows in no form in LastError when the AS cannot be
+// reached or answers with an error quoting the request.
+func TestLegacyTokenNotInStatus(t *testing.T) {
+	const token = "Zm9v+YmFy/YmF6== ü%"
+	echo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(500)
+		fmt.Fprintf(w, "%s %s", r.RequestURI, r.URL.Query().Get("access_token"))
+	}))
+	defer echo.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := "http://" + ln.Addr().String()
+	ln.Close()
+	for name, asURL := range map[string]string{"refused": refused, "error echoing the request": echo.URL} {
+		t.Run(name, func(t *testing.T) {
+			reg := fmt.Sprintf("id: old\nurl: %s\nas_token: as-old\nhs_token: %q\nsender_localpart: oldbot\nasdispatch.legacy: true\nnamespaces:\n  users: [{exclusive: true, regex: \"@old_.*\"}]\n", asURL, token)
+			d := newTestDispatcher(t, &roomState{}, reg)
+			if err := d.Submit(context.Background(), ev("$1", "!r:hs", "m.room.message", "@old_x:hs", nil, "")); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				sts, err := d.Statuses(context.Background())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(sts) == 1 && sts[0].LastError != "" {
+					for _, f := range []string{token, url.QueryEscape(token), url.PathEscape(token), strings.ToLower(url.QueryEscape(token))} {
+						if strings.Contains(sts[0].LastError, f) {
+							t.Fatalf("LastError shows the token as %q: %s", f, sts[0].LastError)
+						}
+					}
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("no LastError: %+v", sts)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
 	}
 }
