@@ -245,7 +245,8 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 // events leave it (a message after a join sees the join), and the room
 // interest the call changes is kept only once its events are committed.
 // The call holds its rooms until then, so another call's events of those
-// rooms are decided after and committed after its own.
+// rooms are decided after and committed after its own: calls on different
+// rooms share commits, calls on one room take turns.
 func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
 	if d.closed.Load() {
 		return ErrClosed
