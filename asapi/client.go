@@ -297,10 +297,31 @@ func redactURL(err error, shown string, t Target) error {
 }
 
 // forms are the ways a token may appear in text: raw, percent-encoded for a
-// query or a path, and as Go's %q quotes it.
+// query or a path (with upper or lower case hex, as an AS may echo it), and
+// as Go's %q quotes it.
 func forms(tok string) []string {
 	q := strconv.Quote(tok)
-	return []string{tok, url.QueryEscape(tok), url.PathEscape(tok), q[1 : len(q)-1]}
+	qe, pe := url.QueryEscape(tok), url.PathEscape(tok)
+	return []string{tok, qe, pe, lowerHex(qe), lowerHex(pe), q[1 : len(q)-1]}
+}
+
+// lowerHex lower-cases the two hex digits after each % of an escaped string.
+func lowerHex(s string) string {
+	b := []byte(s)
+	for i := 0; i+2 < len(b); i++ {
+		if b[i] == '%' {
+			b[i+1], b[i+2] = lowerASCII(b[i+1]), lowerASCII(b[i+2])
+			i += 2
+		}
+	}
+	return string(b)
+}
+
+func lowerASCII(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
 }
 
 func (t Target) longestSecret() int {

@@ -216,7 +216,8 @@ func TestLegacyTokenNeverInErrors(t *testing.T) {
 		}},
 		{"bad status echoing the request", func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusBadGateway)
-			fmt.Fprintf(w, "%s %s %s %q %s", r.RequestURI, r.URL, r.URL.RawQuery, r.URL.Query().Get("access_token"), r.Header.Get("Authorization"))
+			fmt.Fprintf(w, "%s %s %s %q %s %s", r.RequestURI, r.URL, r.URL.RawQuery, r.URL.Query().Get("access_token"), r.Header.Get("Authorization"),
+				lowerEscapes(r.URL.RawQuery))
 		}},
 		{"reset", func(w http.ResponseWriter, r *http.Request) {
 			conn, _, err := w.(http.Hijacker).Hijack()
@@ -317,7 +318,21 @@ func errorTexts(err error) []string {
 func tokenForms(tok string) []string {
 	q := strconv.Quote(tok)
 	return []string{tok, url.QueryEscape(tok), url.PathEscape(tok), q[1 : len(q)-1],
-		strings.ToLower(url.QueryEscape(tok))}
+		lowerEscapes(url.QueryEscape(tok)), lowerEscapes(url.PathEscape(tok))}
+}
+
+// lowerEscapes writes %2B as %2b, as some servers echo escapes.
+func lowerEscapes(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			b.WriteString(strings.ToLower(s[i : i+3]))
+			i += 2
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // TestErrorBodyIsText: what is kept of an AS's error answer goes into
