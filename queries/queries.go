@@ -58,6 +58,10 @@ type Service struct {
 	// negative maps a query key to when its "does not exist" expires.
 	// (Not the expirable LRU: its cleanup goroutine cannot be stopped.)
 	negative *lru.Cache[string, time.Time]
+	// negMu orders forgetting with remembering: forgets counts the Note
+	// calls, and a query that saw one while it ran does not remember "no".
+	negMu   sync.Mutex
+	forgets uint64
 
 	mu     sync.Mutex
 	protos map[string]cachedProtocol
@@ -137,7 +141,12 @@ func (s *Service) NoteUserRegistered(userID string) { s.forget("u:" + userID) }
 // NoteAliasCreated forgets a cached "no such alias".
 func (s *Service) NoteAliasCreated(alias string) { s.forget("a:" + alias) }
 
-func (s *Service) forget(key string) { s.negative.Remove(key) }
+func (s *Service) forget(key string) {
+	s.negMu.Lock()
+	s.forgets++
+	s.negative.Remove(key)
+	s.negMu.Unlock()
+}
 
 func (s *Service) query(ctx context.Context, key string, ases []*registry.AppService, what, id string,
 	ask func(context.Context, asapi.Target, string) (bool, error)) (Result, error) {
@@ -153,6 +162,9 @@ func (s *Service) query(ctx context.Context, key string, ases []*registry.AppSer
 	ch := s.sf.DoChan(key, func() (any, error) {
 		// Shared by every caller: no single caller's cancellation ends it.
 		qctx := context.WithoutCancel(ctx)
+		s.negMu.Lock()
+		forgets := s.forgets
+		s.negMu.Unlock()
 		definite := true
 		for _, as := range ases {
 			start := time.Now()
@@ -173,9 +185,11 @@ func (s *Service) query(ctx context.Context, key string, ases []*registry.AppSer
 				return Result{Exists: true, AS: as.ID}, nil
 			}
 		}
-		if definite {
+		s.negMu.Lock()
+		if definite && s.forgets == forgets {
 			s.negative.Add(key, time.Now().Add(s.cfg.NegativeTTL))
 		}
+		s.negMu.Unlock()
 		return Result{}, nil
 	})
 	select {

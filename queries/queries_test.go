@@ -420,3 +420,32 @@ func TestThirdPartyLookupForwardsOnlyDeclaredFields(t *testing.T) {
 		}
 	}
 }
+
+// TestNoteDuringQueryNotUndone: a "no" that was being fetched when the AS
+// created the user (NoteUserRegistered) is not remembered.
+func TestNoteDuringQueryNotUndone(t *testing.T) {
+	var created atomic.Bool
+	entered, release := make(chan struct{}), make(chan struct{})
+	a := newAS(t, func(string) (int, string) {
+		if created.Load() {
+			return 200, "{}"
+		}
+		close(entered)
+		<-release // answers "no" after the user is created
+		return 404, "{}"
+	})
+	s, _ := service(t, reg("a", a.srv.URL, "@x_.*", true, ""))
+	ctx := context.Background()
+	done := make(chan Result)
+	go func() { r, _ := s.QueryUser(ctx, "@x_1:hs"); done <- r }()
+	<-entered
+	created.Store(true)
+	s.NoteUserRegistered("@x_1:hs")
+	close(release)
+	if r := <-done; r.Exists {
+		t.Fatalf("first answer %+v", r)
+	}
+	if r, _ := s.QueryUser(ctx, "@x_1:hs"); !r.Exists {
+		t.Errorf("the \"no\" fetched before NoteUserRegistered was remembered after it")
+	}
+}
