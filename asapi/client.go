@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -179,16 +180,12 @@ func unrecognised(status int, body []byte) bool {
 }
 
 func (c *Client) once(ctx context.Context, t Target, method, path string, query url.Values, body []byte) (int, []byte, error) {
+	// u never carries the token: it is the only URL errors may quote. The
+	// legacy ?access_token= is added to the request alone, and every error
+	// net/http returns quoting the request's URL is rebuilt with u.
 	u := strings.TrimRight(t.URL, "/") + path
-	q := url.Values{}
-	for k, v := range query {
-		q[k] = v
-	}
-	if t.Legacy {
-		q.Set("access_token", t.HSToken.Reveal())
-	}
-	if len(q) > 0 {
-		u += "?" + q.Encode()
+	if len(query) > 0 {
+		u += "?" + query.Encode()
 	}
 	var rd io.Reader
 	if body != nil {
@@ -198,35 +195,73 @@ func (c *Client) once(ctx context.Context, t Target, method, path string, query 
 	if err != nil {
 		return 0, nil, fmt.Errorf("appservice %s: bad url: %w", t.ID, redact(err, t))
 	}
+	shown := u
+	if t.Legacy {
+		tok := "access_token=" + url.QueryEscape(t.HSToken.Reveal())
+		shown = withQuery(u, "access_token="+secret.Redacted)
+		if req.URL.RawQuery != "" {
+			tok = req.URL.RawQuery + "&" + tok
+		}
+		req.URL.RawQuery = tok
+	}
 	req.Header.Set("Authorization", "Bearer "+t.HSToken.Reveal())
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
-			return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrTimeout, redact(err, t))
+		// Classify on the original error, then keep only its redacted form.
+		timeout := errors.Is(err, context.DeadlineExceeded) || isTimeout(err)
+		err = redactURL(err, shown, t)
+		if timeout {
+			return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrTimeout, err)
 		}
 		if ctx.Err() != nil {
 			return 0, nil, fmt.Errorf("appservice %s: %w", t.ID, ctx.Err())
 		}
-		return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrConnection, redact(err, t))
+		return 0, nil, fmt.Errorf("appservice %s: %w: %w", t.ID, ErrConnection, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 == 2 {
 		data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		if err != nil {
-			return resp.StatusCode, nil, fmt.Errorf("appservice %s: reading answer: %w", t.ID, redact(err, t))
+			return resp.StatusCode, nil, fmt.Errorf("appservice %s: reading answer: %w", t.ID, redactURL(err, shown, t))
 		}
 		return resp.StatusCode, data, nil
 	}
-	data, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	// Read past the cut by the longest form of a token, so that a token
+	// straddling it is scrubbed whole before the text is cut.
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, int64(maxErrorBody+t.longestSecret())))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // reuse the connection
-	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: t.scrub(string(data))}
+	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: errorText(t.scrub(string(data)), maxErrorBody)}
 	if resp.StatusCode == http.StatusTooManyRequests {
 		se.RetryAfter = retryAfter(resp.Header, data)
 	}
 	return resp.StatusCode, data, se
+}
+
+// withQuery appends a raw query parameter to u.
+func withQuery(u, param string) string {
+	if strings.Contains(u, "?") {
+		return u + "&" + param
+	}
+	return u + "?" + param
+}
+
+// errorText makes an AS's answer fit to show and store: invalid UTF-8 and
+// NUL (which PostgreSQL text refuses) removed, then cut to at most max bytes
+// on a rune boundary.
+func errorText(s string, max int) string {
+	s = strings.ToValidUTF8(s, "")
+	s = strings.ReplaceAll(s, "\x00", "")
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut]
 }
 
 func isTimeout(err error) bool {
@@ -234,28 +269,79 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// redactedError hides the token a URL error may quote (legacy ?access_token=).
-type redactedError struct {
-	msg string
-	err error
-}
+// redactedError is an error whose text quoted a token: it keeps only the
+// scrubbed text, and does not unwrap, so the original cannot be printed
+// through errors.As either.
+type redactedError struct{ msg string }
 
 func (e *redactedError) Error() string { return e.msg }
-func (e *redactedError) Unwrap() error { return e.err }
 
+// redact returns err, or an opaque copy with the tokens scrubbed if its text
+// quotes one in any form.
 func redact(err error, t Target) error {
 	msg := err.Error()
 	if s := t.scrub(msg); s != msg {
-		return &redactedError{msg: s, err: err}
+		return &redactedError{msg: s}
 	}
 	return err
 }
 
-// scrub replaces the AS's tokens in s.
+// redactURL rebuilds a *url.Error (net/http's, which quotes the request URL,
+// legacy token included) with the URL shown instead, and redacts the rest.
+func redactURL(err error, shown string, t Target) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return &url.Error{Op: ue.Op, URL: shown, Err: redact(ue.Err, t)}
+	}
+	return redact(err, t)
+}
+
+// forms are the ways a token may appear in text: raw, percent-encoded for a
+// query or a path (with upper or lower case hex, as an AS may echo it), and
+// as Go's %q quotes it.
+func forms(tok string) []string {
+	q := strconv.Quote(tok)
+	qe, pe := url.QueryEscape(tok), url.PathEscape(tok)
+	return []string{tok, qe, pe, lowerHex(qe), lowerHex(pe), q[1 : len(q)-1]}
+}
+
+// lowerHex lower-cases the two hex digits after each % of an escaped string.
+func lowerHex(s string) string {
+	b := []byte(s)
+	for i := 0; i+2 < len(b); i++ {
+		if b[i] == '%' {
+			b[i+1], b[i+2] = lowerASCII(b[i+1]), lowerASCII(b[i+2])
+			i += 2
+		}
+	}
+	return string(b)
+}
+
+func lowerASCII(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
+}
+
+func (t Target) longestSecret() int {
+	n := 0
+	for _, tok := range []secret.Token{t.HSToken, t.ASToken} {
+		for _, f := range forms(tok.Reveal()) {
+			n = max(n, len(f))
+		}
+	}
+	return n
+}
+
+// scrub replaces the AS's tokens in s, in each form they may take.
 func (t Target) scrub(s string) string {
 	for _, tok := range []secret.Token{t.HSToken, t.ASToken} {
-		if !tok.IsZero() {
-			s = strings.ReplaceAll(s, tok.Reveal(), secret.Redacted)
+		if tok.IsZero() {
+			continue
+		}
+		for _, f := range forms(tok.Reveal()) {
+			s = strings.ReplaceAll(s, f, secret.Redacted)
 		}
 	}
 	return s

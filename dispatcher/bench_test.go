@@ -58,7 +58,7 @@ func BenchmarkDecide(b *testing.B) {
 				st.members[fmt.Sprintf("!room%d:hs", r)] = []string{"@alice:hs", fmt.Sprintf("@_as%d_ghost:hs", r%n)}
 			}
 			d := &Dispatcher{}
-			v := &view{set: set, rooms: newRooms(set, st, 100000)}
+			v := &view{set: set, rooms: newRooms(set, st, 100000, newRoomLocks())}
 			v.keys, v.push, v.eph = make([]txnstore.ASKey, n), make([]bool, n), make([]bool, n)
 			for i := range v.keys {
 				v.keys[i], v.push[i] = txnstore.ASKey(i+1), true

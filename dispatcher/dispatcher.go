@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,8 +34,9 @@ type Config struct {
 	// OpenStore, if set, opens the store instead of SQLite in DataDir. It
 	// must pass opts on to the store.
 	OpenStore func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error)
-	// RoomState answers for rooms the dispatcher has not seen yet. Without
-	// it, room interest comes only from the events the dispatcher sees.
+	// RoomState answers for rooms whose interest is not cached. Without it,
+	// room interest comes only from the membership events the dispatcher
+	// sees, and no alias counts.
 	RoomState RoomState
 	// RoomCacheSize bounds the rooms whose interest is kept (default 100,000).
 	RoomCacheSize int
@@ -108,6 +110,8 @@ type Dispatcher struct {
 	closed atomic.Bool
 
 	reloadMu sync.Mutex
+	// locks serializes the calls on one room, across reloads.
+	locks *roomLocks
 	// scratch recycles Interested's buffers, called once per event.
 	scratch sync.Pool
 }
@@ -127,7 +131,7 @@ func New(ctx context.Context, cfg Config) (*Dispatcher, error) {
 	if cfg.Queue.Logger == nil {
 		cfg.Queue.Logger = cfg.Logger
 	}
-	d := &Dispatcher{cfg: cfg, log: cfg.Logger}
+	d := &Dispatcher{cfg: cfg, log: cfg.Logger, locks: newRoomLocks()}
 	// The store calls OnCommit; the queues need the store: close the loop
 	// through d, which the store cannot call before the first Append.
 	opts := txnstore.Options{OnCommit: func(c []txnstore.Committed) { d.queues.OnCommit(c) }}
@@ -177,7 +181,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		keys:  make([]txnstore.ASKey, len(all)),
 		push:  make([]bool, len(all)),
 		eph:   make([]bool, len(all)),
-		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize),
+		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
 	}
 	for i, as := range all {
 		key, err := d.store.EnsureAS(ctx, as.ID)
@@ -235,29 +239,82 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 // Submit decides which ASes are interested in each event and returns once
 // the events are durably queued for all of them. Events of one room must be
 // submitted in their order; concurrent calls share commits.
+//
+// A call is all or nothing: every event is checked before any is decided,
+// each event is decided with its room's interest as the call's earlier
+// events leave it (a message after a join sees the join), and the room
+// interest the call changes is kept only once its events are committed.
+// The call holds its rooms until then, so another call's events of those
+// rooms are decided after and committed after its own: calls on different
+// rooms share commits, calls on one room take turns.
 func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
 	if d.closed.Load() {
 		return ErrClosed
 	}
-	v := d.view.Load()
-	entries := make([]txnstore.Entry, 0, len(events))
-	var sc scratch
 	for i := range events {
 		if err := checkJSON(events[i].JSON); err != nil {
-			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
+			return fmt.Errorf("dispatcher: event %.100s: %w", events[i].ID, err)
 		}
 		if err := checkIDs(&events[i]); err != nil {
 			return fmt.Errorf("dispatcher: event %.100s: %w", events[i].ID, err)
 		}
-		targets, err := d.decide(ctx, v, &events[i], &sc)
-		if err != nil {
-			return fmt.Errorf("dispatcher: event %s: %w", events[i].ID, err)
+	}
+	v := d.view.Load()
+	held, err := v.rooms.acquireAll(ctx, events)
+	if err != nil {
+		return fmt.Errorf("dispatcher: %w", err)
+	}
+	defer func() {
+		for i := range held {
+			v.rooms.release(&held[i])
 		}
-		if len(targets) > 0 {
+	}()
+	entries := make([]txnstore.Entry, 0, len(events))
+	var sc scratch
+	for i := range events {
+		var h *heldRoom
+		if events[i].RoomID != "" {
+			j, _ := slices.BinarySearchFunc(held, events[i].RoomID, func(h heldRoom, id string) int { return strings.Compare(h.id, id) })
+			h = &held[j]
+		}
+		if targets := d.interest(v, &events[i], h, &sc); len(targets) > 0 {
 			entries = append(entries, txnstore.Entry{Kind: txnstore.KindEvent, Data: events[i].JSON, Targets: targets})
 		}
 	}
-	return d.append(ctx, entries)
+	if err := d.append(ctx, entries); err != nil {
+		return err
+	}
+	for i := range held {
+		if held[i].own {
+			v.rooms.store(&held[i], held[i].r)
+		}
+	}
+	return nil
+}
+
+// acquireAll locks the rooms of events, sorted by ID (the one lock order
+// for every call), and reads their interest.
+func (rs *rooms) acquireAll(ctx context.Context, events []Event) ([]heldRoom, error) {
+	ids := make([]string, 0, 1)
+	for i := range events {
+		if id := events[i].RoomID; id != "" && (len(ids) == 0 || ids[len(ids)-1] != id) {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	held := make([]heldRoom, 0, len(ids))
+	for _, id := range ids {
+		h, err := rs.acquire(ctx, id)
+		if err != nil {
+			for i := range held {
+				rs.release(&held[i])
+			}
+			return nil, err
+		}
+		held = append(held, h)
+	}
+	return held, nil
 }
 
 func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error {
@@ -292,9 +349,9 @@ func (sc *scratch) owners() {
 	}
 }
 
-// decide returns the store keys of the ASes interested in ev, sorted, after
-// applying ev to the room's interest.
-func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch) ([]txnstore.ASKey, error) {
+// interest returns the store keys of the ASes interested in ev, sorted,
+// after applying ev to its room h (nil for an event without a room).
+func (d *Dispatcher) interest(v *view, ev *Event, h *heldRoom, sc *scratch) []txnstore.ASKey {
 	set := v.set
 	sc.hits = set.UsersInterested(sc.hits[:0], ev.Sender)
 	if ev.Type == "m.room.member" && ev.StateKey != nil {
@@ -303,23 +360,35 @@ func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch
 	sc.hits = set.RoomsInterested(sc.hits, ev.RoomID)
 	sc.idx = sc.idx[:0]
 	sc.owners()
-	if ev.RoomID != "" {
-		r, err := v.rooms.lock(ctx, ev.RoomID)
-		if err != nil {
-			return nil, err
-		}
-		v.rooms.apply(ctx, r, ev.RoomID, ev)
-		sc.idx = append(sc.idx, r.interested...)
-		r.mu.Unlock()
+	if h != nil {
+		v.rooms.apply(h, ev)
+		sc.idx = append(sc.idx, h.r.interested...)
 	}
-	return v.targets(sc.idx, v.push), nil
+	return v.targets(sc.idx, v.push)
+}
+
+// decide is interest for one event, the room's change kept at once.
+func (d *Dispatcher) decide(ctx context.Context, v *view, ev *Event, sc *scratch) ([]txnstore.ASKey, error) {
+	if ev.RoomID == "" {
+		return d.interest(v, ev, nil, sc), nil
+	}
+	h, err := v.rooms.acquire(ctx, ev.RoomID)
+	if err != nil {
+		return nil, err
+	}
+	defer v.rooms.release(&h)
+	keys := d.interest(v, ev, &h, sc)
+	if h.own {
+		v.rooms.store(&h, h.r)
+	}
+	return keys, nil
 }
 
 // Interested returns the IDs of the ASes interested in ev (sender,
-// state_key, room ID, the room's local members and aliases), applying ev to
-// the room's interest as Submit would, but queuing nothing. It is the
-// decision Submit makes per event, exposed for benchmarks and diagnostics;
-// it allocates only the result.
+// state_key, room ID, the room's local members and directory aliases),
+// applying ev to the room's interest as Submit would, but queuing nothing.
+// It is the decision Submit makes per event, exposed for benchmarks and
+// diagnostics; it allocates only the result.
 func (d *Dispatcher) Interested(ctx context.Context, ev Event) ([]string, error) {
 	if d.closed.Load() {
 		return nil, ErrClosed
@@ -394,12 +463,12 @@ func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) erro
 			for _, roomID := range rooms {
 				sc.hits = v.set.RoomsInterested(sc.hits[:0], roomID)
 				sc.owners()
-				r, err := v.rooms.lock(ctx, roomID)
+				h, err := v.rooms.acquire(ctx, roomID)
 				if err != nil {
 					return fmt.Errorf("dispatcher: ephemeral %s: %w", e.Type, err)
 				}
-				sc.idx = append(sc.idx, r.interested...)
-				r.mu.Unlock()
+				sc.idx = append(sc.idx, h.r.interested...)
+				v.rooms.release(&h)
 			}
 		}
 		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
@@ -433,7 +502,9 @@ func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error
 }
 
 // InvalidateRoom forgets what the dispatcher knows about a room, for changes
-// it does not see as events (aliases added in the room directory).
+// it does not see as events: call it after every change of the room's
+// directory aliases, the only aliases interest looks at. It never waits for
+// a Submit in progress; such a call does not put back what it read before.
 func (d *Dispatcher) InvalidateRoom(roomID string) {
 	d.view.Load().rooms.forget(roomID)
 }

@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/asdispatch/asdispatch/internal/storehook"
 	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
 	"github.com/asdispatch/asdispatch/txnstore"
@@ -394,14 +395,14 @@ func TestStorageFaultRecovers(t *testing.T) {
 	d, err := New(context.Background(), Config{
 		Registry: registry.NewRegistry(set),
 		OpenStore: func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
-			opts.BeforeCommit = func() error {
+			ctx = storehook.With(ctx, &storehook.Hooks{Commit: func([]storehook.Op) storehook.Fault {
 				mu.Lock()
 				defer mu.Unlock()
 				if full {
-					return errors.New("no space left on device")
+					return storehook.Fail // as a full disk would
 				}
-				return nil
-			}
+				return storehook.None
+			}})
 			return txnstore.Open(ctx, filepath.Join(dir, "d.db"), opts)
 		},
 		Queue: queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},

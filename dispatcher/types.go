@@ -1,6 +1,12 @@
 // Package dispatcher is the module's entry point for a homeserver: it decides
 // which application services are interested in each event and queues the
 // event durably for each of them.
+//
+// A room's aliases count for interest only as the room directory has them
+// (RoomState.LocalAliases, read again after InvalidateRoom), as in Synapse
+// and Dendrite; the content of m.room.canonical_alias and m.room.aliases
+// events is ignored, so that interest never depends on what a cache happened
+// to hold. The homeserver calls InvalidateRoom after each directory change.
 package dispatcher
 
 import "context"
@@ -50,13 +56,16 @@ type ToDevice struct {
 }
 
 // RoomState is what the dispatcher asks the homeserver about a room it has
-// not seen yet. After that it follows the room from the membership and alias
-// events it is given.
+// not seen yet, or whose cached interest was evicted or invalidated. After
+// that it follows the room's local membership from the m.room.member events
+// it is given; aliases change only through InvalidateRoom, never through
+// alias events.
 type RoomState interface {
 	// JoinedLocalMembers returns the joined members of the room that are
 	// users of this homeserver.
 	JoinedLocalMembers(ctx context.Context, roomID string) ([]string, error)
-	// LocalAliases returns the room's aliases on this homeserver.
+	// LocalAliases returns the room's aliases in this homeserver's room
+	// directory: the only aliases that make an AS interested in the room.
 	LocalAliases(ctx context.Context, roomID string) ([]string, error)
 	// IsLocalUser reports whether userID belongs to this homeserver.
 	IsLocalUser(userID string) bool

@@ -94,8 +94,10 @@ func (s *Server) deleteAlias(r *request) (any, error) {
 		return nil, err
 	}
 	set := s.cfg.Registry.Current()
-	if owner := set.ExclusiveAliasOwner(alias); owner != nil && (r.c.as == nil || owner != r.c.as) {
-		return nil, set.CheckAlias(r.c.as, alias)
+	for _, owner := range set.ExclusiveAliasOwners(nil, alias) {
+		if r.c.as == nil || owner != r.c.as {
+			return nil, errExclusive.With("this alias is reserved by an application service")
+		}
 	}
 	ctx := r.Context()
 	s.mu.Lock()

@@ -54,6 +54,7 @@ var (
 	errInvalidUser   = &mxError{Status: http.StatusBadRequest, Code: "M_INVALID_USERNAME"}
 	errUserInUse     = &mxError{Status: http.StatusBadRequest, Code: "M_USER_IN_USE"}
 	errRoomInUse     = &mxError{Status: http.StatusBadRequest, Code: "M_ROOM_IN_USE"}
+	errExclusive     = &mxError{Status: http.StatusBadRequest, Code: "M_EXCLUSIVE"}
 	errUnsupportedRV = &mxError{Status: http.StatusBadRequest, Code: "M_UNSUPPORTED_ROOM_VERSION"}
 	errUnknown400    = &mxError{Status: http.StatusBadRequest, Code: "M_UNKNOWN"}
 	errMissingToken  = &mxError{Status: http.StatusUnauthorized, Code: "M_MISSING_TOKEN"}

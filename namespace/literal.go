@@ -29,7 +29,7 @@ func analyze(pattern string) literals {
 	}
 	re = re.Simplify()
 	var l literals
-	l.prefixes, l.exact = prefixesOf(re)
+	l.prefixes, l.exact = prefixesOf(re, true)
 	l.factor = factorOf(re)
 	return l
 }
@@ -85,19 +85,24 @@ func cross(a, b []string) []string {
 
 // prefixesOf returns literal prefixes every match starts with, and whether
 // the pattern is exactly "starts with one of them" (start-anchored, not
-// end-anchored matching).
-func prefixesOf(re *syntax.Regexp) ([]string, bool) {
+// end-anchored matching). atStart says re begins at the start of the whole
+// pattern: only there may a begin-of-text anchor be dropped (matching is
+// anchored there anyway). Anywhere else it can only match at position 0, so
+// "@a(^b)" matches nothing and must not index as the prefix "@ab"; any
+// assertion not at the start keeps the extraction conservative (finite does
+// not take assertions, and nullableAnywhere calls none of them nullable).
+func prefixesOf(re *syntax.Regexp, atStart bool) ([]string, bool) {
 	if fs, ok := finite(re); ok {
 		return fs, true
 	}
 	switch re.Op {
 	case syntax.OpCapture:
-		return prefixesOf(re.Sub[0])
+		return prefixesOf(re.Sub[0], atStart)
 	case syntax.OpAlternate:
 		var out []string
 		exact := true
 		for _, sub := range re.Sub {
-			ps, ex := prefixesOf(sub)
+			ps, ex := prefixesOf(sub, atStart)
 			out = append(out, ps...)
 			exact = exact && ex
 			if len(out) > maxPrefixes {
@@ -108,14 +113,16 @@ func prefixesOf(re *syntax.Regexp) ([]string, bool) {
 	case syntax.OpConcat:
 		cur := []string{""}
 		for i, sub := range re.Sub {
-			if sub.Op == syntax.OpBeginText && i == 0 {
-				continue // ^ at the start: matching is anchored there anyway
+			if sub.Op == syntax.OpBeginText && atStart {
+				continue // still nothing consumed: ^ at the start of the pattern
 			}
+			subAtStart := atStart
+			atStart = false
 			if fs, ok := finite(sub); ok && len(cur)*len(fs) <= maxPrefixes {
 				cur = cross(cur, fs)
 				continue
 			}
-			ps, ex := prefixesOf(sub)
+			ps, ex := prefixesOf(sub, subAtStart)
 			if len(cur)*len(ps) > maxPrefixes {
 				return cur, false
 			}

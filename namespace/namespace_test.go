@@ -101,6 +101,9 @@ func TestCompileErrors(t *testing.T) {
 func randomPattern(r *rand.Rand) string {
 	words := []string{"a", "ab", "irc", "tg", "x_y", "é", "."}
 	w := func() string { return words[r.Intn(len(words))] }
+	if r.Intn(3) == 0 {
+		return randomTricky(r, w)
+	}
 	switch r.Intn(10) {
 	case 0:
 		return "@" + w() + "_.*"
@@ -123,6 +126,28 @@ func randomPattern(r *rand.Rand) string {
 	default:
 		return w() + w()
 	}
+}
+
+// randomTricky builds patterns around what makes literal extraction
+// unsound: anchors and word boundaries inside groups after a literal, flags
+// scoped to a group, empty alternation branches and character classes.
+func randomTricky(r *rand.Rand, w func() string) string {
+	anchors := []string{"^", `\A`, "$", `\z`, `\b`, `\B`, "(?m:^)", "(?m:$)"}
+	a := func() string { return anchors[r.Intn(len(anchors))] }
+	atoms := []string{
+		"(" + a() + w() + ")", "(" + a() + w() + "|" + w() + ")", "(" + w() + "|" + a() + ")",
+		"(|" + w() + ")", "(" + w() + "|)", "(?i:" + w() + ")", "(?s:.)", "(?s).", "[ab_]", "[^a]", `[\n:]`,
+		"(?i)" + w(), w(), w() + a(), "(" + w() + ")?", "(" + a() + ")*", `\n`, ".*", ":hs",
+	}
+	var b strings.Builder
+	if r.Intn(3) == 0 {
+		b.WriteString([]string{"^", `\A`, "(?i)", "(?s)", "(?m)"}[r.Intn(5)])
+	}
+	b.WriteString([]string{"@", "#", ""}[r.Intn(3)])
+	for n := r.Intn(4); n >= 0; n-- {
+		b.WriteString(atoms[r.Intn(len(atoms))])
+	}
+	return b.String()
 }
 
 func randomID(r *rand.Rand) string {
@@ -169,18 +194,56 @@ func TestIndexedEqualsPlainRandomized(t *testing.T) {
 	}
 }
 
+// FuzzMatcherMatchesPlain checks the index against the plain loop on
+// patterns drawn from seed, plus pattern itself when it is a valid one (so
+// the fuzzer also mutates patterns directly).
 func FuzzMatcherMatchesPlain(f *testing.F) {
-	f.Add(int64(1), "@irc_bob:hs")
-	f.Add(int64(2), "@x:a.org")
-	f.Add(int64(3), "")
-	f.Fuzz(func(t *testing.T, seed int64, id string) {
+	f.Add(int64(1), "@irc_bob:hs", "")
+	f.Add(int64(2), "@x:a.org", "")
+	f.Add(int64(3), "", "")
+	// Anchors inside a group after a literal never match there (issue 13).
+	for _, c := range []struct{ pattern, id string }{
+		{`@a(^b)`, "@ab:hs"}, {`@bridge_(^x|y).*`, "@bridge_x1:hs"}, {`#irc_(^chan)`, "#irc_chan:hs"},
+		{`@a(\Ab)`, "@ab"}, {`@a(?m:^b)`, "@a\nb"}, {`@a\n(?m:^b)`, "@a\nb"}, {`@a(\bb)`, "@ab"},
+		{`@a(\Bb)`, "@ab"}, {`@a($|b)`, "@ab"}, {`(^@a|^@b)c`, "@bc"}, {`@a(|^)b`, "@ab"}, {`@(?i:A)b`, "@ab"},
+	} {
+		f.Add(int64(4), c.id, c.pattern)
+	}
+	f.Fuzz(func(t *testing.T, seed int64, id, pattern string) {
 		r := rand.New(rand.NewSource(seed))
 		var pats []Pattern
 		for i := r.Intn(20); i >= 0; i-- {
 			pats = append(pats, Pattern{Kind: Users, Owner: r.Intn(5), Regex: randomPattern(r), Exclusive: r.Intn(2) == 0})
 		}
+		if pattern != "" && Validate(pattern) == nil {
+			pats = append(pats, Pattern{Kind: Users, Owner: 5, Regex: pattern, Exclusive: true})
+		}
 		checkAgainstPlain(t, pats, []string{id, randomID(r)})
 	})
+}
+
+// TestAnchorInsideGroup: a begin-of-text anchor after a literal can never
+// match, so the literal before it must not become an exact prefix.
+func TestAnchorInsideGroup(t *testing.T) {
+	tests := []struct{ regex, id string }{
+		{`@a(^b)`, "@ab:hs"},
+		{`@bridge_(^x|y).*`, "@bridge_x1:hs"},
+		{`#irc_(^chan)`, "#irc_chan:hs"},
+		{`@a(\Ab)`, "@ab:hs"},
+		{`@a(?m:^b)`, "@ab:hs"},
+		{`@a(\Bb)`, "@ab:hs"},
+		{`(@a|^@b)(^c)`, "@bc:hs"},
+	}
+	for _, tt := range tests {
+		checkAgainstPlain(t, []Pattern{{Kind: Users, Owner: 1, Regex: tt.regex, Exclusive: true}}, []string{tt.id})
+	}
+	// Anchors at the start of the whole pattern are dropped, and the
+	// pattern stays an exact prefix that runs no regex.
+	for _, re := range []string{`^@irc_.*`, `\A@irc_`, `(^@irc_|^@tg_)`, `^(?:^@irc_)`} {
+		if l := analyze(re); !l.exact || !slices.Contains(l.prefixes, "@irc_") {
+			t.Errorf("analyze(%q) = %+v, want the exact prefix @irc_", re, l)
+		}
+	}
 }
 
 // benchPatterns is the mix of issue #2: per AS a literal prefix, a server

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	lru "github.com/hashicorp/golang-lru/v2"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 
@@ -32,6 +33,10 @@ type Config struct {
 	// (default 10s); ProtocolTTL how long protocol metadata is (default 5m).
 	NegativeTTL time.Duration
 	ProtocolTTL time.Duration
+	// NegativeSize bounds the "does not exist" answers remembered, least
+	// recently used first out (default 10,000): the IDs come from clients,
+	// unauthenticated ones included.
+	NegativeSize int
 	// Metrics, if set, counts queries by outcome.
 	Metrics *metrics.Metrics
 }
@@ -50,9 +55,16 @@ type Service struct {
 	log    *zap.Logger
 	sf     singleflight.Group
 
-	mu       sync.Mutex
-	negative map[string]time.Time
-	protos   map[string]cachedProtocol
+	// negative maps a query key to when its "does not exist" expires.
+	// (Not the expirable LRU: its cleanup goroutine cannot be stopped.)
+	negative *lru.Cache[string, time.Time]
+	// negMu orders forgetting with remembering: forgets counts the Note
+	// calls, and a query that saw one while it ran does not remember "no".
+	negMu   sync.Mutex
+	forgets uint64
+
+	mu     sync.Mutex
+	protos map[string]cachedProtocol
 }
 
 // New returns a Service.
@@ -66,11 +78,18 @@ func New(cfg Config) *Service {
 	if cfg.ProtocolTTL <= 0 {
 		cfg.ProtocolTTL = 5 * time.Minute
 	}
+	if cfg.NegativeSize <= 0 {
+		cfg.NegativeSize = 10_000
+	}
+	negative, err := lru.New[string, time.Time](cfg.NegativeSize)
+	if err != nil {
+		panic(err) // only for a size <= 0, replaced above
+	}
 	c := cfg.Client
 	if c == nil {
 		c = asapi.New(asapi.Options{Logger: cfg.Logger})
 	}
-	return &Service{cfg: cfg, client: c, log: cfg.Logger, negative: map[string]time.Time{}, protos: map[string]cachedProtocol{}}
+	return &Service{cfg: cfg, client: c, log: cfg.Logger, negative: negative, protos: map[string]cachedProtocol{}}
 }
 
 // Target is how an AS is reached.
@@ -102,7 +121,9 @@ func candidates(set *registry.Set, hits []namespace.Hit) []*registry.AppService 
 
 // QueryUser asks the ASes whose user namespaces cover userID whether it
 // exists. An AS that fails is logged and the next one asked; the answer is
-// then "no". The error is only ever the caller's ctx ending.
+// then "no". Only a definite "no" (every AS asked answered 404) is
+// remembered, for NegativeTTL. The error is only ever the caller's ctx
+// ending.
 func (s *Service) QueryUser(ctx context.Context, userID string) (Result, error) {
 	set := s.cfg.Registry.Current()
 	return s.query(ctx, "u:"+userID, candidates(set, set.UsersInterested(nil, userID)), "user", userID, s.client.QueryUser)
@@ -121,9 +142,10 @@ func (s *Service) NoteUserRegistered(userID string) { s.forget("u:" + userID) }
 func (s *Service) NoteAliasCreated(alias string) { s.forget("a:" + alias) }
 
 func (s *Service) forget(key string) {
-	s.mu.Lock()
-	delete(s.negative, key)
-	s.mu.Unlock()
+	s.negMu.Lock()
+	s.forgets++
+	s.negative.Remove(key)
+	s.negMu.Unlock()
 }
 
 func (s *Service) query(ctx context.Context, key string, ases []*registry.AppService, what, id string,
@@ -131,15 +153,19 @@ func (s *Service) query(ctx context.Context, key string, ases []*registry.AppSer
 	if len(ases) == 0 {
 		return Result{}, nil
 	}
-	s.mu.Lock()
-	if until, ok := s.negative[key]; ok && time.Now().Before(until) {
-		s.mu.Unlock()
-		return Result{}, nil
+	if until, ok := s.negative.Get(key); ok {
+		if time.Now().Before(until) {
+			return Result{}, nil
+		}
+		s.negative.Remove(key)
 	}
-	s.mu.Unlock()
 	ch := s.sf.DoChan(key, func() (any, error) {
 		// Shared by every caller: no single caller's cancellation ends it.
 		qctx := context.WithoutCancel(ctx)
+		s.negMu.Lock()
+		forgets := s.forgets
+		s.negMu.Unlock()
+		definite := true
 		for _, as := range ases {
 			start := time.Now()
 			ok, err := ask(qctx, Target(as), id)
@@ -152,15 +178,18 @@ func (s *Service) query(ctx context.Context, key string, ases []*registry.AppSer
 			s.cfg.Metrics.Query(as.ID, what, outcome, time.Since(start))
 			if err != nil {
 				s.logFailure(as.ID, what, err)
+				definite = false
 				continue
 			}
 			if ok {
 				return Result{Exists: true, AS: as.ID}, nil
 			}
 		}
-		s.mu.Lock()
-		s.negative[key] = time.Now().Add(s.cfg.NegativeTTL)
-		s.mu.Unlock()
+		s.negMu.Lock()
+		if definite && s.forgets == forgets {
+			s.negative.Add(key, time.Now().Add(s.cfg.NegativeTTL))
+		}
+		s.negMu.Unlock()
 		return Result{}, nil
 	})
 	select {

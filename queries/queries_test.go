@@ -263,3 +263,189 @@ func TestThirdPartyMerge(t *testing.T) {
 		t.Errorf("user lookup path %s", got)
 	}
 }
+
+// serviceWith is service with a Config to adjust.
+func serviceWith(t *testing.T, adjust func(*Config), regs ...string) *Service {
+	t.Helper()
+	s, _ := service(t, regs...)
+	adjust(&s.cfg)
+	return New(s.cfg)
+}
+
+// TestNegativeCacheBoundedAndDefinite: only a definite 404 from every AS
+// asked is remembered, for at most NegativeTTL and among at most
+// NegativeSize answers; an AS's error is asked again next time.
+func TestNegativeCacheBoundedAndDefinite(t *testing.T) {
+	slow := func(string) (int, string) { time.Sleep(400 * time.Millisecond); return 404, "{}" }
+	tests := []struct {
+		name string
+		// answers of the exclusive owner and of a shared AS ("" for none)
+		owner, shared func(string) (int, string)
+		cached        bool
+	}{
+		{"404 from the only AS", answer(404), nil, true},
+		{"404 from both", answer(404), answer(404), true},
+		{"500", answer(500), nil, false},
+		{"401", answer(401), nil, false},
+		{"404 then an error", answer(404), answer(502), false},
+		{"timeout", slow, nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			owner := newAS(t, tt.owner)
+			regs := []string{reg("owner", owner.srv.URL, "@x_.*", true, "")}
+			var shared *as
+			if tt.shared != nil {
+				shared = newAS(t, tt.shared)
+				regs = append(regs, reg("shared", shared.srv.URL, "@x_.*", false, ""))
+			}
+			s := serviceWith(t, func(*Config) {}, regs...)
+			for i := 0; i < 2; i++ {
+				if r, err := s.QueryUser(context.Background(), "@x_1:hs"); err != nil || r.Exists {
+					t.Fatalf("QueryUser = %+v, %v", r, err)
+				}
+			}
+			want := 2
+			if tt.cached {
+				want = 1
+			}
+			if n := len(owner.got()); n != want {
+				t.Errorf("2 queries asked the AS %d times, want %d", n, want)
+			}
+		})
+	}
+	t.Run("size", func(t *testing.T) {
+		a := newAS(t, answer(404))
+		s := serviceWith(t, func(c *Config) { c.NegativeSize = 2 }, reg("a", a.srv.URL, "@x_.*", true, ""))
+		ctx := context.Background()
+		for _, u := range []string{"@x_1:hs", "@x_2:hs", "@x_3:hs", "@x_3:hs", "@x_2:hs", "@x_1:hs"} {
+			s.QueryUser(ctx, u)
+		}
+		// x_1 was pushed out by x_2 and x_3: asked again; x_2, x_3 were not.
+		if n := len(a.got()); n != 4 {
+			t.Errorf("AS asked %d times, want 4: %v", n, a.got())
+		}
+		for i := 0; i < 1000; i++ {
+			s.QueryAlias(ctx, fmt.Sprintf("#x_%d:hs", i))
+		}
+		if n := s.negative.Len(); n > 2 {
+			t.Errorf("negative cache holds %d answers, bound is 2", n)
+		}
+	})
+	t.Run("ttl", func(t *testing.T) {
+		a := newAS(t, answer(404))
+		s := serviceWith(t, func(c *Config) { c.NegativeTTL = 50 * time.Millisecond }, reg("a", a.srv.URL, "@x_.*", true, ""))
+		s.QueryUser(context.Background(), "@x_1:hs")
+		s.QueryUser(context.Background(), "@x_1:hs")
+		time.Sleep(80 * time.Millisecond)
+		s.QueryUser(context.Background(), "@x_1:hs")
+		if n := len(a.got()); n != 2 {
+			t.Errorf("AS asked %d times, want 2 (cached once, then expired)", n)
+		}
+	})
+}
+
+// TestProtocolIsTheCallersCopy: the map Protocol returns can be changed
+// without changing what the next caller gets.
+func TestProtocolIsTheCallersCopy(t *testing.T) {
+	a := newAS(t, func(string) (int, string) {
+		return 200, `{"user_fields":["nick"],"location_fields":["channel"],"field_types":{"nick":{"regexp":".*"}},"instances":[{"network_id":"libera","fields":{"net":"l"}}]}`
+	})
+	s, _ := service(t, reg("a", a.srv.URL, "@irc_.*", false, "protocols: [irc]\n"))
+	ctx := context.Background()
+	first, ok := s.Protocol(ctx, "irc")
+	if !ok {
+		t.Fatal("no protocol")
+	}
+	want, _ := json.Marshal(first)
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			meta, _ := s.Protocol(ctx, "irc")
+			meta["user_fields"].([]any)[0] = "changed"
+			meta["field_types"].(map[string]any)["nick"] = nil
+			inst := meta["instances"].([]any)[0].(map[string]any)
+			inst["instance_id"] = "changed"
+			inst["fields"].(map[string]any)["net"] = "changed"
+			meta["instances"] = append(meta["instances"].([]any), "extra")
+			delete(meta, "location_fields")
+		}()
+	}
+	wg.Wait()
+	again, _ := s.Protocol(ctx, "irc")
+	if got, _ := json.Marshal(again); string(got) != string(want) {
+		t.Errorf("cached protocol changed by a caller:\n got %s\nwant %s", got, want)
+	}
+	if n := len(a.got()); n != 1 {
+		t.Errorf("protocol asked %d times, want 1 (cached)", n)
+	}
+}
+
+// TestThirdPartyLookupForwardsOnlyDeclaredFields: a lookup passes on the
+// protocol's declared fields and nothing else of the client's query.
+func TestThirdPartyLookupForwardsOnlyDeclaredFields(t *testing.T) {
+	a := newAS(t, func(p string) (int, string) {
+		if strings.HasPrefix(p, "/_matrix/app/v1/thirdparty/protocol/") {
+			return 200, `{"user_fields":["nick","server","access_token"],"location_fields":["channel"],"instances":[]}`
+		}
+		return 200, `[]`
+	})
+	s, _ := service(t, reg("a", a.srv.URL, "@irc_.*", false, "protocols: [irc]\n"))
+	ctx := context.Background()
+	client := url.Values{"nick": {"bob", "b0b"}, "server": {"libera"}, "channel": {"#c"}, "access_token": {"client-secret"},
+		"user_id": {"@admin:hs"}, "other": {"x"}}
+	s.Users(ctx, "irc", client)
+	s.Locations(ctx, "irc", client)
+	got := a.got()
+	if len(got) != 3 {
+		t.Fatalf("calls %v", got)
+	}
+	want := []string{
+		"/_matrix/app/v1/thirdparty/user/irc?nick=bob&nick=b0b&server=libera",
+		"/_matrix/app/v1/thirdparty/location/irc?channel=%23c",
+	}
+	if got[1] != want[0] || got[2] != want[1] {
+		t.Errorf("lookups\n got %v\nwant %v", got[1:], want)
+	}
+	unknown := newAS(t, answer(500))
+	s2, _ := service(t, reg("u", unknown.srv.URL, "@irc_.*", false, "protocols: [irc]\n"))
+	if rows := s2.Users(ctx, "irc", client); len(rows) != 0 {
+		t.Errorf("rows %s", rows)
+	}
+	for _, c := range unknown.got() {
+		if strings.Contains(c, "client-secret") || strings.Contains(c, "thirdparty/user") {
+			t.Errorf("asked %s without the protocol's fields", c)
+		}
+	}
+}
+
+// TestNoteDuringQueryNotUndone: a "no" that was being fetched when the AS
+// created the user (NoteUserRegistered) is not remembered.
+func TestNoteDuringQueryNotUndone(t *testing.T) {
+	var created atomic.Bool
+	entered, release := make(chan struct{}), make(chan struct{})
+	a := newAS(t, func(string) (int, string) {
+		if created.Load() {
+			return 200, "{}"
+		}
+		close(entered)
+		<-release // answers "no" after the user is created
+		return 404, "{}"
+	})
+	s, _ := service(t, reg("a", a.srv.URL, "@x_.*", true, ""))
+	ctx := context.Background()
+	done := make(chan Result)
+	go func() { r, _ := s.QueryUser(ctx, "@x_1:hs"); done <- r }()
+	<-entered
+	created.Store(true)
+	s.NoteUserRegistered("@x_1:hs")
+	close(release)
+	if r := <-done; r.Exists {
+		t.Fatalf("first answer %+v", r)
+	}
+	if r, _ := s.QueryUser(ctx, "@x_1:hs"); !r.Exists {
+		t.Errorf("the \"no\" fetched before NoteUserRegistered was remembered after it")
+	}
+}

@@ -13,9 +13,14 @@ import (
 	"github.com/asdispatch/asdispatch/registry"
 )
 
+// cachedProtocol is a protocol's merged metadata, kept as JSON so that
+// every caller decodes its own copy.
 type cachedProtocol struct {
-	value   map[string]any
-	expires time.Time
+	json []byte
+	// userFields and locationFields are the fields any AS declared for
+	// lookups: the only query parameters forwarded to the ASes.
+	userFields, locationFields []string
+	expires                    time.Time
 }
 
 // withProtocol returns the ASes that list protocol ("" for every AS that
@@ -53,22 +58,41 @@ func (s *Service) fanOut(ctx context.Context, ases []*registry.AppService, path 
 
 // Protocol returns the merged metadata of protocol from every AS listing it:
 // the first AS's fields, every AS's instances, each instance_id rewritten to
-// "<as_id>|<network_id>" so the homeserver knows whom to ask. Cached.
+// "<as_id>|<network_id>" so the homeserver knows whom to ask. Cached; the
+// map is the caller's own.
 func (s *Service) Protocol(ctx context.Context, protocol string) (map[string]any, bool) {
+	c, ok := s.protocol(ctx, protocol)
+	if !ok {
+		return nil, false
+	}
+	var meta map[string]any
+	if err := json.Unmarshal(c.json, &meta); err != nil {
+		s.log.Error("cached protocol metadata does not decode", zap.String("protocol", protocol), zap.Error(err))
+		return nil, false
+	}
+	return meta, true
+}
+
+// protocol returns protocol's cached metadata, asking the ASes if it is
+// missing or stale.
+func (s *Service) protocol(ctx context.Context, protocol string) (cachedProtocol, bool) {
 	s.mu.Lock()
 	if c, ok := s.protos[protocol]; ok && time.Now().Before(c.expires) {
 		s.mu.Unlock()
-		return c.value, true
+		return c, true
 	}
 	s.mu.Unlock()
 	ases := withProtocol(s.cfg.Registry.Current(), protocol)
 	var merged map[string]any
 	var instances []any
+	var c cachedProtocol
 	for i, raw := range s.fanOut(ctx, ases, "protocol/"+url.PathEscape(protocol), nil) {
 		var meta map[string]any
 		if raw == nil || json.Unmarshal(raw, &meta) != nil || meta == nil {
 			continue
 		}
+		c.userFields = addFields(c.userFields, meta["user_fields"])
+		c.locationFields = addFields(c.locationFields, meta["location_fields"])
 		list, _ := meta["instances"].([]any)
 		for _, in := range list {
 			inst, ok := in.(map[string]any)
@@ -85,16 +109,48 @@ func (s *Service) Protocol(ctx context.Context, protocol string) (map[string]any
 		}
 	}
 	if merged == nil {
-		return nil, false
+		return cachedProtocol{}, false
 	}
 	if instances == nil {
 		instances = []any{}
 	}
 	merged["instances"] = instances
+	js, err := json.Marshal(merged)
+	if err != nil {
+		s.log.Error("protocol metadata does not encode", zap.String("protocol", protocol), zap.Error(err))
+		return cachedProtocol{}, false
+	}
+	c.json, c.expires = js, time.Now().Add(s.cfg.ProtocolTTL)
 	s.mu.Lock()
-	s.protos[protocol] = cachedProtocol{value: merged, expires: time.Now().Add(s.cfg.ProtocolTTL)}
+	s.protos[protocol] = c
 	s.mu.Unlock()
-	return merged, true
+	return c, true
+}
+
+// addFields adds the strings of a metadata field list to fields, once each.
+func addFields(fields []string, list any) []string {
+	l, _ := list.([]any)
+	for _, f := range l {
+		if name, ok := f.(string); ok && name != "" && !slices.Contains(fields, name) {
+			fields = append(fields, name)
+		}
+	}
+	return fields
+}
+
+// neverForwarded are query parameters of the client's request that are
+// never passed on to an AS, even if an AS declares them as fields.
+var neverForwarded = []string{"access_token", "user_id"}
+
+// onlyFields returns the parameters of q named in fields.
+func onlyFields(q url.Values, fields []string) url.Values {
+	out := url.Values{}
+	for _, f := range fields {
+		if v := q[f]; len(v) > 0 && !slices.Contains(neverForwarded, f) {
+			out[f] = slices.Clone(v)
+		}
+	}
+	return out
 }
 
 // Protocols returns the metadata of every protocol some AS lists.
@@ -113,14 +169,25 @@ func (s *Service) Protocols(ctx context.Context) map[string]map[string]any {
 	return out
 }
 
-// Users looks up third-party users of protocol matching fields.
+// Users looks up third-party users of protocol matching fields. Only the
+// user_fields the protocol's metadata declares are passed on (never the
+// client's access_token or user_id); without metadata nobody is asked.
 func (s *Service) Users(ctx context.Context, protocol string, fields url.Values) []json.RawMessage {
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "user/"+url.PathEscape(protocol), fields, "userid")
+	c, ok := s.protocol(ctx, protocol)
+	if !ok {
+		return []json.RawMessage{}
+	}
+	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "user/"+url.PathEscape(protocol), onlyFields(fields, c.userFields), "userid")
 }
 
-// Locations looks up third-party locations of protocol matching fields.
+// Locations looks up third-party locations of protocol matching fields,
+// passing on only the declared location_fields, like Users.
 func (s *Service) Locations(ctx context.Context, protocol string, fields url.Values) []json.RawMessage {
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "location/"+url.PathEscape(protocol), fields, "alias")
+	c, ok := s.protocol(ctx, protocol)
+	if !ok {
+		return []json.RawMessage{}
+	}
+	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "location/"+url.PathEscape(protocol), onlyFields(fields, c.locationFields), "alias")
 }
 
 // UsersByID looks up the third-party users behind a Matrix user ID.

@@ -425,7 +425,7 @@ func (s *sender) next(ctx context.Context, after int64, max int, wake <-chan str
 		var items []txnstore.Item
 		err := s.retryStore(ctx, "read", func(ctx context.Context) error {
 			var err error
-			items, err = s.q.store.Read(ctx, s.key, after, max)
+			items, err = s.q.store.Read(ctx, s.key, after, max, 0)
 			return err
 		})
 		if err != nil {
@@ -458,7 +458,7 @@ func (s *sender) poll(ctx context.Context, after int64, max int, wake <-chan str
 		var items []txnstore.Item
 		err := s.retryStore(ctx, "read", func(ctx context.Context) error {
 			var err error
-			items, err = s.q.store.Read(ctx, s.key, after, max)
+			items, err = s.q.store.Read(ctx, s.key, after, max, 0)
 			return err
 		})
 		if err != nil || len(items) > 0 {
@@ -489,7 +489,7 @@ func (s *sender) rebuild(ctx context.Context, ft txnstore.Txn) (*txn, error) {
 		items = items[:0]
 		after := ft.Range.After
 		for after < ft.Range.Last {
-			got, err := s.q.store.Read(ctx, s.key, after, 1000)
+			got, err := s.q.store.Read(ctx, s.key, after, 1000, 0)
 			if err != nil {
 				return err
 			}

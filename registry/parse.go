@@ -1,7 +1,10 @@
 package registry
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"regexp"
 	"strings"
@@ -80,14 +83,23 @@ func (p *parser) warn(n *yaml.Node, field, format string, args ...any) {
 // one *FileError; warnings do not stop it.
 func Parse(file string, data []byte) (*Registration, []Warning, error) {
 	p := &parser{file: file}
-	var doc yaml.Node
-	if err := yaml.Unmarshal(data, &doc); err != nil {
+	var doc, next yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
 		return nil, nil, &FileError{File: file, Problems: []Problem{{Line: yamlErrLine(err), Field: "(file)", Reason: "not valid YAML: " + err.Error()}}}
 	}
 	if len(doc.Content) == 0 {
 		return nil, nil, &FileError{File: file, Problems: []Problem{{Line: 1, Field: "(file)", Reason: "empty file"}}}
 	}
-	root := doc.Content[0]
+	if err := dec.Decode(&next); err == nil {
+		p.fail(&next, "(file)", "a second YAML document; a registration is one (PyYAML's safe_load refuses more)")
+	}
+	// The resolver's problems (a key written twice, a bad alias) are
+	// reported together with those of the fields.
+	root := p.resolve(&doc)
+	if root == nil {
+		return nil, nil, &FileError{File: file, Problems: p.problems}
+	}
 	if root.Kind != yaml.MappingNode {
 		p.fail(root, "(file)", "a registration is a mapping of keys, got %s", kindName(root))
 		return nil, nil, &FileError{File: file, Problems: p.problems}
@@ -96,10 +108,15 @@ func Parse(file string, data []byte) (*Registration, []Warning, error) {
 	seen := map[string]*yaml.Node{}
 	for i := 0; i+1 < len(root.Content); i += 2 {
 		k, v := root.Content[i], root.Content[i+1]
-		if _, dup := seen[k.Value]; dup {
-			p.fail(k, k.Value, "key appears twice")
+		if k.Tag != "!!str" {
+			// PyYAML reads `1: x` or `yes: x` as a non-string key, which
+			// no field of a registration is.
+			var x any
+			_ = v.Decode(&x)
+			r.Extra[k.Value] = x
+			continue
 		}
-		seen[k.Value] = v
+		seen[k.Value] = v // the resolver refused keys written twice
 		switch k.Value {
 		case "id":
 			r.ID = p.str(v, "id")
@@ -128,9 +145,14 @@ func Parse(file string, data []byte) (*Registration, []Warning, error) {
 		case "namespaces":
 			p.namespaces(v, &r.Namespaces)
 		case "rate_limited":
-			r.RateLimited = p.boolean(v, "rate_limited")
+			if v.Kind == yaml.ScalarNode && v.Tag == "!!bool" {
+				r.RateLimited = pyTrue(v.Value)
+			} else {
+				// Synapse ignores a rate_limited that is not a boolean.
+				p.warn(v, "rate_limited", "not true or false (got %s); ignored, so this AS's users are rate limited, as on Synapse", kindName(v))
+			}
 		case "protocols":
-			r.Protocols = p.strings(v, "protocols")
+			r.Protocols = p.protocols(v)
 		case "receive_ephemeral":
 			r.ReceiveEphemeral = p.boolean(v, k.Value) || r.ReceiveEphemeral
 		case "de.sorunome.msc2409.push_ephemeral", "push_ephemeral":
@@ -190,12 +212,19 @@ func kindName(n *yaml.Node) string {
 	return "an alias"
 }
 
+// str returns a string scalar, "" for null. Anything PyYAML reads as
+// another type (`0x1F`, `123`, `yes`, a date) is refused, as Synapse does:
+// quote it to make it a string.
 func (p *parser) str(n *yaml.Node, field string) string {
-	if n.Kind != yaml.ScalarNode || (n.Tag != "!!str" && n.Tag != "!!int" && n.Tag != "!!float") {
-		if n.Tag == "!!null" {
+	if n.Kind != yaml.ScalarNode || n.Tag != "!!str" {
+		if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
 			return ""
 		}
-		p.fail(n, field, "must be a string, got %s", p.describe(n, field))
+		reason := "must be a string, got %s"
+		if n.Kind == yaml.ScalarNode {
+			reason += " (quote it to make it a string)"
+		}
+		p.fail(n, field, reason, p.describe(n, field))
 		return ""
 	}
 	return n.Value
@@ -209,17 +238,26 @@ func (p *parser) describe(n *yaml.Node, field string) string {
 	return kindName(n)
 }
 
+// boolean returns a boolean as PyYAML reads one (true, yes, on, ...).
 func (p *parser) boolean(n *yaml.Node, field string) bool {
 	if n.Kind != yaml.ScalarNode || n.Tag != "!!bool" {
 		p.fail(n, field, "must be true or false, got %s", kindName(n))
 		return false
 	}
-	var b bool
-	_ = n.Decode(&b)
-	return b
+	return pyTrue(n.Value)
 }
 
-func (p *parser) strings(n *yaml.Node, field string) []string {
+// protocols reads the protocols list as Synapse does: a false value (null,
+// an empty list or string, 0, false) means none; anything else must be a
+// list of strings.
+func (p *parser) protocols(n *yaml.Node) []string {
+	const field = "protocols"
+	if n.Kind == yaml.ScalarNode && (n.Tag == "!!null" || n.Value == "" || (n.Tag == "!!bool" && !pyTrue(n.Value)) || (n.Tag == "!!int" && strings.Trim(n.Value, "+-0_") == "")) {
+		if n.Tag != "!!null" {
+			p.warn(n, field, "%s is not a list; ignored, as Synapse does (no protocols)", kindName(n))
+		}
+		return nil
+	}
 	if n.Kind != yaml.SequenceNode {
 		p.fail(n, field, "must be a list of strings, got %s", kindName(n))
 		return nil
@@ -272,7 +310,16 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 				switch ek.Value {
 				case "regex":
 					hasRegex = true
-					entry.Regex = p.str(ev, ef+".regex")
+					if ev.Kind != yaml.ScalarNode || ev.Tag != "!!str" {
+						// `regex: 123` is a number to PyYAML, and Synapse
+						// refuses it, as it refuses a null one.
+						p.str(ev, ef+".regex")
+						if ev.Tag == "!!null" {
+							p.fail(ev, ef+".regex", "must be a string, got null")
+						}
+						break
+					}
+					entry.Regex = ev.Value
 					if err := namespace.Validate(entry.Regex); err != nil {
 						p.fail(ev, ef+".regex", "%v", err)
 					}

@@ -2,10 +2,13 @@ package registry
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 const valid = `id: irc
@@ -189,7 +192,7 @@ func TestOverlapWarning(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(warns) != 1 || !strings.Contains(warns[0].Message, "overlaps") || !strings.Contains(warns[0].Message, "a.yaml") {
+	if len(warns) != 1 || !strings.Contains(warns[0].Message, "overlaps") || !strings.Contains(warns[0].String(), "a.yaml") || !strings.Contains(warns[0].String(), "b.yaml") {
 		t.Errorf("warnings = %v", warns)
 	}
 }
@@ -238,14 +241,14 @@ func TestSetQuestions(t *testing.T) {
 			t.Errorf("%s: err = %v, want %v", tt.name, tt.err, tt.want)
 		}
 	}
-	if o := set.ExclusiveUserOwner("@tg_x:hs"); o != tg {
-		t.Errorf("ExclusiveUserOwner = %v", o)
+	if o := set.ExclusiveUserOwners(nil, "@tg_x:hs"); len(o) != 1 || o[0] != tg {
+		t.Errorf("ExclusiveUserOwners = %v", o)
 	}
-	if o := set.ExclusiveUserOwner("@any_x:hs"); o != nil {
-		t.Errorf("shared user has exclusive owner %v", o.ID)
+	if o := set.ExclusiveUserOwners(nil, "@any_x:hs"); len(o) != 0 {
+		t.Errorf("shared user has exclusive owners %v", o)
 	}
-	if o := set.ExclusiveAliasOwner("#sig_x:hs"); o != sig {
-		t.Errorf("ExclusiveAliasOwner = %v", o)
+	if o := set.ExclusiveAliasOwners(nil, "#sig_x:hs"); len(o) != 1 || o[0] != sig {
+		t.Errorf("ExclusiveAliasOwners = %v", o)
 	}
 	if hits := set.UsersInterested(nil, "@any_x:hs"); len(hits) != 2 || hits[0].Exclusive {
 		t.Errorf("UsersInterested(shared) = %v", hits)
@@ -275,4 +278,141 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted invalid registration %+v", r)
 		}
 	})
+}
+
+// TestExclusiveConflictOrderIndependent: when two ASes both hold an ID
+// exclusively, file order must not pick a winner. As in Synapse, an AS may
+// not register an ID another AS holds exclusively, so neither may, nor may
+// a plain user; the overlap is reported at load, the same in both orders.
+func TestExclusiveConflictOrderIndependent(t *testing.T) {
+	dir := writeRegs(t, map[string]string{
+		"a.yaml": strings.Replace(tg("irc", "t1", "h1"), "'@any_.*'", "'@any_.*'}\n    - {exclusive: true, regex: '@shared_.*'", 1),
+		"b.yaml": strings.Replace(tg("libera", "t2", "h2"), "'@any_.*'", "'@any_.*'}\n    - {exclusive: true, regex: '@shared_.*'", 1),
+	})
+	a, b := filepath.Join(dir, "a.yaml"), filepath.Join(dir, "b.yaml")
+	var warnings [2]string
+	for i, order := range [][]string{{a, b}, {b, a}} {
+		set, warns, err := Load("hs", order...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		irc, libera := set.ByID("irc"), set.ByID("libera")
+		tests := []struct {
+			name string
+			err  error
+			want error
+		}{
+			{"irc registers contested", set.CheckRegister(irc, "@shared_x:hs"), ErrExclusive},
+			{"libera registers contested", set.CheckRegister(libera, "@shared_x:hs"), ErrExclusive},
+			{"user registers contested", set.CheckRegister(nil, "@shared_x:hs"), ErrExclusive},
+			{"irc registers own", set.CheckRegister(irc, "@irc_x:hs"), nil},
+			{"libera registers own", set.CheckRegister(libera, "@libera_x:hs"), nil},
+			{"libera registers irc's", set.CheckRegister(libera, "@irc_x:hs"), ErrExclusive},
+		}
+		for _, tt := range tests {
+			if !errors.Is(tt.err, tt.want) || (tt.want == nil && tt.err != nil) {
+				t.Errorf("order %d: %s: err = %v, want %v", i, tt.name, tt.err, tt.want)
+			}
+		}
+		if got := set.ExclusiveUserOwners(nil, "@shared_x:hs"); len(got) != 2 || !slices.Contains(got, irc) || !slices.Contains(got, libera) {
+			t.Errorf("order %d: ExclusiveUserOwners = %v, want irc and libera", i, got)
+		}
+		if got := set.ExclusiveUserOwners(nil, "@irc_x:hs"); len(got) != 1 || got[0] != irc {
+			t.Errorf("order %d: ExclusiveUserOwners(@irc_x) = %v, want irc", i, got)
+		}
+		var all []string
+		for _, w := range warns {
+			all = append(all, w.String())
+		}
+		warnings[i] = strings.Join(all, "\n")
+		for _, want := range []string{"a.yaml", "b.yaml", `"@shared_.*"`, "namespaces.users[2].regex", "overlaps"} {
+			if !strings.Contains(warnings[i], want) {
+				t.Errorf("order %d: warnings lack %q:\n%s", i, want, warnings[i])
+			}
+		}
+	}
+	if warnings[0] != warnings[1] {
+		t.Errorf("warnings depend on file order:\n%s\n--- vs ---\n%s", warnings[0], warnings[1])
+	}
+}
+
+// TestOverlapDetection: overlaps are reported only with an ID both regexes
+// match, so a shared literal prefix alone is not an overlap.
+func TestOverlapDetection(t *testing.T) {
+	tests := []struct {
+		a, b    string
+		overlap bool
+	}{
+		{`@irc_.*`, `@irc_.*`, true},             // identical
+		{`@irc_.*`, `@irc_libera_.*`, true},      // one's prefix starts the other
+		{`@(tg|sig)_.*`, `@sig_.*:hs`, true},     // an alternative
+		{`@bot`, `@bot`, true},                   // identical literal
+		{`@irc_[0-9]+`, `@irc_libera_.*`, false}, // same prefix, disjoint
+		{`@irc_.*`, `@tg_.*`, false},
+	}
+	for _, tt := range tests {
+		regA := strings.Replace(tg("one", "t1", "h1"), "'@one_.*'", "'"+tt.a+"'", 1)
+		regB := strings.Replace(tg("two", "t2", "h2"), "'@two_.*'", "'"+tt.b+"'", 1)
+		_, warns, err := Load("hs", writeRegs(t, map[string]string{"a.yaml": regA, "b.yaml": regB}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, w := range warns {
+			if strings.Contains(w.Message, "overlaps") {
+				n++
+			}
+		}
+		if want := map[bool]int{true: 1, false: 0}[tt.overlap]; n != want {
+			t.Errorf("%q vs %q: %d overlap warnings, want %d: %v", tt.a, tt.b, n, want, warns)
+		}
+	}
+}
+
+// TestSharedSender: two ASes with one sender user both hold it; neither may
+// register it, each may act as it, and the warning names both files.
+func TestSharedSender(t *testing.T) {
+	dir := writeRegs(t, map[string]string{"a.yaml": tg("one", "t1", "h1"), "b.yaml": strings.Replace(tg("two", "t2", "h2"), "sender_localpart: twobot", "sender_localpart: onebot", 1)})
+	a, b := filepath.Join(dir, "a.yaml"), filepath.Join(dir, "b.yaml")
+	for _, order := range [][]string{{a, b}, {b, a}} {
+		set, warns, err := Load("hs", order...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		one, two := set.ByID("one"), set.ByID("two")
+		if !errors.Is(set.CheckRegister(one, "@onebot:hs"), ErrExclusive) || !errors.Is(set.CheckRegister(two, "@onebot:hs"), ErrExclusive) {
+			t.Error("an AS may register a sender user another AS shares")
+		}
+		if set.CanMasquerade(one, "@onebot:hs") != nil || set.CanMasquerade(two, "@onebot:hs") != nil {
+			t.Error("an AS may not act as its own sender user")
+		}
+		if len(warns) != 1 || warns[0].File != a || !strings.Contains(warns[0].Message, b) {
+			t.Errorf("warnings = %v", warns)
+		}
+	}
+}
+
+// TestManyOverlapsBounded: a thousand ASes claiming one namespace load
+// fast, with a bounded list of overlap warnings.
+func TestManyOverlapsBounded(t *testing.T) {
+	var regs []*Registration
+	for i := range 1000 {
+		r, _, err := Parse(fmt.Sprintf("as%04d.yaml", i), []byte(fmt.Sprintf("id: as%d\nurl: null\nas_token: t%d\nhs_token: h%d\nsender_localpart: bot%d\nnamespaces:\n  users: [{exclusive: true, regex: '@.*'}]\n", i, i, i, i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		regs = append(regs, r)
+	}
+	start := time.Now()
+	set, warns, err := NewSet("hs", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warns) != maxOverlapWarnings+1 || !strings.Contains(warns[len(warns)-1].Message, "only the first") {
+		t.Errorf("%d warnings, want %d and a last one saying more were left out", len(warns), maxOverlapWarnings+1)
+	}
+	if err := set.CheckRegister(set.ByID("as7"), "@x:hs"); !errors.Is(err, ErrExclusive) {
+		t.Errorf("CheckRegister = %v, want M_EXCLUSIVE", err)
+	}
+	t.Logf("NewSet of 1000 overlapping ASes: %v", time.Since(start))
 }

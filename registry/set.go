@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"regexp/syntax"
 	"sort"
 	"strings"
 
@@ -20,7 +21,7 @@ type Set struct {
 	ases       []*AppService
 	byID       map[string]*AppService
 	byToken    map[[32]byte]*AppService
-	senders    map[string]int // sender user ID -> AS index
+	senders    map[string][]int // sender user ID -> AS indexes (two ASes may share one)
 	matcher    *namespace.Matcher
 }
 
@@ -97,12 +98,13 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 		serverName: serverName,
 		byID:       make(map[string]*AppService, len(regs)),
 		byToken:    make(map[[32]byte]*AppService, len(regs)),
-		senders:    make(map[string]int, len(regs)),
+		senders:    make(map[string][]int, len(regs)),
 	}
 	var errs []error
 	var warns []Warning
 	hsTokens := map[[32]byte]*Registration{}
 	var pats []namespace.Pattern
+	var refs []nsRef // refs[i] says where pats[i] comes from
 	for _, r := range regs {
 		if o := s.byID[r.ID]; o != nil {
 			errs = append(errs, &DuplicateError{Field: "id", Value: r.ID, File: r.File, Other: o.File})
@@ -121,10 +123,11 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 		as := &AppService{Registration: r, Index: len(s.ases), SenderUserID: "@" + r.SenderLocalpart + ":" + serverName}
 		s.ases = append(s.ases, as)
 		s.byID[r.ID], s.byToken[tok] = as, as
-		s.senders[as.SenderUserID] = as.Index
+		s.senders[as.SenderUserID] = append(s.senders[as.SenderUserID], as.Index)
 		for _, k := range []namespace.Kind{namespace.Users, namespace.Aliases, namespace.Rooms} {
-			for _, n := range r.Namespaces.Of(k) {
+			for i, n := range r.Namespaces.Of(k) {
 				pats = append(pats, namespace.Pattern{Kind: k, Owner: as.Index, Regex: n.Regex, Exclusive: n.Exclusive})
+				refs = append(refs, nsRef{as: as, kind: k, index: i})
 			}
 		}
 	}
@@ -136,50 +139,214 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 		return nil, warns, fmt.Errorf("registry: %w", err)
 	}
 	s.matcher = m
-	warns = append(warns, s.overlaps(pats)...)
+	warns = append(warns, s.sharedSenders()...)
+	warns = append(warns, s.overlaps(pats, refs)...)
 	return s, warns, nil
 }
 
-// overlaps warns about exclusive namespaces of two ASes that claim the same
-// IDs: identical regexes, or literal prefixes of which one starts the other
-// (`@irc_.*` and `@irc_libera_.*`). Sorting the prefixes finds such pairs
-// without comparing every pattern with every other.
-func (s *Set) overlaps(pats []namespace.Pattern) []Warning {
-	type lit struct {
-		prefix string
-		p      namespace.Pattern
+// sharedSenders warns about ASes with the same sender user: each holds it
+// exclusively, so none may register it (as in Synapse, which loads them).
+// Filed under the first file by name, so file order does not matter.
+func (s *Set) sharedSenders() []Warning {
+	var warns []Warning
+	for user, idx := range s.senders {
+		if len(idx) < 2 {
+			continue
+		}
+		ases := make([]*AppService, len(idx))
+		for i, x := range idx {
+			ases[i] = s.ases[x]
+		}
+		sort.Slice(ases, func(a, b int) bool { return ases[a].File < ases[b].File })
+		var others []string
+		for _, as := range ases[1:] {
+			others = append(others, fmt.Sprintf("AS %s (%s)", as.ID, as.File))
+		}
+		warns = append(warns, Warning{File: ases[0].File, Field: "sender_localpart",
+			Message: fmt.Sprintf("%s is also the sender of %s: each holds it exclusively, so none may register it", user, strings.Join(others, ", "))})
 	}
-	var lits []lit
-	for _, p := range pats {
+	sort.Slice(warns, func(a, b int) bool { return warns[a].File < warns[b].File })
+	return warns
+}
+
+// nsRef names one namespace entry of a registration, for messages.
+type nsRef struct {
+	as    *AppService
+	kind  namespace.Kind
+	index int
+}
+
+func (r nsRef) field() string { return fmt.Sprintf("namespaces.%s[%d].regex", r.kind, r.index) }
+
+func (r nsRef) entry() Namespace { return r.as.Namespaces.Of(r.kind)[r.index] }
+
+// overlaps warns about exclusive namespaces of two ASes that claim the same
+// IDs: neither AS may then register those IDs (see CheckRegister). Finding
+// every intersection of two regexes is out of reach; instead each exclusive
+// pattern's sample IDs (see samples) are looked up in the matcher, so a
+// warning always comes with an ID both claim. That covers identical regexes
+// and literal prefixes of which one starts the other (`@irc_.*` and
+// `@irc_libera_.*`), at one lookup per sample rather than a comparison of
+// every pattern with every other. The warnings do not depend on file order.
+func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
+	type pair struct{ a, b int }
+	seen := map[pair]bool{}
+	compiled := map[int]*regexp.Regexp{}
+	re := func(i int) *regexp.Regexp {
+		if r, ok := compiled[i]; ok {
+			return r
+		}
+		r, _ := regexp.Compile(`^(?:` + pats[i].Regex + `)`) // valid: the matcher compiled it
+		compiled[i] = r
+		return r
+	}
+	// Exclusive patterns per owner and kind, to name the one that matched.
+	type ownerKind struct {
+		owner int
+		kind  namespace.Kind
+	}
+	excl := map[ownerKind][]int{}
+	for i, p := range pats {
+		if p.Exclusive {
+			excl[ownerKind{p.Owner, p.Kind}] = append(excl[ownerKind{p.Owner, p.Kind}], i)
+		}
+	}
+	var warns []Warning
+	var hits []namespace.Hit
+	for i, p := range pats {
 		if !p.Exclusive {
 			continue
 		}
-		re, err := regexp.Compile(p.Regex)
-		if err != nil {
-			continue
-		}
-		prefix, _ := re.LiteralPrefix()
-		if len(prefix) > 1 {
-			lits = append(lits, lit{prefix, p})
+		for _, id := range samples(p.Regex) {
+			if r := re(i); r == nil || !r.MatchString(id) {
+				continue
+			}
+			hits = s.matcher.AppendMatch(hits[:0], p.Kind, id)
+			for _, h := range hits {
+				if !h.Exclusive || h.Owner == p.Owner {
+					continue
+				}
+				for _, j := range excl[ownerKind{h.Owner, p.Kind}] {
+					k := pair{min(i, j), max(i, j)}
+					if seen[k] || !re(j).MatchString(id) {
+						continue
+					}
+					seen[k] = true
+					warns = append(warns, overlapWarning(refs[i], refs[j], id))
+					if len(warns) == maxOverlapWarnings {
+						// Many ASes claiming one namespace: say so once
+						// rather than for every pair of them.
+						sortWarnings(warns)
+						return append(warns, Warning{File: refs[i].as.File, Field: refs[i].field(),
+							Message: fmt.Sprintf("more exclusive namespaces overlap; only the first %d overlaps are listed", maxOverlapWarnings)})
+					}
+				}
+			}
 		}
 	}
-	sort.Slice(lits, func(i, j int) bool {
-		if lits[i].p.Kind != lits[j].p.Kind {
-			return lits[i].p.Kind < lits[j].p.Kind
-		}
-		return lits[i].prefix < lits[j].prefix
-	})
-	var warns []Warning
-	for i := 1; i < len(lits); i++ {
-		a, b := lits[i-1], lits[i]
-		if a.p.Kind != b.p.Kind || a.p.Owner == b.p.Owner || !strings.HasPrefix(b.prefix, a.prefix) {
-			continue
-		}
-		as, other := s.ases[b.p.Owner], s.ases[a.p.Owner]
-		warns = append(warns, Warning{File: as.File, Field: "namespaces." + b.p.Kind.String(),
-			Message: fmt.Sprintf("exclusive regex %q overlaps exclusive regex %q of %s (%s)", b.p.Regex, a.p.Regex, other.ID, other.File)})
-	}
+	sortWarnings(warns)
 	return warns
+}
+
+// maxOverlapWarnings bounds the overlap warnings, and the work of finding
+// them when many ASes claim the same namespace.
+const maxOverlapWarnings = 50
+
+func sortWarnings(warns []Warning) {
+	sort.Slice(warns, func(i, j int) bool {
+		if warns[i].File != warns[j].File {
+			return warns[i].File < warns[j].File
+		}
+		if warns[i].Line != warns[j].Line {
+			return warns[i].Line < warns[j].Line
+		}
+		return warns[i].Message < warns[j].Message
+	})
+}
+
+// overlapWarning is filed under the earlier of the two files (by name and
+// line), so it reads the same whatever order the files were loaded in.
+func overlapWarning(a, b nsRef, id string) Warning {
+	if b.as.File < a.as.File || (b.as.File == a.as.File && b.entry().Line < a.entry().Line) {
+		a, b = b, a
+	}
+	return Warning{File: a.as.File, Line: a.entry().Line, Field: a.field(),
+		Message: fmt.Sprintf("exclusive regex %q of AS %s overlaps exclusive regex %q of AS %s (%s:%d %s): both claim IDs like %q, which neither AS may then register",
+			a.entry().Regex, a.as.ID, b.entry().Regex, b.as.ID, b.as.File, b.entry().Line, b.field(), id)}
+}
+
+// maxSamples bounds the sample IDs drawn from one pattern.
+const maxSamples = 16
+
+// samples returns short strings the pattern's regex may match: the shortest
+// choice for every repetition, each alternative of an alternation (up to
+// maxSamples), the first rune of every class. Callers check them against
+// the regex: anchors are left out and may make a sample not match.
+func samples(pattern string) []string {
+	re, err := syntax.Parse(pattern, syntax.Perl)
+	if err != nil {
+		return nil
+	}
+	return sampleOf(re.Simplify())
+}
+
+func sampleOf(re *syntax.Regexp) []string {
+	switch re.Op {
+	case syntax.OpLiteral:
+		return []string{string(re.Rune)}
+	case syntax.OpCharClass:
+		if len(re.Rune) == 0 {
+			return nil
+		}
+		return []string{string(re.Rune[0])}
+	case syntax.OpAnyChar, syntax.OpAnyCharNotNL:
+		return []string{"x"}
+	case syntax.OpCapture:
+		return sampleOf(re.Sub[0])
+	case syntax.OpStar, syntax.OpQuest:
+		return []string{""}
+	case syntax.OpPlus:
+		return sampleOf(re.Sub[0])
+	case syntax.OpRepeat:
+		if re.Min == 0 {
+			return []string{""}
+		}
+		sub := sampleOf(re.Sub[0])
+		for i := range sub {
+			sub[i] = strings.Repeat(sub[i], re.Min)
+		}
+		return sub
+	case syntax.OpAlternate:
+		var out []string
+		for _, sub := range re.Sub {
+			out = append(out, sampleOf(sub)...)
+			if len(out) >= maxSamples {
+				return out[:maxSamples]
+			}
+		}
+		return out
+	case syntax.OpConcat:
+		cur := []string{""}
+		for _, sub := range re.Sub {
+			next := sampleOf(sub)
+			if len(next) == 0 {
+				return nil
+			}
+			var out []string
+			for _, a := range cur {
+				for _, b := range next {
+					if len(out) < maxSamples {
+						out = append(out, a+b)
+					}
+				}
+			}
+			cur = out
+		}
+		return cur
+	case syntax.OpNoMatch:
+		return nil
+	}
+	return []string{""} // empty match and the assertions
 }
 
 // ServerName is the homeserver's name the Set was built for.
@@ -210,15 +377,21 @@ func (s *Set) ByASToken(token string) (*AppService, error) {
 func (s *Set) UsersInterested(dst []namespace.Hit, userID string) []namespace.Hit {
 	start := len(dst)
 	dst = s.matcher.AppendMatch(dst, namespace.Users, userID)
-	if i, ok := s.senders[userID]; ok {
+	for _, i := range s.senders[userID] {
+		found := false
 		for j := start; j < len(dst); j++ {
 			if dst[j].Owner == i {
-				dst[j].Exclusive = true
-				return dst
+				dst[j].Exclusive, found = true, true
+				break
 			}
 		}
-		dst = append(dst, namespace.Hit{Owner: i, Exclusive: true})
-		sort.Slice(dst[start:], func(a, b int) bool { return dst[start+a].Owner < dst[start+b].Owner })
+		if !found {
+			// Insert in owner order: hits are few.
+			dst = append(dst, namespace.Hit{Owner: i, Exclusive: true})
+			for j := len(dst) - 1; j > start && dst[j].Owner < dst[j-1].Owner; j-- {
+				dst[j], dst[j-1] = dst[j-1], dst[j]
+			}
+		}
 	}
 	return dst
 }
@@ -233,25 +406,32 @@ func (s *Set) RoomsInterested(dst []namespace.Hit, roomID string) []namespace.Hi
 	return s.matcher.AppendMatch(dst, namespace.Rooms, roomID)
 }
 
-func exclusiveOwner(hits []namespace.Hit, ases []*AppService) *AppService {
+// exclusiveOwners appends the ASes of hits that hold the ID exclusively,
+// sorted by AS id so the answer does not depend on file order.
+func exclusiveOwners(dst []*AppService, hits []namespace.Hit, ases []*AppService) []*AppService {
+	start := len(dst)
 	for _, h := range hits {
 		if h.Exclusive {
-			return ases[h.Owner] // hits are sorted: the lowest index wins
+			dst = append(dst, ases[h.Owner])
 		}
 	}
-	return nil
+	sort.Slice(dst[start:], func(a, b int) bool { return dst[start+a].ID < dst[start+b].ID })
+	return dst
 }
 
-// ExclusiveUserOwner returns the AS holding userID exclusively, or nil.
-func (s *Set) ExclusiveUserOwner(userID string) *AppService {
+// ExclusiveUserOwners appends the ASes holding userID exclusively (its
+// namespaces or its sender user). Usually there is at most one; when
+// several ASes' exclusive namespaces overlap (warned about at load), all
+// of them, sorted by AS id.
+func (s *Set) ExclusiveUserOwners(dst []*AppService, userID string) []*AppService {
 	var buf [8]namespace.Hit
-	return exclusiveOwner(s.UsersInterested(buf[:0], userID), s.ases)
+	return exclusiveOwners(dst, s.UsersInterested(buf[:0], userID), s.ases)
 }
 
-// ExclusiveAliasOwner returns the AS holding alias exclusively, or nil.
-func (s *Set) ExclusiveAliasOwner(alias string) *AppService {
+// ExclusiveAliasOwners is ExclusiveUserOwners for a room alias.
+func (s *Set) ExclusiveAliasOwners(dst []*AppService, alias string) []*AppService {
 	var buf [8]namespace.Hit
-	return exclusiveOwner(s.AliasesInterested(buf[:0], alias), s.ases)
+	return exclusiveOwners(dst, s.AliasesInterested(buf[:0], alias), s.ases)
 }
 
 func holds(hits []namespace.Hit, as *AppService) bool {
@@ -277,8 +457,10 @@ func (s *Set) CanMasquerade(as *AppService, userID string) error {
 
 // CheckRegister reports whether userID may be registered by as (nil: an
 // ordinary user). Ordinary users stay out of every exclusive namespace; an
-// AS registers only inside its own namespaces and outside others' exclusive
-// ones. Otherwise M_EXCLUSIVE.
+// AS registers only inside its own namespaces and outside every other AS's
+// exclusive ones, as in Synapse: an ID two ASes both hold exclusively can
+// be registered by neither, whatever the order of their files. Otherwise
+// M_EXCLUSIVE.
 func (s *Set) CheckRegister(as *AppService, userID string) error {
 	hits := s.UsersInterested(nil, userID)
 	return s.check(as, hits, "user ID", userID)
@@ -290,8 +472,10 @@ func (s *Set) CheckAlias(as *AppService, alias string) error {
 }
 
 func (s *Set) check(as *AppService, hits []namespace.Hit, what, id string) error {
-	if owner := exclusiveOwner(hits, s.ases); owner != nil && (as == nil || owner != as) {
-		return newError(ErrExclusive, "this %s is reserved by an application service", what)
+	for _, h := range hits {
+		if h.Exclusive && (as == nil || h.Owner != as.Index) {
+			return newError(ErrExclusive, "this %s is reserved by an application service", what)
+		}
 	}
 	if as != nil && !holds(hits, as) {
 		return newError(ErrExclusive, "%s %s is outside the namespaces of application service %s", what, id, as.ID)

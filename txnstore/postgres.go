@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/asdispatch/asdispatch/internal/pgdsn"
+	"github.com/asdispatch/asdispatch/internal/storehook"
 )
 
 // Postgres is the Store several processes share. Each process runs one
@@ -23,8 +24,12 @@ import (
 // until commit, so commit order is seq order: a reader that sees seq N+1
 // also sees N. Only the end of each commit holds that lock.
 type Postgres struct {
-	opts Options
-	db   *sql.DB
+	opts      Options
+	hooks     *storehook.Hooks
+	stmtBytes int
+	db        *sql.DB
+
+	unsure unsureFreezes
 
 	w *writer[*pgOp]
 
@@ -35,14 +40,18 @@ type Postgres struct {
 	// committed, so caching them is safe across processes.
 	ids     map[string]ASKey
 	known   map[ASKey]bool
-	commits int64
+	st      stats
 	sinceGC int
 }
 
 type pgOp struct {
+	kind storehook.Op // 0 for test-internal ops
+	size int          // bytes the op writes
 	fn   func(ctx context.Context, tx *sql.Tx, b *pgBatch) error
 	done chan error
 }
+
+func pgOpSize(o *pgOp) int { return o.size }
 
 // pgBatch is what the ops of one commit add up to.
 type pgBatch struct {
@@ -81,8 +90,17 @@ func OpenPostgres(ctx context.Context, dsn string, opts Options) (*Postgres, err
 	if err != nil {
 		return nil, err
 	}
-	s := &Postgres{opts: opts, db: db, w: newWriter[*pgOp](),
+	hooks := storehook.From(ctx)
+	s := &Postgres{opts: opts, hooks: hooks, stmtBytes: defaultStmtBytes, db: db,
 		leased: map[ASKey]string{}, ids: map[string]ASKey{}, known: map[ASKey]bool{}}
+	batchBytes := 0
+	if hooks != nil {
+		batchBytes = hooks.BatchBytes
+		if hooks.StmtBytes > 0 {
+			s.stmtBytes = hooks.StmtBytes
+		}
+	}
+	s.w = newWriter(pgOpSize, batchBytes)
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("txnstore: postgres: %w", err)
@@ -145,9 +163,10 @@ func (s *Postgres) migrate(ctx context.Context) error {
 	return rows.Err()
 }
 
-// do hands fn to the writer and waits for its commit.
-func (s *Postgres) do(ctx context.Context, fn func(ctx context.Context, tx *sql.Tx, b *pgBatch) error) error {
-	o := &pgOp{fn: fn, done: make(chan error, 1)}
+// do hands fn, an op of kind writing size bytes, to the writer and waits
+// for its commit.
+func (s *Postgres) do(ctx context.Context, kind storehook.Op, size int, fn func(ctx context.Context, tx *sql.Tx, b *pgBatch) error) error {
+	o := &pgOp{kind: kind, size: size, fn: fn, done: make(chan error, 1)}
 	if err := s.w.queue(ctx, o); err != nil {
 		return err
 	}
@@ -155,11 +174,19 @@ func (s *Postgres) do(ctx context.Context, fn func(ctx context.Context, tx *sql.
 }
 
 func (s *Postgres) commit(ops []*pgOp) {
+	isolate(ops, s.attempt, func(o *pgOp, err error) { o.done <- err })
+}
+
+// attempt commits ops in one transaction and answers each; on failure it
+// answers none and returns the index of the op whose statement failed (-1
+// if none did).
+func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs := make([]error, len(ops))
 	b := &pgBatch{now: time.Now().UnixMilli(), newIDs: map[string]ASKey{}}
 	var committed []Committed
+	culprit, landed := -1, false
 	err := func() error {
 		tx, err := s.db.BeginTx(ctx, nil)
 		if err != nil {
@@ -173,24 +200,28 @@ func (s *Postgres) commit(ops []*pgOp) {
 					errs[i] = ce.error
 					continue
 				}
+				culprit = i
 				return err
 			}
 		}
 		if committed, err = s.flushAppends(ctx, tx, b); err != nil {
 			return err
 		}
-		if s.opts.BeforeCommit != nil {
-			if err := s.opts.BeforeCommit(); err != nil {
-				return err
-			}
+		fault := decide(s.hooks, ops, func(o *pgOp) storehook.Op { return o.kind })
+		if fault == storehook.Fail {
+			return storehook.ErrInjected
 		}
-		return tx.Commit()
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+		if fault == storehook.Ambiguous {
+			landed = true
+			return storehook.ErrInjected
+		}
+		return nil
 	}()
-	if err != nil {
-		for _, o := range ops {
-			o.done <- fmt.Errorf("txnstore: commit: %w", err)
-		}
-		return
+	if err != nil && !landed {
+		return culprit, err
 	}
 	for id, k := range b.newIDs {
 		s.ids[id], s.known[k] = k, true
@@ -198,13 +229,18 @@ func (s *Postgres) commit(ops []*pgOp) {
 	for _, k := range b.known {
 		s.known[k] = true
 	}
-	s.commits++
+	s.st.commits++
+	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *pgOp) int { return o.size }))
+	if err != nil {
+		return -1, err
+	}
 	if len(committed) > 0 && s.opts.OnCommit != nil {
 		s.opts.OnCommit(committed)
 	}
 	for i, o := range ops {
 		o.done <- errs[i]
 	}
+	return -1, nil
 }
 
 // flushAppends assigns the seqs of the batch's appends and writes their
@@ -251,10 +287,23 @@ func (s *Postgres) flushAppends(ctx context.Context, tx *sql.Tx, b *pgBatch) ([]
 			committed = append(committed, Committed{Item: Item{Seq: seq, Kind: e.Kind, Data: e.Data}, Targets: e.Targets})
 		}
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO items (seq, kind, data, created_ms)
-		SELECT u.seq, u.kind, u.data, $4 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BYTEA[]) AS u(seq, kind, data)`,
-		seqs, kinds, data, b.now); err != nil {
-		return nil, err
+	// Several statements when the data is large: one message to the
+	// server must stay well under its 1 GiB limit.
+	for lo := 0; lo < len(seqs); {
+		hi, bound := lo+1, len(data[lo])
+		for hi < len(seqs) && bound+len(data[hi]) <= s.stmtBytes {
+			bound += len(data[hi])
+			hi++
+		}
+		if hi-lo > 1 {
+			s.st.stmtBytes = max(s.st.stmtBytes, bound)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO items (seq, kind, data, created_ms)
+			SELECT u.seq, u.kind, u.data, $4 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BYTEA[]) AS u(seq, kind, data)`,
+			seqs[lo:hi], kinds[lo:hi], data[lo:hi], b.now); err != nil {
+			return nil, err
+		}
+		lo = hi
 	}
 	keys := make([]int64, len(order))
 	lasts := make([]int64, len(order))
@@ -327,7 +376,7 @@ func (s *Postgres) fence(ctx context.Context, tx *sql.Tx, as ASKey) error {
 // EnsureAS implements Store.
 func (s *Postgres) EnsureAS(ctx context.Context, id string) (ASKey, error) {
 	var key ASKey
-	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	err := s.do(ctx, storehook.EnsureAS, 0, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		if k, ok := s.ids[id]; ok {
 			key = k
 			return nil
@@ -355,7 +404,11 @@ func (s *Postgres) EnsureAS(ctx context.Context, id string) (ASKey, error) {
 // Append implements Store.
 func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 	a := &pgAppend{entries: entries, seqs: make([]int64, len(entries))}
-	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	size := 0
+	for _, e := range entries {
+		size += len(e.Data)
+	}
+	err := s.do(ctx, storehook.Append, size, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {
 				ok, err := s.knownAS(ctx, tx, b, k)
@@ -377,8 +430,8 @@ func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error)
 }
 
 // Read implements Store.
-func (s *Postgres) Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error) {
-	return readStream(ctx, s.db, postgresSQL, as, after, max)
+func (s *Postgres) Read(ctx context.Context, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error) {
+	return readStream(ctx, s.db, postgresSQL, as, after, maxItems, maxBytes)
 }
 
 // Delivered implements Store.
@@ -388,63 +441,53 @@ func (s *Postgres) Delivered(ctx context.Context, as ASKey) (int64, error) {
 
 // Freeze implements Store.
 func (s *Postgres) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
-	ids := make([]int64, len(txns))
-	err := s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	var ids []int64
+	key, refused := freezeKey(replace, txns), false
+	err := s.do(ctx, storehook.Freeze, 0, func(ctx context.Context, tx *sql.Tx, b *pgBatch) (err error) {
+		defer func() {
+			var ce callError
+			refused = errors.As(err, &ce)
+		}()
 		if err := s.fence(ctx, tx, as); err != nil {
 			return err
 		}
 		// The row lock serializes freezes of one AS across processes: the
 		// counter hands out each id once.
-		var delivered, nextTxn int64
-		err := tx.QueryRowContext(ctx, `SELECT delivered, next_txn FROM appservices WHERE as_key = $1 FOR UPDATE`, as).Scan(&delivered, &nextTxn)
-		if errors.Is(err, sql.ErrNoRows) {
-			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
-		}
+		delivered, nextTxn, err := lockAS(ctx, tx, as)
 		if err != nil {
 			return err
 		}
 		var lastFrozen int64
-		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM txns WHERE as_key = $1`, as).Scan(&lastFrozen); err != nil {
+		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM txns WHERE as_key = $1 AND replaced_by = 0`, as).Scan(&lastFrozen); err != nil {
 			return err
 		}
-		if err := checkFreeze(ctx, tx, postgresSQL, as, replace, max(delivered, lastFrozen), txns); err != nil {
-			return err
-		}
-		for i, t := range txns {
-			id := nextTxn
-			nextTxn++
-			if _, err := tx.ExecContext(ctx, `INSERT INTO txns (as_key, txn_id, after_seq, last_seq, format, len, checksum) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-				as, id, t.Range.After, t.Range.Last, int64(t.Format), t.Len, int64(t.Checksum)); err != nil {
-				return err
-			}
-			ids[i] = id
-		}
-		_, err = tx.ExecContext(ctx, `UPDATE appservices SET next_txn = $1 WHERE as_key = $2`, nextTxn, as)
+		ids, _, err = freezeTxns(ctx, tx, postgresSQL, as, replace, max(delivered, lastFrozen), nextTxn, txns, s.unsure.repeats(as, key))
 		return err
 	})
+	// A failed freeze that was not refused may have landed all the same.
+	s.unsure.record(as, key, err == nil, err != nil && !refused)
 	if err != nil {
 		return nil, err
 	}
 	return ids, nil
 }
 
+// lockAS locks as's row until commit and returns its cursor and txn counter.
+func lockAS(ctx context.Context, tx *sql.Tx, as ASKey) (delivered, nextTxn int64, err error) {
+	err = tx.QueryRowContext(ctx, `SELECT delivered, next_txn FROM appservices WHERE as_key = $1 FOR UPDATE`, as).Scan(&delivered, &nextTxn)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, 0, callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+	}
+	return delivered, nextTxn, err
+}
+
 // SaveBody implements Store.
 func (s *Postgres) SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error {
-	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	return s.do(ctx, storehook.SaveBody, len(body), func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		if err := s.fence(ctx, tx, as); err != nil {
 			return err
 		}
-		res, err := tx.ExecContext(ctx, `UPDATE txns SET body = $1 WHERE as_key = $2 AND txn_id = $3 AND body IS NULL`, body, as, id)
-		if err != nil {
-			return err
-		}
-		if n, _ := res.RowsAffected(); n == 0 {
-			var one int
-			if tx.QueryRowContext(ctx, `SELECT 1 FROM txns WHERE as_key = $1 AND txn_id = $2`, as, id).Scan(&one) != nil {
-				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
-			}
-		}
-		return nil
+		return saveBody(ctx, tx, postgresSQL, as, id, body)
 	})
 }
 
@@ -458,52 +501,20 @@ func (s *Postgres) Complete(ctx context.Context, as ASKey, id int64) error {
 	return s.CompleteMany(ctx, as, []int64{id})
 }
 
-// CompleteMany is Complete for several transactions of as, in one write. A
-// transaction it does not know is an error, the others are still recorded.
+// CompleteMany is Complete for several transactions of as, in one write. An
+// id it does not know, or one after a transaction not completed, is an
+// error; the others are still recorded.
 func (s *Postgres) CompleteMany(ctx context.Context, as ASKey, ids []int64) error {
-	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	return s.do(ctx, storehook.Complete, 0, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		if err := s.fence(ctx, tx, as); err != nil {
 			return err
 		}
-		ok, err := s.knownAS(ctx, tx, b, as)
+		delivered, nextTxn, err := lockAS(ctx, tx, as)
 		if err != nil {
 			return err
 		}
-		if !ok {
-			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
-		}
-		rows, err := tx.QueryContext(ctx, `DELETE FROM txns WHERE as_key = $1 AND txn_id = ANY($2::BIGINT[]) RETURNING txn_id, last_seq`, as, ids)
-		if err != nil {
-			return err
-		}
-		var last int64
-		done := map[int64]bool{}
-		for rows.Next() {
-			var id, l int64
-			if err := rows.Scan(&id, &l); err != nil {
-				rows.Close()
-				return err
-			}
-			done[id], last = true, max(last, l)
-		}
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		if len(done) > 0 {
-			if _, err := tx.ExecContext(ctx, `UPDATE appservices SET delivered = GREATEST(delivered, $1), last_success_ms = $2 WHERE as_key = $3`, last, b.now, as); err != nil {
-				return err
-			}
-		}
-		var errs []error
-		for _, id := range ids {
-			if !done[id] {
-				errs = append(errs, fmt.Errorf("%w: %d", ErrUnknownTxn, id))
-			}
-		}
-		if len(errs) > 0 {
-			return callError{errors.Join(errs...)}
-		}
-		return nil
+		_, err = completeTxns(ctx, tx, postgresSQL, as, ids, delivered, nextTxn, b.now)
+		return err
 	})
 }
 
@@ -513,10 +524,11 @@ func (s *Postgres) SetState(ctx context.Context, as ASKey, st State) error {
 	if st.Up {
 		up = 1
 	}
-	return s.do(ctx, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
+	lastError := cleanText(st.LastError, maxLastError)
+	return s.do(ctx, storehook.State, len(lastError), func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		_, err := tx.ExecContext(ctx, `UPDATE appservices SET up = $1, failures = $2, last_success_ms = GREATEST(last_success_ms, $3),
 			last_error = $4, last_error_ms = $5, next_retry_ms = $6 WHERE as_key = $7`,
-			up, st.Failures, ms(st.LastSuccess), st.LastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
+			up, st.Failures, ms(st.LastSuccess), lastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
 		return err
 	})
 }
@@ -531,6 +543,10 @@ func (s *Postgres) Shared() bool { return true }
 
 // Acquire implements Leaser.
 func (s *Postgres) Acquire(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error) {
+	fault := s.hooks.Decide([]storehook.Op{storehook.Lease})
+	if fault == storehook.Fail {
+		return false, fmt.Errorf("txnstore: acquire lease: %w", storehook.ErrInjected)
+	}
 	var got string
 	err := s.db.QueryRowContext(ctx, `INSERT INTO leases (as_key, owner, expires_ms) VALUES ($1, $2, `+pgNowMS+` + $3)
 		ON CONFLICT (as_key) DO UPDATE SET owner = EXCLUDED.owner, expires_ms = EXCLUDED.expires_ms
@@ -545,6 +561,9 @@ func (s *Postgres) Acquire(ctx context.Context, as ASKey, owner string, ttl time
 	s.leaseMu.Lock()
 	s.leased[as] = owner
 	s.leaseMu.Unlock()
+	if fault == storehook.Ambiguous {
+		return false, fmt.Errorf("txnstore: acquire lease: %w", storehook.ErrInjected)
+	}
 	return true, nil
 }
 
@@ -552,6 +571,10 @@ func (s *Postgres) Acquire(ctx context.Context, as ASKey, owner string, ttl time
 // the writes it fenced may have been refused meanwhile, so the sender starts
 // over from Acquire.
 func (s *Postgres) Renew(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error) {
+	fault := s.hooks.Decide([]storehook.Op{storehook.Lease})
+	if fault == storehook.Fail {
+		return false, fmt.Errorf("txnstore: renew lease: %w", storehook.ErrInjected)
+	}
 	res, err := s.db.ExecContext(ctx, `UPDATE leases SET expires_ms = `+pgNowMS+` + $3
 		WHERE as_key = $1 AND owner = $2 AND expires_ms > `+pgNowMS, as, owner, ttl.Milliseconds())
 	if err != nil {
@@ -561,25 +584,35 @@ func (s *Postgres) Renew(ctx context.Context, as ASKey, owner string, ttl time.D
 	if err != nil {
 		return false, fmt.Errorf("txnstore: renew lease: %w", err)
 	}
+	if fault == storehook.Ambiguous {
+		return false, fmt.Errorf("txnstore: renew lease: %w", storehook.ErrInjected)
+	}
 	return n == 1, nil
 }
 
 // Release implements Leaser.
 func (s *Postgres) Release(ctx context.Context, as ASKey, owner string) error {
+	fault := s.hooks.Decide([]storehook.Op{storehook.Lease})
+	if fault == storehook.Fail {
+		return fmt.Errorf("txnstore: release lease: %w", storehook.ErrInjected)
+	}
 	s.leaseMu.Lock()
 	delete(s.leased, as)
 	s.leaseMu.Unlock()
 	if _, err := s.db.ExecContext(ctx, `DELETE FROM leases WHERE as_key = $1 AND owner = $2`, as, owner); err != nil {
 		return fmt.Errorf("txnstore: release lease: %w", err)
 	}
+	if fault == storehook.Ambiguous {
+		return fmt.Errorf("txnstore: release lease: %w", storehook.ErrInjected)
+	}
 	return nil
 }
 
-// Stats returns counters of this process's work on the store.
-func (s *Postgres) Stats() Stats {
-	var n int64
-	_ = s.do(context.Background(), func(context.Context, *sql.Tx, *pgBatch) error { n = s.commits; return nil })
-	return Stats{Commits: n}
+// stats returns counters of this process's work on the store, for tests.
+func (s *Postgres) stats() stats {
+	var st stats
+	_ = s.do(context.Background(), 0, 0, func(context.Context, *sql.Tx, *pgBatch) error { st = s.st; return nil })
+	return st
 }
 
 // Close implements Store.

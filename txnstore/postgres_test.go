@@ -56,7 +56,7 @@ func TestPostgresSeqOrderAcrossStores(t *testing.T) {
 	go func() {
 		// Every item targets a, so a's stream must always be 1..n, no holes.
 		for !done.Load() {
-			items, err := s2.Read(ctx, a, 0, 1<<20)
+			items, err := s2.Read(ctx, a, 0, 1<<20, 0)
 			if err != nil {
 				readerErr <- err
 				return

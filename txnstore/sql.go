@@ -1,14 +1,21 @@
 package txnstore
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/mattn/go-sqlite3"
 )
 
 // The schema, the reads and garbage collection are shared by the backends:
@@ -70,10 +77,28 @@ var migrations = []string{
 	// Sender leases of a shared store (PostgreSQL); unused by SQLite, which
 	// one process owns, but kept in its schema so versions mean the same.
 	`CREATE TABLE leases (as_key INTEGER NOT NULL, owner TEXT NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (as_key));`,
+	// A transaction split by Freeze(replace) is kept, marked with the
+	// first id that replaced it, until the cursor passes it: a Complete of
+	// an id whose row is gone then means it was completed before.
+	`ALTER TABLE txns ADD COLUMN replaced_by INTEGER NOT NULL DEFAULT 0;`,
 }
 
-// migrate brings the schema up to date inside tx.
+// migrate brings the schema up to date inside tx, then removes frozen
+// transactions at or below their AS's cursor (left by versions whose
+// cursor could pass an unrecorded completion): they are delivered.
 func migrate(ctx context.Context, tx *sql.Tx, d *dialect) error {
+	if err := migrateTo(ctx, tx, d, len(migrations)); err != nil {
+		return err
+	}
+	_, err := tx.ExecContext(ctx, dropDelivered)
+	return err
+}
+
+// dropDelivered removes every frozen transaction the cursor has passed.
+const dropDelivered = `DELETE FROM txns WHERE last_seq <= (SELECT a.delivered FROM appservices a WHERE a.as_key = txns.as_key)`
+
+// migrateTo applies the migrations up to version n inside tx.
+func migrateTo(ctx context.Context, tx *sql.Tx, d *dialect, n int) error {
 	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
 		return err
 	}
@@ -84,7 +109,7 @@ func migrate(ctx context.Context, tx *sql.Tx, d *dialect) error {
 	if v > len(migrations) {
 		return fmt.Errorf("schema version %d is newer than this program knows (%d)", v, len(migrations))
 	}
-	for i := v; i < len(migrations); i++ {
+	for i := v; i < n; i++ {
 		m := migrations[i]
 		if d.ddl != nil {
 			m = d.ddl.Replace(m)
@@ -187,14 +212,14 @@ func pendingSeqs(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after in
 }
 
 // readStream implements Store.Read.
-func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int64, max int) ([]Item, error) {
-	if max <= 0 {
+func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error) {
+	if maxItems <= 0 {
 		return nil, nil
 	}
 	var want []int64
 	err := pendingSeqs(ctx, db, d, as, after, func(q int64) bool {
 		want = append(want, q)
-		return len(want) < max
+		return len(want) < maxItems
 	})
 	if err != nil {
 		return nil, fmt.Errorf("txnstore: read: %w", err)
@@ -202,7 +227,71 @@ func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int
 	if len(want) == 0 {
 		return nil, nil
 	}
+	if maxBytes > 0 && len(want) > 1 {
+		if want, err = withinBudget(ctx, db, d, want, maxBytes); err != nil {
+			return nil, fmt.Errorf("txnstore: read: %w", err)
+		}
+	}
 	return readItems(ctx, db, d, want)
+}
+
+// withinBudget returns the longest prefix of want (at least one seq) whose
+// items' data add up to at most maxBytes. It reads only the lengths, which
+// neither backend needs to load the data for.
+func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, maxBytes int) ([]int64, error) {
+	size := make(map[int64]int, len(want))
+	err := queryWant(ctx, db, d, want, "length(data)", func(rows *sql.Rows) error {
+		defer rows.Close()
+		for rows.Next() {
+			var q int64
+			var n int
+			if err := rows.Scan(&q, &n); err != nil {
+				return err
+			}
+			size[q] = n
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return nil, err
+	}
+	total := 0
+	for i, q := range want {
+		total += size[q]
+		if i > 0 && total > maxBytes {
+			return want[:i], nil
+		}
+	}
+	return want, nil
+}
+
+// queryWant runs SELECT seq, cols FROM items for the seqs of want
+// (ascending) and hands each result to scan: one range query when want is
+// dense, else lists of seqs.
+func queryWant(ctx context.Context, db *sql.DB, d *dialect, want []int64, cols string, scan func(*sql.Rows) error) error {
+	lo, hi := want[0], want[len(want)-1]
+	if hi-lo+1 <= int64(4*len(want)) {
+		rows, err := db.QueryContext(ctx, d.q(`SELECT seq, `+cols+` FROM items WHERE seq BETWEEN ? AND ?`), lo, hi)
+		if err != nil {
+			return err
+		}
+		return scan(rows)
+	}
+	for i := 0; i < len(want); i += 500 {
+		chunk := want[i:min(i+500, len(want))]
+		args := make([]any, len(chunk))
+		for j, q := range chunk {
+			args[j] = q
+		}
+		rows, err := db.QueryContext(ctx, d.q(`SELECT seq, `+cols+` FROM items WHERE seq IN (?`+strings.Repeat(",?", len(chunk)-1)+`)`), args...)
+		if err != nil {
+			return err
+		}
+		if err := scan(rows); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // readItems loads the items of want (ascending seqs).
@@ -213,7 +302,7 @@ func readItems(ctx context.Context, db *sql.DB, d *dialect, want []int64) ([]Ite
 		idx[q] = i
 	}
 	got := make([]*Item, len(want))
-	scan := func(rows *sql.Rows) error {
+	err := queryWant(ctx, db, d, want, "kind, data", func(rows *sql.Rows) error {
 		defer rows.Close()
 		for rows.Next() {
 			var it Item
@@ -227,31 +316,9 @@ func readItems(ctx context.Context, db *sql.DB, d *dialect, want []int64) ([]Ite
 			}
 		}
 		return rows.Err()
-	}
-	lo, hi := want[0], want[len(want)-1]
-	if hi-lo+1 <= int64(4*len(want)) {
-		rows, err := db.QueryContext(ctx, d.q(`SELECT seq, kind, data FROM items WHERE seq BETWEEN ? AND ?`), lo, hi)
-		if err != nil {
-			return nil, fmt.Errorf("txnstore: read items: %w", err)
-		}
-		if err := scan(rows); err != nil {
-			return nil, fmt.Errorf("txnstore: read items: %w", err)
-		}
-	} else {
-		for i := 0; i < len(want); i += 500 {
-			chunk := want[i:min(i+500, len(want))]
-			args := make([]any, len(chunk))
-			for j, q := range chunk {
-				args[j] = q
-			}
-			rows, err := db.QueryContext(ctx, d.q(`SELECT seq, kind, data FROM items WHERE seq IN (?`+strings.Repeat(",?", len(chunk)-1)+`)`), args...)
-			if err != nil {
-				return nil, fmt.Errorf("txnstore: read items: %w", err)
-			}
-			if err := scan(rows); err != nil {
-				return nil, fmt.Errorf("txnstore: read items: %w", err)
-			}
-		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: read items: %w", err)
 	}
 	for i, it := range got {
 		if it == nil {
@@ -275,10 +342,13 @@ func readDelivered(ctx context.Context, db *sql.DB, d *dialect, as ASKey) (int64
 	return v, nil
 }
 
-// readFrozen implements Store.Frozen.
+// readFrozen implements Store.Frozen: never a transaction replaced by a
+// split or one the cursor has passed (delivered; a later Complete or the
+// next open deletes it).
 func readFrozen(ctx context.Context, db *sql.DB, d *dialect, as ASKey) ([]Txn, error) {
-	rows, err := db.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, format, len, checksum, body
-		FROM txns WHERE as_key = ? ORDER BY after_seq`), as)
+	rows, err := db.QueryContext(ctx, d.q(`SELECT t.txn_id, t.after_seq, t.last_seq, t.format, t.len, t.checksum, t.body
+		FROM txns t JOIN appservices a ON a.as_key = t.as_key
+		WHERE t.as_key = ? AND t.replaced_by = 0 AND t.last_seq > a.delivered ORDER BY t.after_seq`), as)
 	if err != nil {
 		return nil, fmt.Errorf("txnstore: frozen: %w", err)
 	}
@@ -301,8 +371,19 @@ func readFrozen(ctx context.Context, db *sql.DB, d *dialect, as ASKey) ([]Txn, e
 
 // statuses implements Store.Statuses.
 func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
+	// A read-only status may see a store not migrated yet by the new
+	// version of the program: before version 3 there are no split rows.
+	var v int
+	if err := db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	live := ` AND t.replaced_by = 0`
+	if v < 3 {
+		live = ``
+	}
 	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
-		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key) FROM appservices a ORDER BY id`)
+		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key`+live+` AND t.last_seq > a.delivered)
+		FROM appservices a ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("txnstore: statuses: %w", err)
 	}
@@ -345,17 +426,57 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 	return out, nil
 }
 
-// checkFreeze checks that txns follow each other from start, the end of
-// what is delivered or frozen, or, when replace is set, that they exactly
-// cover the transaction they replace, which it then deletes.
-func checkFreeze(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start int64, txns []Txn) error {
+// freezeTxns implements Freeze inside tx for both backends: start is the
+// end of what as has delivered or frozen, nextTxn its counter. It returns
+// the ids and the counter after them. A repeat of a freeze of this store
+// whose result was unsure gets that freeze's ids if it landed.
+func freezeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start, nextTxn int64, txns []Txn, repeat bool) ([]int64, int64, error) {
 	if len(txns) == 0 {
-		return callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
+		return nil, 0, callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
 	}
+	if err := checkChain(ctx, tx, d, as, replace, start, txns); err != nil {
+		var ce callError
+		if !errors.As(err, &ce) || !repeat {
+			return nil, 0, err
+		}
+		ids, ok, err2 := alreadyFrozen(ctx, tx, d, as, replace, txns)
+		if err2 != nil {
+			return nil, 0, err2
+		}
+		if ok {
+			return ids, nextTxn, nil
+		}
+		return nil, 0, err
+	}
+	ids := make([]int64, len(txns))
+	for i, t := range txns {
+		ids[i] = nextTxn + int64(i)
+		if _, err := tx.ExecContext(ctx, d.q(`INSERT INTO txns (as_key, txn_id, after_seq, last_seq, format, len, checksum) VALUES (?, ?, ?, ?, ?, ?, ?)`),
+			as, ids[i], t.Range.After, t.Range.Last, int64(t.Format), t.Len, int64(t.Checksum)); err != nil {
+			return nil, 0, err
+		}
+	}
+	if replace != 0 {
+		if _, err := tx.ExecContext(ctx, d.q(`UPDATE txns SET replaced_by = ?, body = NULL WHERE as_key = ? AND txn_id = ?`), ids[0], as, replace); err != nil {
+			return nil, 0, err
+		}
+	}
+	next := nextTxn + int64(len(txns))
+	if _, err := tx.ExecContext(ctx, d.q(`UPDATE appservices SET next_txn = ? WHERE as_key = ?`), next, as); err != nil {
+		return nil, 0, err
+	}
+	return ids, next, nil
+}
+
+// checkChain checks that txns follow each other from start or, when
+// replace is set, that they exactly cover the live transaction they replace.
+func checkChain(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start int64, txns []Txn) error {
 	end := int64(-1)
 	if replace != 0 {
-		err := tx.QueryRowContext(ctx, d.q(`SELECT after_seq, last_seq FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace).Scan(&start, &end)
-		if errors.Is(err, sql.ErrNoRows) {
+		var replacedBy int64
+		err := tx.QueryRowContext(ctx, d.q(`SELECT after_seq, last_seq, replaced_by FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace).
+			Scan(&start, &end, &replacedBy)
+		if errors.Is(err, sql.ErrNoRows) || replacedBy != 0 {
 			return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, replace)}
 		}
 		if err != nil {
@@ -369,12 +490,274 @@ func checkFreeze(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace,
 		}
 		prev = t.Range.Last
 	}
-	if replace == 0 {
-		return nil
-	}
-	if prev != end {
+	if replace != 0 && prev != end {
 		return callError{fmt.Errorf("%w: split ends at %d, not %d", ErrBadRange, prev, end)}
 	}
-	_, err := tx.ExecContext(ctx, d.q(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace)
-	return err
+	return nil
+}
+
+// alreadyFrozen reports whether txns are exactly the live transactions one
+// earlier Freeze(replace, txns) made, and their ids.
+func alreadyFrozen(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace int64, txns []Txn) ([]int64, bool, error) {
+	var first int64
+	var err error
+	if replace != 0 {
+		err = tx.QueryRowContext(ctx, d.q(`SELECT replaced_by FROM txns WHERE as_key = ? AND txn_id = ?`), as, replace).Scan(&first)
+	} else {
+		err = tx.QueryRowContext(ctx, d.q(`SELECT txn_id FROM txns WHERE as_key = ? AND after_seq = ? AND last_seq = ? AND replaced_by = 0`),
+			as, txns[0].Range.After, txns[0].Range.Last).Scan(&first)
+		if err == nil {
+			// Rows a split made (a tombstone names the first) are no plain freeze.
+			var n int
+			err = tx.QueryRowContext(ctx, d.q(`SELECT COUNT(*) FROM txns WHERE as_key = ? AND replaced_by = ?`), as, first).Scan(&n)
+			if err == nil && n > 0 {
+				return nil, false, nil
+			}
+		}
+	}
+	if errors.Is(err, sql.ErrNoRows) || first == 0 {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	rows, err := tx.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, format, len, checksum, replaced_by FROM txns
+		WHERE as_key = ? AND txn_id >= ? AND txn_id < ? ORDER BY txn_id`), as, first, first+int64(len(txns)))
+	if err != nil {
+		return nil, false, err
+	}
+	defer rows.Close()
+	ids := make([]int64, 0, len(txns))
+	for rows.Next() {
+		var id, after, last, format, checksum, replacedBy int64
+		var n int
+		if err := rows.Scan(&id, &after, &last, &format, &n, &checksum, &replacedBy); err != nil {
+			return nil, false, err
+		}
+		i := len(ids)
+		if i >= len(txns) {
+			return nil, false, nil
+		}
+		t := txns[i]
+		if id != first+int64(i) || replacedBy != 0 || after != t.Range.After || last != t.Range.Last ||
+			uint32(format) != t.Format || n != t.Len || uint32(checksum) != t.Checksum {
+			return nil, false, nil
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, false, err
+	}
+	return ids, len(ids) == len(txns), nil
+}
+
+// completeTxns implements CompleteMany inside tx for both backends, given
+// as's cursor and txn counter; it returns the new cursor.
+//
+// Only a prefix of as's frozen transactions (in stream order) completes:
+// the cursor must never pass a transaction whose completion is not
+// recorded. An id issued before whose row is gone was completed already
+// (its range is at or below the cursor): that is no error, so a retried
+// Complete whose first attempt landed succeeds.
+func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []int64, delivered, nextTxn, now int64) (int64, error) {
+	type row struct{ id, after, last, replacedBy int64 }
+	rows, err := tx.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, replaced_by FROM txns WHERE as_key = ? ORDER BY after_seq, txn_id`), as)
+	if err != nil {
+		return 0, err
+	}
+	byID := map[int64]row{}
+	var live []row
+	for rows.Next() {
+		var r row
+		if err := rows.Scan(&r.id, &r.after, &r.last, &r.replacedBy); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		byID[r.id] = r
+		if r.replacedBy == 0 && r.last > delivered {
+			live = append(live, r)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return 0, err
+	}
+	want := make(map[int64]bool, len(ids))
+	for _, id := range ids {
+		want[id] = true
+	}
+	prefix := 0
+	for prefix < len(live) && want[live[prefix].id] {
+		prefix++
+	}
+	// Where the first live transaction not completed here starts.
+	first := int64(math.MaxInt64)
+	if prefix < len(live) {
+		first = live[prefix].after
+	}
+	var errs []error
+	for _, id := range ids {
+		r, ok := byID[id]
+		switch {
+		case !ok && id > 0 && id < nextTxn:
+			// Completed before.
+		case !ok:
+			errs = append(errs, fmt.Errorf("%w: %d", ErrUnknownTxn, id))
+		case r.replacedBy != 0:
+			errs = append(errs, fmt.Errorf("%w: %d was split into %d and after", ErrUnknownTxn, id, r.replacedBy))
+		case r.last <= delivered:
+			// Delivered (a row an older version left behind).
+		case r.after >= first:
+			errs = append(errs, fmt.Errorf("%w: %d is after (%d, %d]", ErrOutOfOrder, id, live[prefix].after, live[prefix].last))
+		}
+	}
+	if prefix > 0 {
+		delivered = max(delivered, live[prefix-1].last)
+		if _, err := tx.ExecContext(ctx, d.q(`DELETE FROM txns WHERE as_key = ? AND last_seq <= ?`), as, delivered); err != nil {
+			return 0, err
+		}
+		if _, err := tx.ExecContext(ctx, d.q(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`), delivered, now, as); err != nil {
+			return 0, err
+		}
+	}
+	if len(errs) > 0 {
+		return delivered, callError{errors.Join(errs...)}
+	}
+	return delivered, nil
+}
+
+// saveBody implements SaveBody inside tx for both backends. The first body
+// stays: saving the same bytes again is no error, other bytes are.
+func saveBody(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, id int64, body []byte) error {
+	res, err := tx.ExecContext(ctx, d.q(`UPDATE txns SET body = ? WHERE as_key = ? AND txn_id = ? AND replaced_by = 0 AND body IS NULL`), body, as, id)
+	if err != nil {
+		return err
+	}
+	if n, err := res.RowsAffected(); err != nil || n == 1 {
+		return err
+	}
+	var got []byte
+	var replacedBy int64
+	err = tx.QueryRowContext(ctx, d.q(`SELECT body, replaced_by FROM txns WHERE as_key = ? AND txn_id = ?`), as, id).Scan(&got, &replacedBy)
+	if errors.Is(err, sql.ErrNoRows) || (err == nil && replacedBy != 0) {
+		return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
+	}
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(got, body) {
+		return callError{fmt.Errorf("%w: %d", ErrBodyConflict, id)}
+	}
+	return nil
+}
+
+// maxLastError bounds State.LastError as stored.
+const maxLastError = 2048
+
+// cleanText makes s storable as TEXT on every backend: no NUL, valid
+// UTF-8, at most max bytes cut on a rune boundary. PostgreSQL refuses
+// the first two, and an AS's error body may hold anything.
+func cleanText(s string, max int) string {
+	s = strings.ReplaceAll(strings.ToValidUTF8(s, ""), "\x00", "")
+	if len(s) > max {
+		cut := max
+		for cut > 0 && !utf8.RuneStart(s[cut]) {
+			cut--
+		}
+		s = s[:cut]
+	}
+	return s
+}
+
+// isInputError reports whether err is a statement's refusal of the values
+// it was given (a data exception or a constraint), which one op caused
+// and which must fail that op alone, not the commit it shares.
+func isInputError(err error) bool {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		return strings.HasPrefix(pe.Code, "22") || strings.HasPrefix(pe.Code, "23") || pe.Code == "54000"
+	}
+	var se sqlite3.Error
+	if errors.As(err, &se) {
+		switch se.Code {
+		case sqlite3.ErrConstraint, sqlite3.ErrTooBig, sqlite3.ErrMismatch, sqlite3.ErrRange:
+			return true
+		}
+	}
+	return false
+}
+
+// isolate commits ops through attempt, which runs them in one transaction
+// and, when that fails, returns the index of the op whose own statement
+// failed (-1 if none did or the statement was shared). An op whose input a
+// statement refused gets that error alone and the others are tried again
+// without it; when the refused statement was shared, each op is tried
+// alone. Any other error fails every op left, through fail.
+func isolate[T any](ops []T, attempt func([]T) (int, error), fail func(T, error)) {
+	for len(ops) > 0 {
+		i, err := attempt(ops)
+		switch {
+		case err == nil:
+			return
+		case !isInputError(err):
+			for _, o := range ops {
+				fail(o, fmt.Errorf("txnstore: commit: %w", err))
+			}
+			return
+		case i >= 0:
+			fail(ops[i], fmt.Errorf("txnstore: %w", err))
+			ops = append(ops[:i:i], ops[i+1:]...)
+		case len(ops) == 1:
+			fail(ops[0], fmt.Errorf("txnstore: %w", err))
+			return
+		default:
+			for _, o := range ops {
+				isolate([]T{o}, attempt, fail)
+			}
+			return
+		}
+	}
+}
+
+// unsureFreezes remembers, per AS, the last Freeze of this store that
+// failed without being refused: its commit may have landed. Only that call
+// repeated gets the ids it may have been given; another process freezing
+// the same ranges is still refused.
+type unsureFreezes struct {
+	mu sync.Mutex
+	m  map[ASKey]string
+}
+
+func freezeKey(replace int64, txns []Txn) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d", replace)
+	for _, t := range txns {
+		fmt.Fprintf(&b, ";%d,%d,%d,%d,%d", t.Range.After, t.Range.Last, t.Format, t.Len, t.Checksum)
+	}
+	return b.String()
+}
+
+// repeats reports whether key is as's unsure freeze.
+func (u *unsureFreezes) repeats(as ASKey, key string) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.m[as] == key
+}
+
+// record notes the outcome of as's freeze key: ok (it landed), unsure
+// (it may have), or neither (refused: the unsure one stays repeatable).
+func (u *unsureFreezes) record(as ASKey, key string, ok, unsure bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if ok {
+		delete(u.m, as)
+		return
+	}
+	if !unsure {
+		return
+	}
+	if u.m == nil {
+		u.m = map[ASKey]string{}
+	}
+	u.m[as] = key
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // the embedded default backend
+
+	"github.com/asdispatch/asdispatch/internal/storehook"
 )
 
 // Errors of individual calls; they fail only the call that caused them.
@@ -17,6 +19,11 @@ var (
 	ErrUnknownAS  = errors.New("txnstore: unknown appservice")
 	ErrUnknownTxn = errors.New("txnstore: unknown transaction")
 	ErrBadRange   = errors.New("txnstore: transaction ranges do not follow the stream")
+	// ErrOutOfOrder refuses a Complete while an earlier transaction of the
+	// AS is frozen.
+	ErrOutOfOrder = errors.New("txnstore: an earlier transaction is not completed")
+	// ErrBodyConflict refuses a SaveBody of other bytes than those saved.
+	ErrBodyConflict = errors.New("txnstore: transaction already has another body")
 )
 
 // callError marks an error found before an op wrote anything: it fails
@@ -29,9 +36,13 @@ func (e callError) Unwrap() error { return e.error }
 // that returned survives power loss. One writer goroutine merges the writes
 // of all callers into shared commits.
 type SQLite struct {
-	opts Options
-	wdb  *sql.DB // one connection, used only by the writer goroutine
-	rdb  *sql.DB
+	opts      Options
+	hooks     *storehook.Hooks
+	stmtBytes int
+	wdb       *sql.DB // one connection, used only by the writer goroutine
+	rdb       *sql.DB
+
+	unsure unsureFreezes
 
 	w *writer[*op]
 
@@ -39,7 +50,7 @@ type SQLite struct {
 	nextSeq int64
 	ases    map[ASKey]*asRow
 	ids     map[string]ASKey
-	commits int64
+	st      stats
 	sinceGC int
 }
 
@@ -50,15 +61,21 @@ type asRow struct {
 	lastFrozen int64
 }
 
-// Stats are counters for tests and benchmarks.
-type Stats struct {
-	Commits int64
+// stats are counters for tests.
+type stats struct {
+	commits    int64
+	stmtBytes  int // most bytes one statement of several items bound
+	batchBytes int // most bytes one commit wrote
 }
 
 type op struct {
+	kind storehook.Op // 0 for test-internal ops
+	size int          // bytes the op writes
 	fn   func(tx *sql.Tx, b *batch) error
 	done chan error
 }
+
+func opSize(o *op) int { return o.size }
 
 // batch is what the ops of one commit add up to.
 type batch struct {
@@ -84,6 +101,7 @@ func (b *batch) touch(s *SQLite, as ASKey) *asRow {
 
 // Open opens (creating if needed) the store at path.
 func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
+	hooks := storehook.From(ctx)
 	dsn := "file:" + url.PathEscape(path) + "?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_foreign_keys=off"
 	wdb, err := sql.Open("sqlite3", dsn+"&_txlock=immediate")
 	if err != nil {
@@ -96,8 +114,16 @@ func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
 	}
 	rdb.SetMaxOpenConns(4)
-	s := &SQLite{opts: opts, wdb: wdb, rdb: rdb, w: newWriter[*op](),
+	s := &SQLite{opts: opts, hooks: hooks, stmtBytes: defaultStmtBytes, wdb: wdb, rdb: rdb,
 		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}}
+	batchBytes := 0
+	if hooks != nil {
+		batchBytes = hooks.BatchBytes
+		if hooks.StmtBytes > 0 {
+			s.stmtBytes = hooks.StmtBytes
+		}
+	}
+	s.w = newWriter(opSize, batchBytes)
 	if err := s.migrate(ctx); err != nil {
 		wdb.Close()
 		rdb.Close()
@@ -120,7 +146,8 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		return err
 	}
 	rows, err := tx.QueryContext(ctx, `SELECT a.as_key, a.id, a.next_txn, a.delivered, COALESCE(MAX(t.last_seq), 0)
-		FROM appservices a LEFT JOIN txns t ON t.as_key = a.as_key GROUP BY a.as_key, a.id, a.next_txn, a.delivered`)
+		FROM appservices a LEFT JOIN txns t ON t.as_key = a.as_key AND t.replaced_by = 0
+		GROUP BY a.as_key, a.id, a.next_txn, a.delivered`)
 	if err != nil {
 		return err
 	}
@@ -140,9 +167,10 @@ func (s *SQLite) migrate(ctx context.Context) error {
 	return tx.Commit()
 }
 
-// do hands fn to the writer and waits for its commit.
-func (s *SQLite) do(ctx context.Context, fn func(tx *sql.Tx, b *batch) error) error {
-	o := &op{fn: fn, done: make(chan error, 1)}
+// do hands fn, an op of kind writing size bytes, to the writer and waits
+// for its commit.
+func (s *SQLite) do(ctx context.Context, kind storehook.Op, size int, fn func(tx *sql.Tx, b *batch) error) error {
+	o := &op{kind: kind, size: size, fn: fn, done: make(chan error, 1)}
 	if err := s.w.queue(ctx, o); err != nil {
 		return err
 	}
@@ -150,9 +178,17 @@ func (s *SQLite) do(ctx context.Context, fn func(tx *sql.Tx, b *batch) error) er
 }
 
 func (s *SQLite) commit(ops []*op) {
+	isolate(ops, s.attempt, func(o *op, err error) { o.done <- err })
+}
+
+// attempt commits ops in one transaction and answers each; on failure it
+// answers none, undoes the writer's caches, and returns the index of the
+// op whose statement failed (-1 if none did).
+func (s *SQLite) attempt(ops []*op) (int, error) {
 	seq0 := s.nextSeq
 	errs := make([]error, len(ops))
 	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}}
+	culprit, landed := -1, false
 	err := func() error {
 		tx, err := s.wdb.Begin()
 		if err != nil {
@@ -166,6 +202,7 @@ func (s *SQLite) commit(ops []*op) {
 					errs[i] = ce.error
 					continue
 				}
+				culprit = i
 				return err
 			}
 		}
@@ -182,15 +219,21 @@ func (s *SQLite) commit(ops []*op) {
 				return err
 			}
 		}
-		if s.opts.BeforeCommit != nil {
-			if err := s.opts.BeforeCommit(); err != nil {
-				return err
-			}
+		fault := decide(s.hooks, ops, func(o *op) storehook.Op { return o.kind })
+		if fault == storehook.Fail {
+			return storehook.ErrInjected
 		}
-		return tx.Commit()
+		if err := tx.Commit(); err != nil {
+			return err
+		}
+		if fault == storehook.Ambiguous {
+			landed = true
+			return storehook.ErrInjected
+		}
+		return nil
 	}()
-	if err != nil {
-		// Nothing of this batch happened: restore the writer's caches.
+	if err != nil && !landed {
+		// Nothing of this attempt happened: restore the writer's caches.
 		s.nextSeq = seq0
 		for k, r := range b.undo {
 			*s.ases[k] = r
@@ -199,18 +242,20 @@ func (s *SQLite) commit(ops []*op) {
 			delete(s.ases, s.ids[id])
 			delete(s.ids, id)
 		}
-		for _, o := range ops {
-			o.done <- fmt.Errorf("txnstore: commit: %w", err)
-		}
-		return
+		return culprit, err
 	}
-	s.commits++
+	s.st.commits++
+	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *op) int { return o.size }))
+	if err != nil {
+		return -1, err
+	}
 	if len(b.committed) > 0 && s.opts.OnCommit != nil {
 		s.opts.OnCommit(b.committed)
 	}
 	for i, o := range ops {
 		o.done <- errs[i]
 	}
+	return -1, nil
 }
 
 func (s *SQLite) flushStreams(tx *sql.Tx, b *batch, seq0 int64) error {
@@ -269,7 +314,7 @@ func (s *SQLite) gcDue() bool {
 // EnsureAS implements Store.
 func (s *SQLite) EnsureAS(ctx context.Context, id string) (ASKey, error) {
 	var key ASKey
-	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+	err := s.do(ctx, storehook.EnsureAS, 0, func(tx *sql.Tx, b *batch) error {
 		if k, ok := s.ids[id]; ok {
 			key = k
 			return nil
@@ -299,7 +344,11 @@ var insertMany = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + str
 // Append implements Store.
 func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 	seqs := make([]int64, len(entries))
-	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+	size := 0
+	for _, e := range entries {
+		size += len(e.Data)
+	}
+	err := s.do(ctx, storehook.Append, size, func(tx *sql.Tx, b *batch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {
 				if s.ases[k] == nil {
@@ -308,7 +357,10 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 			}
 		}
 		args := make([]any, 0, 4*rowsPerInsert)
-		flush := func(n int) error {
+		n, bound := 0, 0
+		// A statement takes up to rowsPerInsert rows and, past one row,
+		// up to stmtBytes bytes.
+		flush := func() error {
 			if n == 0 {
 				return nil
 			}
@@ -316,32 +368,38 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 			if n < rowsPerInsert {
 				q = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 			}
+			if n > 1 {
+				s.st.stmtBytes = max(s.st.stmtBytes, bound)
+			}
 			_, err := tx.Exec(q, args...)
-			args = args[:0]
+			args, n, bound = args[:0], 0, 0
 			return err
 		}
-		n := 0
 		for i, e := range entries {
 			if len(e.Targets) == 0 {
 				continue
+			}
+			if n > 0 && bound+len(e.Data) > s.stmtBytes {
+				if err := flush(); err != nil {
+					return err
+				}
 			}
 			seq := s.nextSeq
 			s.nextSeq++
 			seqs[i] = seq
 			args = append(args, seq, int(e.Kind), e.Data, b.now)
-			n++
+			n, bound = n+1, bound+len(e.Data)
 			if n == rowsPerInsert {
-				if err := flush(n); err != nil {
+				if err := flush(); err != nil {
 					return err
 				}
-				n = 0
 			}
 			for _, k := range e.Targets {
 				b.streams[k] = append(b.streams[k], seq)
 			}
 			b.committed = append(b.committed, Committed{Item: Item{Seq: seq, Kind: e.Kind, Data: e.Data}, Targets: e.Targets})
 		}
-		return flush(n)
+		return flush()
 	})
 	if err != nil {
 		return nil, err
@@ -350,8 +408,8 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 }
 
 // Read implements Store.
-func (s *SQLite) Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error) {
-	return readStream(ctx, s.rdb, sqliteSQL, as, after, max)
+func (s *SQLite) Read(ctx context.Context, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error) {
+	return readStream(ctx, s.rdb, sqliteSQL, as, after, maxItems, maxBytes)
 }
 
 // Delivered implements Store.
@@ -361,30 +419,27 @@ func (s *SQLite) Delivered(ctx context.Context, as ASKey) (int64, error) {
 
 // Freeze implements Store.
 func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
-	ids := make([]int64, len(txns))
-	err := s.do(ctx, func(tx *sql.Tx, b *batch) error {
+	var ids []int64
+	key, refused := freezeKey(replace, txns), false
+	err := s.do(ctx, storehook.Freeze, 0, func(tx *sql.Tx, b *batch) error {
 		r := b.touch(s, as)
 		if r == nil {
+			refused = true
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
-		if err := checkFreeze(context.Background(), tx, sqliteSQL, as, replace, max(r.delivered, r.lastFrozen), txns); err != nil {
+		got, next, err := freezeTxns(context.Background(), tx, sqliteSQL, as, replace, max(r.delivered, r.lastFrozen), r.nextTxn, txns,
+			s.unsure.repeats(as, key))
+		if err != nil {
+			var ce callError
+			refused = errors.As(err, &ce)
 			return err
 		}
-		for i, t := range txns {
-			id := r.nextTxn
-			r.nextTxn++
-			if _, err := tx.Exec(`INSERT INTO txns (as_key, txn_id, after_seq, last_seq, format, len, checksum) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-				as, id, t.Range.After, t.Range.Last, t.Format, t.Len, t.Checksum); err != nil {
-				return err
-			}
-			ids[i] = id
-		}
-		if last := txns[len(txns)-1].Range.Last; last > r.lastFrozen {
-			r.lastFrozen = last
-		}
-		_, err := tx.Exec(`UPDATE appservices SET next_txn = ? WHERE as_key = ?`, r.nextTxn, as)
-		return err
+		ids, r.nextTxn = got, next
+		r.lastFrozen = max(r.lastFrozen, txns[len(txns)-1].Range.Last)
+		return nil
 	})
+	// A failed freeze that was not refused may have landed all the same.
+	s.unsure.record(as, key, err == nil, err != nil && !refused)
 	if err != nil {
 		return nil, err
 	}
@@ -393,18 +448,8 @@ func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn
 
 // SaveBody implements Store.
 func (s *SQLite) SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error {
-	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
-		res, err := tx.Exec(`UPDATE txns SET body = ? WHERE as_key = ? AND txn_id = ? AND body IS NULL`, body, as, id)
-		if err != nil {
-			return err
-		}
-		if n, _ := res.RowsAffected(); n == 0 {
-			var one int
-			if tx.QueryRow(`SELECT 1 FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&one) != nil {
-				return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
-			}
-		}
-		return nil
+	return s.do(ctx, storehook.SaveBody, len(body), func(tx *sql.Tx, b *batch) error {
+		return saveBody(context.Background(), tx, sqliteSQL, as, id, body)
 	})
 }
 
@@ -415,55 +460,27 @@ func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 
 // Complete implements Store.
 func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
-	return s.do(ctx, func(tx *sql.Tx, b *batch) error { return s.complete(tx, b, as, id) })
+	return s.CompleteMany(ctx, as, []int64{id})
 }
 
 // CompleteMany is Complete for several transactions of as, in one write:
 // what a catching-up sender has acknowledged while its last completion
-// committed. A transaction it does not know is an error, the others are
-// still recorded.
+// committed. An id it does not know, or one after a transaction not
+// completed, is an error; the others are still recorded.
 func (s *SQLite) CompleteMany(ctx context.Context, as ASKey, ids []int64) error {
-	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
-		var errs []error
-		for _, id := range ids {
-			err := s.complete(tx, b, as, id)
-			var ce callError
-			if errors.As(err, &ce) {
-				errs = append(errs, ce.error)
-				continue
-			}
-			if err != nil {
-				return err
-			}
+	return s.do(ctx, storehook.Complete, 0, func(tx *sql.Tx, b *batch) error {
+		r := b.touch(s, as)
+		if r == nil {
+			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
-		if len(errs) > 0 {
-			return callError{errors.Join(errs...)}
+		d, err := completeTxns(context.Background(), tx, sqliteSQL, as, ids, r.delivered, r.nextTxn, b.now)
+		var ce callError
+		if err != nil && !errors.As(err, &ce) {
+			return err
 		}
-		return nil
+		r.delivered = d
+		return err
 	})
-}
-
-func (s *SQLite) complete(tx *sql.Tx, b *batch, as ASKey, id int64) error {
-	r := b.touch(s, as)
-	if r == nil {
-		return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
-	}
-	var last int64
-	err := tx.QueryRow(`SELECT last_seq FROM txns WHERE as_key = ? AND txn_id = ?`, as, id).Scan(&last)
-	if errors.Is(err, sql.ErrNoRows) {
-		return callError{fmt.Errorf("%w: %d", ErrUnknownTxn, id)}
-	}
-	if err != nil {
-		return err
-	}
-	if _, err := tx.Exec(`DELETE FROM txns WHERE as_key = ? AND txn_id = ?`, as, id); err != nil {
-		return err
-	}
-	if last > r.delivered {
-		r.delivered = last
-	}
-	_, err = tx.Exec(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`, r.delivered, b.now, as)
-	return err
 }
 
 // SetState implements Store.
@@ -472,10 +489,11 @@ func (s *SQLite) SetState(ctx context.Context, as ASKey, st State) error {
 	if st.Up {
 		up = 1
 	}
-	return s.do(ctx, func(tx *sql.Tx, b *batch) error {
+	lastError := cleanText(st.LastError, maxLastError)
+	return s.do(ctx, storehook.State, len(lastError), func(tx *sql.Tx, b *batch) error {
 		_, err := tx.Exec(`UPDATE appservices SET up = ?, failures = ?, last_success_ms = MAX(last_success_ms, ?),
 			last_error = ?, last_error_ms = ?, next_retry_ms = ? WHERE as_key = ?`,
-			up, st.Failures, ms(st.LastSuccess), st.LastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
+			up, st.Failures, ms(st.LastSuccess), lastError, ms(st.LastErrorAt), ms(st.NextRetry), as)
 		return err
 	})
 }
@@ -485,11 +503,11 @@ func (s *SQLite) Statuses(ctx context.Context) ([]Status, error) {
 	return statuses(ctx, s.rdb, sqliteSQL)
 }
 
-// Stats returns counters of the store's work.
-func (s *SQLite) Stats() Stats {
-	var n int64
-	_ = s.do(context.Background(), func(*sql.Tx, *batch) error { n = s.commits; return nil })
-	return Stats{Commits: n}
+// stats returns counters of the store's work, for tests.
+func (s *SQLite) stats() stats {
+	var st stats
+	_ = s.do(context.Background(), 0, 0, func(*sql.Tx, *batch) error { st = s.st; return nil })
+	return st
 }
 
 // Close implements Store.
@@ -516,14 +534,27 @@ func (s *SQLite) Shared() bool { return false }
 
 // Acquire implements Leaser: always granted, there is no other process.
 func (s *SQLite) Acquire(context.Context, ASKey, string, time.Duration) (bool, error) {
+	if err := leaseFault(s.hooks); err != nil {
+		return false, fmt.Errorf("txnstore: acquire lease: %w", err)
+	}
 	return true, nil
 }
 
 // Renew implements Leaser: always granted.
-func (s *SQLite) Renew(context.Context, ASKey, string, time.Duration) (bool, error) { return true, nil }
+func (s *SQLite) Renew(context.Context, ASKey, string, time.Duration) (bool, error) {
+	if err := leaseFault(s.hooks); err != nil {
+		return false, fmt.Errorf("txnstore: renew lease: %w", err)
+	}
+	return true, nil
+}
 
 // Release implements Leaser.
-func (s *SQLite) Release(context.Context, ASKey, string) error { return nil }
+func (s *SQLite) Release(context.Context, ASKey, string) error {
+	if err := leaseFault(s.hooks); err != nil {
+		return fmt.Errorf("txnstore: release lease: %w", err)
+	}
+	return nil
+}
 
 var (
 	_ Store  = (*SQLite)(nil)

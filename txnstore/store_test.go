@@ -9,6 +9,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/asdispatch/asdispatch/internal/storehook"
 	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
@@ -25,7 +26,8 @@ type backend struct {
 type testStore interface {
 	Store
 	Leaser
-	Stats() Stats
+	CompleteMany(ctx context.Context, as ASKey, ids []int64) error
+	stats() stats
 }
 
 var backends = []backend{
@@ -56,7 +58,17 @@ func forEach(t *testing.T, test func(t *testing.T, be backend)) {
 
 func (be backend) openAt(t testing.TB, loc string, opts Options) testStore {
 	t.Helper()
-	s, err := be.open(context.Background(), loc, opts)
+	return be.openHooked(t, loc, opts, nil)
+}
+
+// openHooked opens the store at loc with test hooks h (nil: none).
+func (be backend) openHooked(t testing.TB, loc string, opts Options, h *storehook.Hooks) testStore {
+	t.Helper()
+	ctx := context.Background()
+	if h != nil {
+		ctx = storehook.With(ctx, h)
+	}
+	s, err := be.open(ctx, loc, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,11 +129,11 @@ func collectGarbage(s Store) {
 	ctx := context.Background()
 	switch s := s.(type) {
 	case *SQLite:
-		_ = s.do(ctx, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
-		_ = s.Stats()
+		_ = s.do(ctx, 0, 0, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
+		_ = s.stats()
 	case *Postgres:
-		_ = s.do(ctx, func(context.Context, *sql.Tx, *pgBatch) error { s.sinceGC = 1 << 20; return nil })
-		_ = s.Stats()
+		_ = s.do(ctx, 0, 0, func(context.Context, *sql.Tx, *pgBatch) error { s.sinceGC = 1 << 20; return nil })
+		_ = s.stats()
 	}
 }
 
@@ -155,7 +167,7 @@ func testAppendReadStreams(t *testing.T, be backend) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			items, err := s.Read(ctx, tt.as, tt.after, tt.max)
+			items, err := s.Read(ctx, tt.as, tt.after, tt.max, 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -227,8 +239,11 @@ func testFreezeCompleteAndGC(t *testing.T, be backend) {
 			t.Fatal(err)
 		}
 	}
-	if err := s.Complete(ctx, a, 1); !errors.Is(err, ErrUnknownTxn) {
-		t.Errorf("completing twice: %v", err)
+	if err := s.Complete(ctx, a, 1); err != nil {
+		t.Errorf("completing twice: %v, want nil (a retried Complete)", err)
+	}
+	if err := s.Complete(ctx, a, 5); !errors.Is(err, ErrUnknownTxn) {
+		t.Errorf("completing an id never issued: %v, want ErrUnknownTxn", err)
 	}
 	if d, _ := s.Delivered(ctx, a); d != seqs[5] {
 		t.Errorf("delivered %d, want %d", d, seqs[5])
@@ -293,7 +308,7 @@ func testGroupCommitAndOnCommitOrder(t *testing.T, be backend) {
 	}})
 	defer s.Close()
 	a := ensure(t, s, "a")
-	before := s.Stats().Commits
+	before := s.stats().commits
 	const writers, per = 16, 25
 	var wg sync.WaitGroup
 	for w := 0; w < writers; w++ {
@@ -306,7 +321,7 @@ func testGroupCommitAndOnCommitOrder(t *testing.T, be backend) {
 		}()
 	}
 	wg.Wait()
-	commits := s.Stats().Commits - before
+	commits := s.stats().commits - before
 	if commits >= writers*per {
 		t.Errorf("%d appends took %d commits: no group commit", writers*per, commits)
 	}
@@ -386,7 +401,7 @@ func BenchmarkRawInsert(b *testing.B) {
 	}
 	data := make([]byte, 500)
 	benchWriters(b, func(n int) error {
-		return s.do(context.Background(), func(tx *sql.Tx, _ *batch) error {
+		return s.do(context.Background(), storehook.Append, n*len(data), func(tx *sql.Tx, _ *batch) error {
 			for i := 0; i < n; i++ {
 				if _, err := tx.Exec(`INSERT INTO raw (data) VALUES (?)`, data); err != nil {
 					return err
@@ -429,21 +444,20 @@ func testFailedCommitLosesNothing(t *testing.T, be backend) {
 	var failing sync.Mutex
 	fail := false
 	var seen []int64
-	s := be.fresh(t, Options{
-		BeforeCommit: func() error {
-			failing.Lock()
-			defer failing.Unlock()
-			if fail {
-				return errors.New("disk full")
-			}
-			return nil
-		},
+	s := be.openHooked(t, be.newLoc(t), Options{
 		OnCommit: func(c []Committed) {
 			for _, x := range c {
 				seen = append(seen, x.Item.Seq)
 			}
 		},
-	})
+	}, &storehook.Hooks{Commit: func([]storehook.Op) storehook.Fault {
+		failing.Lock()
+		defer failing.Unlock()
+		if fail {
+			return storehook.Fail // a full disk
+		}
+		return storehook.None
+	}})
 	defer s.Close()
 	a := ensure(t, s, "a")
 	first := appendN(t, s, 2, KindEvent, a)
@@ -467,7 +481,7 @@ func testFailedCommitLosesNothing(t *testing.T, be backend) {
 	if err != nil || ids[0] != 1 {
 		t.Errorf("freeze after recovery = %v, %v; want txn 1 (the failed freeze took no id)", ids, err)
 	}
-	items, _ := s.Read(ctx, a, 0, 10)
+	items, _ := s.Read(ctx, a, 0, 10, 0)
 	if len(items) != 3 || len(seen) != 3 {
 		t.Errorf("stream has %d items, OnCommit saw %d; want 3 each", len(items), len(seen))
 	}
@@ -479,10 +493,7 @@ func TestCompleteMany(t *testing.T) { forEach(t, testCompleteMany) }
 
 func testCompleteMany(t *testing.T, be backend) {
 	ctx := context.Background()
-	s := be.fresh(t, Options{}).(interface {
-		testStore
-		CompleteMany(context.Context, ASKey, []int64) error
-	})
+	s := be.fresh(t, Options{})
 	a := ensure(t, s, "a")
 	seqs := appendN(t, s, 6, KindEvent, a)
 	ids, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{0, seqs[1]}}, {Range: Range{seqs[1], seqs[3]}}, {Range: Range{seqs[3], seqs[5]}}})
@@ -495,8 +506,8 @@ func testCompleteMany(t *testing.T, be backend) {
 	if d, _ := s.Delivered(ctx, a); d != seqs[3] {
 		t.Errorf("delivered %d, want %d", d, seqs[3])
 	}
-	if err := s.CompleteMany(ctx, a, []int64{ids[0], ids[2]}); !errors.Is(err, ErrUnknownTxn) {
-		t.Errorf("completing %d twice: %v, want ErrUnknownTxn", ids[0], err)
+	if err := s.CompleteMany(ctx, a, []int64{ids[0], ids[2], 99}); !errors.Is(err, ErrUnknownTxn) {
+		t.Errorf("completing %d twice and 99 never issued: %v, want ErrUnknownTxn for 99 only", ids[0], err)
 	}
 	if d, _ := s.Delivered(ctx, a); d != seqs[5] {
 		t.Errorf("delivered %d after the known one, want %d", d, seqs[5])

@@ -114,44 +114,64 @@ var ErrClosed = errors.New("txnstore: closed")
 
 // Store is the durable state. All methods are safe for concurrent use.
 // Writes of concurrent callers are merged into shared commits (group commit);
-// a method that writes returns once its write is durable.
+// a method that writes returns once its write is durable. An error of one
+// call's input fails that call alone, never the others sharing its commit.
+//
+// A write can fail ambiguously: its commit landed but the caller got an
+// error (a lost answer to COMMIT, the commit timeout). Each writing method
+// says what repeating it then does; every one but Append may be repeated
+// as it was until it succeeds.
 type Store interface {
 	// EnsureAS returns the key for an AS id, creating its stream if it is new.
 	// A new AS starts at the current end of the log: it receives nothing
-	// committed before it existed.
+	// committed before it existed. Repeating it returns the same key.
 	EnsureAS(ctx context.Context, id string) (ASKey, error)
 
 	// Append durably stores the entries and appends each to its targets'
 	// streams, in order. It returns the seq assigned to each entry (0 for an
-	// entry without targets).
+	// entry without targets). After an ambiguous failure the entries may be
+	// stored: repeating the call stores them again (at least once).
 	Append(ctx context.Context, entries []Entry) ([]int64, error)
 
-	// Read returns up to max items of as's stream with seq > after, oldest
-	// first.
-	Read(ctx context.Context, as ASKey, after int64, max int) ([]Item, error)
+	// Read returns as's stream items with seq > after, oldest first: at most
+	// maxItems, and, if maxBytes > 0, no more than fit in maxBytes of Data,
+	// except that the first item is returned whatever its size.
+	Read(ctx context.Context, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error)
 
 	// Delivered returns as's cursor: every item up to it was acknowledged.
 	Delivered(ctx context.Context, as ASKey) (int64, error)
 
 	// Freeze durably records new transactions for as, taking the next ids of
-	// its counter in order, and deletes the transaction replace (if non-zero)
+	// its counter in order, and retires the transaction replace (if non-zero)
 	// in the same commit (used to split a transaction the AS refused as too
-	// large). The ranges must follow each other and every frozen one.
+	// large). The ranges must follow each other and every frozen one
+	// (ErrBadRange), or exactly cover replace. Repeating a Freeze that
+	// landed, with the same replace and the same transactions (ranges,
+	// format, length and checksum), returns the ids it gave them.
 	Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error)
 
-	// SaveBody stores the exact body of a frozen transaction.
+	// SaveBody stores the exact body of a frozen transaction. The first
+	// body stays: saving the same bytes again succeeds, other bytes fail
+	// with ErrBodyConflict.
 	SaveBody(ctx context.Context, as ASKey, id int64, body []byte) error
 
 	// Frozen returns as's frozen transactions in stream order (by
-	// Range.After), which after a split is not id order.
+	// Range.After), which after a split is not id order. It never returns
+	// one the cursor has passed or one a split replaced.
 	Frozen(ctx context.Context, as ASKey) ([]Txn, error)
 
 	// Complete records that the AS acknowledged transaction id: it is
 	// deleted, the AS's cursor moves to its Range.Last, and stream entries
-	// and items no stream needs any more become garbage.
+	// and items no stream needs any more become garbage. It fails with
+	// ErrOutOfOrder while an earlier transaction of as is frozen: the
+	// cursor never passes a transaction whose completion is not recorded.
+	// Completing a transaction completed before succeeds and changes
+	// nothing, so a Complete is repeated until it succeeds.
 	Complete(ctx context.Context, as ASKey, id int64) error
 
-	// SetState records as's delivery state.
+	// SetState records as's delivery state. LastError is stored cleaned:
+	// without NUL or invalid UTF-8, cut on a character boundary to 2 KiB.
+	// Repeating it records the same state.
 	SetState(ctx context.Context, as ASKey, st State) error
 
 	// Statuses returns a snapshot of every AS the store knows.
@@ -179,6 +199,8 @@ type Leaser interface {
 	// already owner's, and reports whether owner holds it now.
 	Acquire(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
 	// Renew extends owner's lease by ttl from now; false means owner lost it.
+	// After an error (ambiguous too), Acquire and Renew may be repeated:
+	// the answer then is the lease as it is.
 	Renew(ctx context.Context, as ASKey, owner string, ttl time.Duration) (bool, error)
 	// Release gives up owner's lease so another process can take it at once.
 	Release(ctx context.Context, as ASKey, owner string) error
@@ -191,8 +213,4 @@ type Options struct {
 	// Append calls of that commit return. It must be fast and must not call
 	// the store.
 	OnCommit func([]Committed)
-	// BeforeCommit, if set, runs before each commit; an error fails the
-	// commit as a full disk or a read-only file would. It is for fault
-	// injection in tests.
-	BeforeCommit func() error
 }

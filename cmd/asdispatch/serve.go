@@ -33,11 +33,11 @@ import (
 
 // serveConfig is homeserver.yaml, Synapse-style.
 type serveConfig struct {
-	ServerName            string   `yaml:"server_name"`
-	Listen                string   `yaml:"listen"`
-	DataDir               string   `yaml:"data_dir"`
-	AppServiceConfigFiles []string `yaml:"app_service_config_files"`
-	LogLevel              string   `yaml:"log_level"`
+	ServerName            string      `yaml:"server_name"`
+	Listen                string      `yaml:"listen"`
+	DataDir               string      `yaml:"data_dir"`
+	AppServiceConfigFiles configFiles `yaml:"app_service_config_files"`
+	LogLevel              string      `yaml:"log_level"`
 	// AdminListen is where the operator endpoints (/_asdispatch/v1/...)
 	// and /metrics are served, apart from the client API (default
 	// 127.0.0.1:0: loopback, a free port, printed at start).
@@ -65,6 +65,50 @@ type serveConfig struct {
 		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
 		QueryTimeout    time.Duration `yaml:"query_timeout"`
 	} `yaml:"appservice"`
+}
+
+// configFiles is app_service_config_files: a list of paths, as Synapse
+// requires. yaml.v3 alone would take `- 1` as "1" and name no key for a
+// string or a number, so the value is checked here, naming the key.
+type configFiles []string
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (c *configFiles) UnmarshalYAML(n *yaml.Node) error {
+	const key = "app_service_config_files"
+	if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null" {
+		*c = nil
+		return nil
+	}
+	if n.Kind != yaml.SequenceNode {
+		return fmt.Errorf("line %d: %s must be a list of registration file paths, got %s", n.Line, key, describeNode(n))
+	}
+	files := make(configFiles, 0, len(n.Content))
+	for i, item := range n.Content {
+		if !registry.IsYAMLString(item) {
+			return fmt.Errorf("line %d: %s[%d] must be a file path (a string), got %s", item.Line, key, i, describeNode(item))
+		}
+		files = append(files, item.Value)
+	}
+	*c = files
+	return nil
+}
+
+func describeNode(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.AliasNode:
+		return "an alias"
+	}
+	switch {
+	case registry.IsYAMLString(n):
+		return fmt.Sprintf("the string %q", n.Value)
+	case n.ShortTag() == "!!null":
+		return "null"
+	}
+	return n.Value + " (not a string in YAML; quote it)"
 }
 
 // reload validates the registrations again and swaps them in as a whole;

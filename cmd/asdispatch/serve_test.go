@@ -5,6 +5,8 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -105,5 +107,47 @@ func TestAdminListener(t *testing.T) {
 		if got := get(tt.addr, tt.path, tt.token); got != tt.want {
 			t.Errorf("GET %s%s (token %q) = %d, want %d", tt.addr, tt.path, tt.token, got, tt.want)
 		}
+	}
+}
+
+// TestAppServiceConfigFiles: a bad app_service_config_files is refused with
+// an error that names the key (Synapse requires a list of strings).
+func TestAppServiceConfigFiles(t *testing.T) {
+	tests := []struct {
+		yaml string
+		want string // "" for accepted
+		n    int
+	}{
+		{"app_service_config_files: [a.yaml, 'b.yaml']\n", "", 2},
+		{"app_service_config_files:\n", "", 0},
+		{"server_name: hs\n", "", 0},
+		{"app_service_config_files: a.yaml\n", `line 1: app_service_config_files must be a list of registration file paths, got the string "a.yaml"`, 0},
+		{"app_service_config_files: 42\n", "app_service_config_files must be a list of registration file paths, got 42 (not a string in YAML; quote it)", 0},
+		{"app_service_config_files: {a: b}\n", "app_service_config_files must be a list of registration file paths, got a mapping", 0},
+		{"app_service_config_files:\n  - a.yaml\n  - 1\n", "line 3: app_service_config_files[1] must be a file path (a string), got 1", 0},
+		{"app_service_config_files: [a.yaml, [b.yaml]]\n", "app_service_config_files[1] must be a file path (a string), got a list", 0},
+		{"app_service_config_files: [yes]\n", "app_service_config_files[0] must be a file path (a string), got yes", 0},
+	}
+	for _, tt := range tests {
+		var cfg serveConfig
+		err := yaml.Unmarshal([]byte(tt.yaml), &cfg)
+		if tt.want == "" {
+			if err != nil || len(cfg.AppServiceConfigFiles) != tt.n {
+				t.Errorf("%q: files %v, err %v", tt.yaml, cfg.AppServiceConfigFiles, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: err = %v, want %q", tt.yaml, err, tt.want)
+		}
+	}
+	// Through the command: the file is named too.
+	cfgPath := filepath.Join(t.TempDir(), "homeserver.yaml")
+	if err := os.WriteFile(cfgPath, []byte("server_name: hs\napp_service_config_files: 7\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	if code := runServe([]string{"-config", cfgPath}, &stdout, &stderr); code != 1 || !strings.Contains(stderr.String(), cfgPath+": line 2: app_service_config_files must be") {
+		t.Errorf("runServe = %d, stderr %q", code, stderr.String())
 	}
 }
