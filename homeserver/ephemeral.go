@@ -6,6 +6,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
 )
 
 // typingState is who types where. It is in memory, as on Synapse: typing
@@ -157,4 +159,135 @@ func (s *Server) ephemeralFor(ctx context.Context, viewer, roomID string, from, 
 		out = append(out, js)
 	}
 	return out, nil
+}
+
+func (s *Server) ephemeralRoutes() []route {
+	return []route{
+		{"PUT", v3 + "/rooms/{room}/typing/{user}", user, typed(s.typing)},
+		{"POST", v3 + "/rooms/{room}/receipt/{type}/{event}", user, s.receipt},
+		{"POST", v3 + "/rooms/{room}/read_markers", user, typed(s.readMarkers)},
+		{"PUT", v3 + "/sendToDevice/{type}/{txn}", user, typed(s.sendToDevice)},
+	}
+}
+
+func (s *Server) typing(r *request, req *struct {
+	Typing  *bool `json:"typing"`
+	Timeout int64 `json:"timeout"`
+}) (any, error) {
+	u, err := ownUser(r, "set the typing state")
+	if err != nil {
+		return nil, err
+	}
+	if req.Typing == nil {
+		return nil, errMissingParam.With("typing is required")
+	}
+	roomID, err := s.joinedRoom(r)
+	if err != nil {
+		return nil, err
+	}
+	// ASes get who types in the room now, as Synapse sends it.
+	users := s.setTyping(roomID, u, *req.Typing, time.Duration(req.Timeout)*time.Millisecond)
+	js, _ := json.Marshal(map[string]any{"type": "m.typing", "room_id": roomID, "content": map[string]any{"user_ids": users}})
+	return empty, s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{Type: "m.typing", RoomID: roomID, Users: []string{u}, JSON: js})
+}
+
+func (s *Server) receipt(r *request) (any, error) {
+	var body map[string]any
+	if err := decodeJSON(r.Request, &body); err != nil {
+		return nil, err
+	}
+	roomID, err := s.joinedRoom(r)
+	if err != nil {
+		return nil, err
+	}
+	typ, eventID := r.PathValue("type"), r.PathValue("event")
+	return empty, s.sendReceipt(r, roomID, typ, eventID)
+}
+
+func (s *Server) sendReceipt(r *request, roomID, typ, eventID string) error {
+	switch typ {
+	case "m.read", "m.read.private":
+	case "m.fully_read":
+		js, _ := json.Marshal(map[string]string{"event_id": eventID})
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.setAccountData(r.Context(), s.st.db, r.c.userID, roomID, "m.fully_read", js)
+	default:
+		return errInvalidParam.With("unknown receipt type %q", typ)
+	}
+	ev, err := s.eventByID(r.Context(), s.st.db, eventID)
+	if err != nil {
+		return err
+	}
+	if ev == nil || ev.RoomID != roomID {
+		return errNotFound.With("event %s not found in the room", eventID)
+	}
+	ts := time.Now().UnixMilli()
+	s.mu.Lock()
+	_, err = s.st.db.ExecContext(r.Context(), `INSERT OR REPLACE INTO receipts (room_id, user_id, type, event_id, ts, pos) VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(pos), 0) + 1 FROM receipts))`,
+		roomID, r.c.userID, typ, eventID, ts)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	s.wake()
+	content := map[string]any{eventID: map[string]any{typ: map[string]any{r.c.userID: map[string]any{"ts": ts}}}}
+	js, _ := json.Marshal(map[string]any{"type": "m.receipt", "room_id": roomID, "content": content})
+	return s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{
+		Type: "m.receipt", RoomID: roomID, Users: []string{r.c.userID}, Private: typ == "m.read.private", JSON: js,
+	})
+}
+
+func (s *Server) readMarkers(r *request, req *struct {
+	FullyRead   string `json:"m.fully_read"`
+	Read        string `json:"m.read"`
+	ReadPrivate string `json:"m.read.private"`
+}) (any, error) {
+	roomID, err := s.joinedRoom(r)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range []struct{ typ, id string }{{"m.fully_read", req.FullyRead}, {"m.read", req.Read}, {"m.read.private", req.ReadPrivate}} {
+		if m.id == "" {
+			continue
+		}
+		if err := s.sendReceipt(r, roomID, m.typ, m.id); err != nil {
+			return nil, err
+		}
+	}
+	return empty, nil
+}
+
+func (s *Server) sendToDevice(r *request, req *struct {
+	Messages map[string]map[string]json.RawMessage `json:"messages"`
+}) (any, error) {
+	typ := r.PathValue("type")
+	var msgs []dispatcher.ToDevice
+	type inbox struct {
+		user, dev string
+		js        []byte
+	}
+	var local []inbox
+	for u, devices := range req.Messages {
+		for dev, content := range devices {
+			js, _ := json.Marshal(map[string]any{"type": typ, "sender": r.c.userID, "content": content, "to_user_id": u, "to_device_id": dev})
+			msgs = append(msgs, dispatcher.ToDevice{Sender: r.c.userID, Type: typ, ToUser: u, ToDevice: dev, JSON: js})
+			if s.IsLocalUser(u) {
+				cj, _ := json.Marshal(map[string]any{"type": typ, "sender": r.c.userID, "content": content})
+				local = append(local, inbox{u, dev, cj})
+			}
+		}
+	}
+	if len(local) > 0 {
+		s.mu.Lock()
+		for _, m := range local {
+			if _, err := s.st.db.ExecContext(r.Context(), `INSERT INTO to_device (user_id, device_id, json) VALUES (?, ?, ?)`, m.user, m.dev, m.js); err != nil {
+				s.mu.Unlock()
+				return nil, err
+			}
+		}
+		s.mu.Unlock()
+		s.wake()
+	}
+	return empty, s.disp.SubmitToDevice(r.Context(), msgs...)
 }

@@ -278,3 +278,19 @@ func (s *Server) roomAliases(r *request) (any, error) {
 	}
 	return map[string]any{"aliases": aliases}, nil
 }
+
+// joinedRoom checks that the caller is joined to the {room} of the path.
+func (s *Server) joinedRoom(r *request) (string, error) {
+	roomID, err := r.roomParam()
+	if err != nil {
+		return "", err
+	}
+	m, err := s.membership(r.Context(), s.st.db, roomID, r.c.userID)
+	if err != nil {
+		return "", err
+	}
+	if m != "join" {
+		return "", errForbidden.With("%s is not in the room", r.c.userID)
+	}
+	return roomID, nil
+}
