@@ -44,6 +44,19 @@ type reqCreateRoom struct {
 	PowerLevelOverride map[string]any `json:"power_level_content_override"`
 }
 
+type respCreateRoom struct {
+	RoomID    string `json:"room_id"`
+	RoomAlias string `json:"room_alias,omitempty"`
+}
+
+type respRoomID struct {
+	RoomID string `json:"room_id"`
+}
+
+type respEventID struct {
+	EventID string `json:"event_id"`
+}
+
 // validRoomUser is the shape check for a user ID given in a request.
 func validRoomUser(u string) bool {
 	return strings.HasPrefix(u, "@") && strings.Contains(u, ":") && len(u) <= 255
@@ -234,11 +247,7 @@ func (s *Server) createRoom(r *request, req *reqCreateRoom) (any, error) {
 		s.disp.InvalidateRoom(roomID)
 		s.queries.NoteAliasCreated(alias)
 	}
-	out := map[string]any{"room_id": roomID}
-	if alias != "" {
-		out["room_alias"] = alias
-	}
-	return out, nil
+	return &respCreateRoom{RoomID: roomID, RoomAlias: alias}, nil
 }
 
 // resolve turns a room ID or alias into a room ID. An unknown local alias
@@ -304,7 +313,7 @@ func (s *Server) join(r *request, req *reqReason) (any, error) {
 		return nil, err
 	}
 	if m == "join" {
-		return map[string]any{"room_id": roomID}, nil
+		return &respRoomID{RoomID: roomID}, nil
 	}
 	content := map[string]any{"membership": "join"}
 	if req.Reason != "" {
@@ -316,7 +325,7 @@ func (s *Server) join(r *request, req *reqReason) (any, error) {
 	if err := s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(r.c.userID), content), nil); err != nil {
 		return nil, err
 	}
-	return map[string]any{"room_id": roomID}, nil
+	return &respRoomID{RoomID: roomID}, nil
 }
 
 func (s *Server) leave(r *request, req *reqReason) (any, error) {
@@ -467,7 +476,7 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if txn != "" {
 		var prev string
 		if ok, err := s.st.one(ctx, &prev, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, txnKey, txn); err != nil || ok {
-			return map[string]any{"event_id": prev}, err
+			return &respEventID{EventID: prev}, err
 		}
 	}
 	if stateKey != nil && typ == "m.room.member" {
@@ -511,7 +520,7 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"event_id": ev.ID}, nil
+	return &respEventID{EventID: ev.ID}, nil
 }
 
 // checkCanonicalAlias refuses aliases that do not point to the room, as
