@@ -40,6 +40,7 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 		{"state by a non-member", "GET", r + "/state" + asGhost, "as-bridge", nil, 403, "M_FORBIDDEN"},
 		{"media config", "GET", "/_matrix/client/v1/media/config", "as-bridge", nil, 200, ""},
 		{"login flows", "GET", "/_matrix/client/v3/login", "", nil, 200, ""},
+		{"well-known", "GET", "/.well-known/matrix/client", "", nil, 200, ""},
 		{"capabilities", "GET", "/_matrix/client/v3/capabilities", alice, nil, 200, ""},
 		{"devices", "GET", "/_matrix/client/v3/devices", alice, nil, 200, ""},
 		{"presence put", "PUT", "/_matrix/client/v3/presence/" + url.PathEscape("@alice:hs") + "/status", alice, map[string]any{"presence": "online"}, 200, ""},

@@ -8,7 +8,18 @@ func (s *Server) miscRoutes() []route {
 		{"GET", v3 + "/publicRooms", public, s.publicRooms},
 		{"POST", v3 + "/publicRooms", user, typed(s.publicRoomsPost)},
 		{"GET", v3 + "/rooms/{room}/context/{event}", user, s.eventContext},
+		{"GET", "/.well-known/matrix/client", public, s.wellKnown},
 	}
+}
+
+// wellKnown points clients at the address they reached: the stub serves
+// the client API itself.
+func (s *Server) wellKnown(r *request) (any, error) {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return map[string]any{"m.homeserver": map[string]string{"base_url": scheme + "://" + r.Host}}, nil
 }
 
 // pushRules answers an empty rule set: the stub sends no notifications.
