@@ -37,6 +37,9 @@ var gmessagesOnce struct {
 // build takes minutes on two cores, a warm cache nothing.
 func gmessagesBinary(t *testing.T) string {
 	t.Helper()
+	if bin := os.Getenv("ASDISPATCH_GMESSAGES_BIN"); bin != "" { // a build of one's own
+		return bin
+	}
 	gmessagesOnce.Do(func() {
 		gmessagesOnce.path, gmessagesOnce.err = buildGmessages()
 	})
@@ -137,14 +140,18 @@ func TestMautrixBridgev2(t *testing.T) {
 	s.regs = append(s.regs, registration)
 	s.start(t)
 
-	var reg struct {
-		SenderLocalpart string `yaml:"sender_localpart"`
+	// The bot is appservice.bot.username from the config; the registration's
+	// sender_localpart is a random string mautrix never uses.
+	var cfg struct {
+		AppService struct {
+			Bot struct{ Username string } `yaml:"bot"`
+		} `yaml:"appservice"`
 	}
-	raw, _ := os.ReadFile(registration)
-	if err := yaml.Unmarshal(raw, &reg); err != nil || reg.SenderLocalpart == "" {
-		t.Fatalf("registration %s: %v\n%s", registration, err, raw)
+	raw, _ := os.ReadFile(config)
+	if err := yaml.Unmarshal(raw, &cfg); err != nil || cfg.AppService.Bot.Username == "" {
+		t.Fatalf("config %s: %v", config, err)
 	}
-	bot := id.NewUserID(reg.SenderLocalpart, "localhost")
+	bot := id.NewUserID(cfg.AppService.Bot.Username, "localhost")
 
 	bridge := exec.Command(bin, "-c", config, "-n")
 	bridge.Dir = filepath.Dir(config)

@@ -245,7 +245,8 @@ type matrixUser struct {
 	mu     sync.Mutex
 	events []*event.Event // timeline and state of joined rooms, in /sync order
 	invite []id.RoomID
-	err    error
+	err    error     // of the last /sync
+	errAt  time.Time // since when /sync has been failing
 }
 
 // newMatrixUser registers localpart on the stub and starts a /sync loop that
@@ -274,6 +275,9 @@ func newMatrixUser(t *testing.T, hs, localpart string) *matrixUser {
 			if err != nil {
 				if ctx.Err() == nil {
 					u.mu.Lock()
+					if u.err == nil {
+						u.errAt = time.Now()
+					}
 					u.err = err
 					u.mu.Unlock()
 					time.Sleep(200 * time.Millisecond)
@@ -313,9 +317,9 @@ func (u *matrixUser) waitEvent(t *testing.T, room id.RoomID, what string, match 
 				return evt
 			}
 		}
-		n, syncErr := len(u.events), u.err
+		n, syncErr, failingSince := len(u.events), u.err, u.errAt
 		u.mu.Unlock()
-		if time.Now().After(deadline) {
+		if time.Now().After(deadline) || (syncErr != nil && time.Since(failingSince) > 10*time.Second) {
 			t.Fatalf("%s never saw %s in %s through /sync (%d events seen; last /sync error: %v)", u.UserID, what, room, n, syncErr)
 		}
 		time.Sleep(50 * time.Millisecond)
