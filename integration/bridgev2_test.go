@@ -115,6 +115,9 @@ func gmessagesConfig(t *testing.T, bin, hs string) (config, registration string)
 	as["address"] = fmt.Sprintf("http://127.0.0.1:%d", port)
 	as["hostname"] = "127.0.0.1"
 	as["port"] = port
+	// The example avatar is media on maunium.net, which serve, federating
+	// with nobody, cannot fetch; "remove" sets an empty avatar instead.
+	as["bot"].(map[string]any)["avatar"] = "remove"
 	db := section("database")
 	db["type"] = "sqlite3-fk-wal"
 	db["uri"] = "file:" + filepath.Join(dir, "bridge.db") + "?_txlock=immediate"

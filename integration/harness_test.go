@@ -53,6 +53,7 @@ func newRecorder(t *testing.T) *recorder {
 			pr.SetURL(target)
 		},
 		ModifyResponse: rec.observe,
+		ErrorHandler:   rec.proxyError,
 		FlushInterval:  -1,
 	}
 	srv := httptest.NewServer(rec.proxy)
@@ -93,6 +94,22 @@ func (rec *recorder) observe(resp *http.Response) error {
 		rec.t.Logf("serve answered %s", detail)
 	}
 	return nil
+}
+
+// proxyError answers 502 when serve could not be reached, and records it;
+// a client that gave up (a /sync cut short as the test ends) is not an error.
+func (rec *recorder) proxyError(w http.ResponseWriter, req *http.Request, err error) {
+	if req.Context().Err() != nil {
+		return
+	}
+	key := fmt.Sprintf("%s %s proxy error", req.Method, pathTemplate(req.URL.EscapedPath()))
+	rec.mu.Lock()
+	rec.counts[key]++
+	if _, seen := rec.bad[key]; !seen {
+		rec.bad[key] = fmt.Sprintf("%s: %v", key, err)
+	}
+	rec.mu.Unlock()
+	w.WriteHeader(http.StatusBadGateway)
 }
 
 // report logs what the software asked for and fails the test on the bad

@@ -180,7 +180,8 @@ namespaces:
 	alice := newMatrixUser(t, s.URL, "alice")
 	ctx := context.Background()
 
-	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{Name: "with the bot", Invite: []id.UserID{bot}})
+	// trusted_private_chat gives the invited bot the power to invite its ghosts.
+	room, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{Name: "with the bot", Preset: "trusted_private_chat", Invite: []id.UserID{bot}})
 	if err != nil {
 		t.Fatalf("create a room inviting %s: %v", bot, err)
 	}
