@@ -176,6 +176,10 @@ func TestMautrixBridgev2(t *testing.T) {
 	if err != nil {
 		t.Fatalf("create the DM with %s: %v", bot, err)
 	}
+	invite := alice.waitEvent(t, dm.RoomID, "the bot's invite", membership(bot, event.MembershipInvite))
+	if !invite.Content.AsMember().IsDirect {
+		t.Errorf("the bot's invite lacks is_direct: %s", invite.Content.VeryRaw)
+	}
 	alice.waitEvent(t, dm.RoomID, "the bot's join", membership(bot, event.MembershipJoin))
 	alice.waitEvent(t, dm.RoomID, "the bot's welcome", messageFrom(bot, "Hello, I'm a Google Messages bridge bot", "management room"))
 	if _, err := alice.SendText(ctx, dm.RoomID, "help"); err != nil {
