@@ -147,11 +147,11 @@ func TestMautrixBridgev2(t *testing.T) {
 	// sender_localpart is a random string mautrix never uses.
 	var cfg struct {
 		AppService struct {
-			Bot struct{ Username string } `yaml:"bot"`
+			Bot struct{ Username, Displayname string } `yaml:"bot"`
 		} `yaml:"appservice"`
 	}
 	raw, _ := os.ReadFile(config)
-	if err := yaml.Unmarshal(raw, &cfg); err != nil || cfg.AppService.Bot.Username == "" {
+	if err := yaml.Unmarshal(raw, &cfg); err != nil || cfg.AppService.Bot.Username == "" || cfg.AppService.Bot.Displayname == "" {
 		t.Fatalf("config %s: %v", config, err)
 	}
 	bot := id.NewUserID(cfg.AppService.Bot.Username, "localhost")
@@ -188,6 +188,10 @@ func TestMautrixBridgev2(t *testing.T) {
 	answer := alice.waitEvent(t, dm.RoomID, "the bot's answer to help", messageFrom(bot, "This is your management room"))
 	if msg := answer.Content.AsMessage(); msg.MsgType != event.MsgNotice || !strings.Contains(msg.Body, "login") {
 		t.Errorf("answer to help: %s %q", msg.MsgType, msg.Body)
+	}
+	// The bridge set its bot's profile at startup.
+	if name, err := alice.GetDisplayName(ctx, bot); err != nil || name.DisplayName != cfg.AppService.Bot.Displayname {
+		t.Errorf("displayname of %s: %v, %v; want %q", bot, name, err, cfg.AppService.Bot.Displayname)
 	}
 }
 
