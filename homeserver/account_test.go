@@ -1,13 +1,17 @@
 package homeserver
 
 import (
+	"context"
 	"database/sql"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/asdispatch/asdispatch/registry"
 )
 
 // oldSchema is the unversioned stub's schema (main before migrations).
@@ -174,5 +178,28 @@ func TestSenderRegisteredAtStartup(t *testing.T) {
 	}
 	if status, out := e.do("GET", "/_matrix/client/v3/profile/"+url.PathEscape("@bridgebot:hs"), "", nil); status != 200 || out["displayname"] != "bridgebot" {
 		t.Errorf("sender profile: %d %v", status, out)
+	}
+	// A reload that adds an AS registers its sender before it is live.
+	r1, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(bridgeReg, e.as.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, _, err := registry.Parse("other.yaml", []byte(strings.NewReplacer("id: bridge", "id: other", "as-bridge", "as-other", "hs-bridge", "hs-other",
+		"bridgebot", "otherbot", "@br_", "@ot_", "#br_", "#ot_").Replace(fmt.Sprintf(bridgeReg, e.as.URL))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, _, err := registry.NewSet("hs", []*registry.Registration{r1, r2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.srv.Reload(context.Background(), set); err != nil {
+		t.Fatal(err)
+	}
+	if status, out := e.do("GET", "/_matrix/client/v3/account/whoami", "as-other", nil); status != 200 || out["user_id"] != "@otherbot:hs" {
+		t.Errorf("new AS after reload: %d %v", status, out)
+	}
+	if status, out := e.do("POST", room(roomID)+"/invite", tok, map[string]any{"user_id": "@otherbot:hs"}); status != 200 {
+		t.Errorf("invite the new AS's sender: %d %v", status, out)
 	}
 }

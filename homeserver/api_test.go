@@ -130,6 +130,7 @@ func TestRequestParsing(t *testing.T) {
 		{"missing user_id", "POST", room("!r:hs") + "/invite", tok, map[string]any{}, 400, "M_MISSING_PARAM"},
 		{"missing typing", "PUT", room("!r:hs") + "/typing/" + url.PathEscape("@alice:hs"), tok, map[string]any{}, 400, "M_MISSING_PARAM"},
 		{"room ID that is not one", "GET", room("nope") + "/state", tok, nil, 400, "M_INVALID_PARAM"},
+		{"CORS preflight", "OPTIONS", "/_matrix/client/v3/createRoom", "", nil, 204, ""},
 		{"r0 path", "GET", "/_matrix/client/r0/account/whoami", tok, nil, 200, ""},
 		{"token in the query", "GET", "/_matrix/client/v3/account/whoami?access_token=" + tok, "", nil, 200, ""},
 	})

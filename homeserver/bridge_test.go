@@ -1,8 +1,11 @@
 package homeserver
 
 import (
+	"encoding/json"
+	"net/http"
 	"net/url"
 	"testing"
+	"time"
 )
 
 // TestWhatBridgesCallFirst walks what mautrix bridgev2, matrix-bot-sdk and
@@ -167,5 +170,80 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 	e.get("GET", r+"/state/m.room.member/"+url.PathEscape("@br_ghost:hs"), alice, nil, &member)
 	if member["membership"] != "invite" || member["displayname"] != "br_ghost" {
 		t.Errorf("an invite is not a joined room: %v", member)
+	}
+}
+
+func TestDirectoryAndContext(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice := e.register("alice")
+	pub := e.createRoom(alice, map[string]any{"visibility": "public", "name": "Lobby", "room_alias_name": "lobby"})
+	e.createRoom(alice, map[string]any{"name": "Hidden"})
+	var list struct {
+		Chunk []map[string]any `json:"chunk"`
+	}
+	e.get("GET", "/_matrix/client/v3/publicRooms", "", nil, &list)
+	if len(list.Chunk) != 1 || list.Chunk[0]["room_id"] != pub || list.Chunk[0]["canonical_alias"] != "#lobby:hs" || list.Chunk[0]["join_rule"] != "public" {
+		t.Errorf("publicRooms %v", list)
+	}
+	e.get("POST", "/_matrix/client/v3/publicRooms", alice, map[string]any{"filter": map[string]any{"generic_search_term": "nothing"}}, &list)
+	if len(list.Chunk) != 0 {
+		t.Errorf("search %v", list)
+	}
+	var ids []string
+	for i := range 5 {
+		_, out := e.do("PUT", room(pub)+"/send/m.room.message/c"+string(rune('0'+i)), alice, map[string]any{"body": i})
+		ids = append(ids, out["event_id"].(string))
+	}
+	var c struct {
+		Event  map[string]any   `json:"event"`
+		Before []map[string]any `json:"events_before"`
+		After  []map[string]any `json:"events_after"`
+	}
+	e.get("GET", room(pub)+"/context/"+url.PathEscape(ids[2])+"?limit=4", alice, nil, &c)
+	if c.Event["event_id"] != ids[2] || len(c.Before) != 2 || c.Before[0]["event_id"] != ids[1] || len(c.After) != 2 || c.After[0]["event_id"] != ids[3] {
+		t.Errorf("context %v", c)
+	}
+	var rules map[string]any
+	if e.get("GET", "/_matrix/client/v3/pushrules/", alice, nil, &rules) != 200 || rules["global"] == nil {
+		t.Errorf("pushrules %v", rules)
+	}
+}
+
+// TestPrevContent: a state event carries what it replaced, in answers and
+// in AS transactions.
+func TestPrevContent(t *testing.T) {
+	got := make(chan map[string]any, 100)
+	e := start(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []map[string]any `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		for _, ev := range txn.Events {
+			got <- ev
+		}
+		w.Write([]byte("{}"))
+	}))
+	alice := e.register("alice")
+	roomID := e.createRoom(alice, map[string]any{"invite": []string{"@bridgebot:hs"}})
+	e.do("POST", room(roomID)+"/join", "as-bridge", nil)
+	var ev map[string]any
+	e.get("GET", room(roomID)+"/state/m.room.member/"+url.PathEscape("@bridgebot:hs")+"?format=event", alice, nil, &ev)
+	u := ev["unsigned"].(map[string]any)
+	if u["prev_content"].(map[string]any)["membership"] != "invite" || u["replaces_state"] == nil || u["prev_sender"] != "@alice:hs" {
+		t.Errorf("join without prev_content: %v", ev)
+	}
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case ev := <-got:
+			if ev["type"] == "m.room.member" && ev["state_key"] == "@bridgebot:hs" && ev["content"].(map[string]any)["membership"] == "join" {
+				if u := ev["unsigned"].(map[string]any); u["prev_content"] == nil || u["age"] == nil {
+					t.Errorf("AS got the join without prev_content or age: %v", ev)
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatal("the AS never got the join")
+		}
 	}
 }

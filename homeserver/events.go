@@ -74,6 +74,17 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	defer tx.Rollback()
 	out := make([]dispatcher.Event, 0, len(evs))
 	for _, ev := range evs {
+		if ev.isState() {
+			// As Synapse: a state event says what it replaced, so clients
+			// and bridges see transitions (invite to join, name changes).
+			old, err := s.stateEvent(ctx, tx, ev.RoomID, ev.Type, *ev.StateKey)
+			if err != nil {
+				return err
+			}
+			if old != nil {
+				ev.Unsigned["replaces_state"], ev.Unsigned["prev_content"], ev.Unsigned["prev_sender"] = old.ID, old.Content, old.Sender
+			}
+		}
 		js, err := json.Marshal(ev)
 		if err != nil {
 			return fmt.Errorf("encode event: %w", err)

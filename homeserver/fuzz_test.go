@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"strings"
 	"testing"
 
@@ -109,5 +110,26 @@ func TestRouteTable(t *testing.T) {
 	}
 	if len(seen) < 60 {
 		t.Errorf("only %d routes", len(seen))
+	}
+}
+
+// TestDocsListEveryRoute: docs/stub-api.md lists every route of the table.
+func TestDocsListEveryRoute(t *testing.T) {
+	doc, err := os.ReadFile("../docs/stub-api.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := start(t, t.TempDir(), notFoundAS())
+	for _, rt := range e.srv.table {
+		if strings.Contains(rt.pattern, "/r0/") {
+			continue
+		}
+		a := "public"
+		if rt.access == user {
+			a = "token"
+		}
+		if line := rt.method + " " + rt.pattern + " " + a; !bytes.Contains(doc, []byte("\n"+line+"\n")) {
+			t.Errorf("docs/stub-api.md does not list %q", line)
+		}
 	}
 }

@@ -138,7 +138,19 @@ func (s *Server) registerSenders(ctx context.Context, set *registry.Set) error {
 func (s *Server) Dispatcher() *dispatcher.Dispatcher { return s.disp }
 
 // ServeHTTP implements http.Handler: the client-server and media APIs.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// Answers carry the CORS headers the spec asks for, so web clients work;
+// a preflight OPTIONS answers 204.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Access-Control-Allow-Origin", "*")
+	h.Set("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, DELETE, OPTIONS")
+	h.Set("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization")
+	if r.Method == http.MethodOptions {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	s.mux.ServeHTTP(w, r)
+}
 
 // Close closes the dispatcher (draining sends until ctx ends) and the state.
 func (s *Server) Close(ctx context.Context) error {

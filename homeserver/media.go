@@ -21,13 +21,15 @@ func (s *Server) mediaRoutes() []route {
 		{"POST", "/_matrix/media/v1/create", user, s.createMedia},
 		{"PUT", mediaV3 + "/upload/{server}/{media}", user, s.upload},
 	}
+	// Thumbnails are served as the original file.
 	for _, p := range []string{"download", "thumbnail"} {
 		rs = append(rs,
 			route{"GET", v1 + "/media/" + p + "/{server}/{media}", user, s.download},
-			route{"GET", v1 + "/media/" + p + "/{server}/{media}/{name}", user, s.download},
-			route{"GET", mediaV3 + "/" + p + "/{server}/{media}", public, s.download},
-			route{"GET", mediaV3 + "/" + p + "/{server}/{media}/{name}", public, s.download})
+			route{"GET", mediaV3 + "/" + p + "/{server}/{media}", public, s.download})
 	}
+	rs = append(rs,
+		route{"GET", v1 + "/media/download/{server}/{media}/{name}", user, s.download},
+		route{"GET", mediaV3 + "/download/{server}/{media}/{name}", public, s.download})
 	return rs
 }
 

@@ -173,6 +173,9 @@ func (s *Server) createRoom(r *request, req *reqCreateRoom) (any, error) {
 		"events": map[string]any{"m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
 			"m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100, "m.room.server_acl": 100, "m.room.encryption": 100},
 	}
+	if req.Preset != "public_chat" {
+		pl["invite"] = 0 // Synapse's private presets let every member invite
+	}
 	for k, v := range req.PowerLevelOverride {
 		pl[k] = v
 	}
