@@ -56,16 +56,14 @@ func (s *Server) capabilities(*request) (any, error) {
 	for _, v := range roomVersions {
 		available[v] = "stable"
 	}
-	on := map[string]bool{"enabled": true}
+	on, off := map[string]bool{"enabled": true}, map[string]bool{"enabled": false}
 	return map[string]any{"capabilities": map[string]any{
-		"m.change_password":    on,
-		"m.room_versions":      map[string]any{"default": defaultRoomVersion, "available": available},
-		"m.set_displayname":    on,
-		"m.set_avatar_url":     on,
-		"m.3pid_changes":       map[string]bool{"enabled": false},
-		"m.get_login_token":    map[string]bool{"enabled": false},
-		"m.profile_fields":     on,
-		"m.account_moderation": map[string]bool{"suspend": false, "lock": false},
+		"m.change_password": off, // no /account/password here
+		"m.room_versions":   map[string]any{"default": defaultRoomVersion, "available": available},
+		"m.set_displayname": on,
+		"m.set_avatar_url":  on,
+		"m.3pid_changes":    off,
+		"m.get_login_token": off,
 	}}, nil
 }
 

@@ -67,6 +67,8 @@ type Server struct {
 	table    []route
 	mediaDir string
 
+	typers typingState
+
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
 }

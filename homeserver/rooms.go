@@ -19,9 +19,9 @@ func (s *Server) roomRoutes() []route {
 		{"POST", v3 + "/rooms/{room}/leave", user, typed(s.leave)},
 		{"POST", v3 + "/rooms/{room}/forget", user, s.forget},
 		{"POST", v3 + "/rooms/{room}/invite", user, typed(s.invite)},
-		{"POST", v3 + "/rooms/{room}/kick", user, typed(s.memberOp("leave"))},
-		{"POST", v3 + "/rooms/{room}/ban", user, typed(s.memberOp("ban"))},
-		{"POST", v3 + "/rooms/{room}/unban", user, typed(s.memberOp("leave"))},
+		{"POST", v3 + "/rooms/{room}/kick", user, typed(s.memberOp("leave", false))},
+		{"POST", v3 + "/rooms/{room}/ban", user, typed(s.memberOp("ban", false))},
+		{"POST", v3 + "/rooms/{room}/unban", user, typed(s.memberOp("leave", true))},
 		{"PUT", v3 + "/rooms/{room}/send/{type}/{txn}", user, s.sendMessage},
 		{"PUT", v3 + "/rooms/{room}/state/{type}", user, s.sendState},
 		{"PUT", v3 + "/rooms/{room}/state/{type}/{key...}", user, s.sendState},
@@ -383,8 +383,8 @@ func (s *Server) invite(r *request, req *reqMember) (any, error) {
 	return empty, s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil)
 }
 
-// memberOp is kick and unban (leave) and ban of another user.
-func (s *Server) memberOp(membership string) func(*request, *reqMember) (any, error) {
+// memberOp is kick (leave), ban, and unban (leave of a banned user only).
+func (s *Server) memberOp(membership string, unban bool) func(*request, *reqMember) (any, error) {
 	return func(r *request, req *reqMember) (any, error) {
 		roomID, err := r.roomParam()
 		if err != nil {
@@ -403,7 +403,7 @@ func (s *Server) memberOp(membership string) func(*request, *reqMember) (any, er
 		ctx := r.Context()
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if strings.HasSuffix(r.URL.Path, "/unban") {
+		if unban {
 			m, err := s.membership(ctx, s.st.db, roomID, req.UserID)
 			if err != nil {
 				return nil, err
@@ -584,10 +584,8 @@ func (s *Server) typing(r *request, req *struct {
 	if err != nil {
 		return nil, err
 	}
-	users := []string{}
-	if *req.Typing {
-		users = append(users, u)
-	}
+	// ASes get who types in the room now, as Synapse sends it.
+	users := s.setTyping(roomID, u, *req.Typing, time.Duration(req.Timeout)*time.Millisecond)
 	js, _ := json.Marshal(map[string]any{"type": "m.typing", "room_id": roomID, "content": map[string]any{"user_ids": users}})
 	return empty, s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{Type: "m.typing", RoomID: roomID, Users: []string{u}, JSON: js})
 }
@@ -623,7 +621,16 @@ func (s *Server) sendReceipt(r *request, roomID, typ, eventID string) error {
 	if ev == nil || ev.RoomID != roomID {
 		return errNotFound.With("event %s not found in the room", eventID)
 	}
-	content := map[string]any{eventID: map[string]any{typ: map[string]any{r.c.userID: map[string]any{"ts": time.Now().UnixMilli()}}}}
+	ts := time.Now().UnixMilli()
+	s.mu.Lock()
+	_, err = s.st.db.ExecContext(r.Context(), `INSERT OR REPLACE INTO receipts (room_id, user_id, type, event_id, ts, pos) VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(pos), 0) + 1 FROM receipts))`,
+		roomID, r.c.userID, typ, eventID, ts)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	s.wake()
+	content := map[string]any{eventID: map[string]any{typ: map[string]any{r.c.userID: map[string]any{"ts": ts}}}}
 	js, _ := json.Marshal(map[string]any{"type": "m.receipt", "room_id": roomID, "content": content})
 	return s.disp.SubmitEphemeral(r.Context(), dispatcher.Ephemeral{
 		Type: "m.receipt", RoomID: roomID, Users: []string{r.c.userID}, Private: typ == "m.read.private", JSON: js,

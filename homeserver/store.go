@@ -57,6 +57,9 @@ CREATE TABLE account_data (user_id TEXT NOT NULL, room_id TEXT NOT NULL, type TE
 CREATE TABLE presence (user_id TEXT PRIMARY KEY, presence TEXT NOT NULL, status_msg TEXT, last_active INTEGER NOT NULL);
 CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, content_type TEXT NOT NULL DEFAULT '', filename TEXT NOT NULL DEFAULT '', size INTEGER NOT NULL DEFAULT 0, uploaded INTEGER NOT NULL DEFAULT 0, created INTEGER NOT NULL);
 CREATE TABLE to_device (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, device_id TEXT NOT NULL, json BLOB NOT NULL);`,
+	// 3: read receipts, for /sync.
+	`CREATE TABLE receipts (room_id TEXT NOT NULL, user_id TEXT NOT NULL, type TEXT NOT NULL, event_id TEXT NOT NULL, ts INTEGER NOT NULL, pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id, type));
+CREATE INDEX receipts_pos ON receipts (room_id, pos);`,
 }
 
 func openState(ctx context.Context, path string) (*state, error) {

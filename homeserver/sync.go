@@ -15,22 +15,24 @@ func (s *Server) syncRoutes() []route {
 	}
 }
 
-// syncPos is a /sync token: positions in the events, account data and
-// to-device streams. Its text is "s<events>_<account data>_<to-device>".
+// syncPos is a /sync token: positions in the events, account data,
+// to-device and receipt streams, and the typing serial. Its text is
+// "s<events>_<account data>_<to-device>_<receipts>_<typing>"; the first
+// three alone (tokens of earlier versions) are accepted too.
 type syncPos struct {
-	events, accountData, toDevice int64
+	events, accountData, toDevice, receipts, typing int64
 }
 
 func (p syncPos) String() string {
-	return fmt.Sprintf("s%d_%d_%d", p.events, p.accountData, p.toDevice)
+	return fmt.Sprintf("s%d_%d_%d_%d_%d", p.events, p.accountData, p.toDevice, p.receipts, p.typing)
 }
 
 func parseSince(tok string) (syncPos, bool) {
 	parts := strings.Split(strings.TrimPrefix(tok, "s"), "_")
-	if !strings.HasPrefix(tok, "s") || len(parts) != 3 {
+	if !strings.HasPrefix(tok, "s") || (len(parts) != 3 && len(parts) != 5) {
 		return syncPos{}, false
 	}
-	var n [3]int64
+	var n [5]int64
 	for i, p := range parts {
 		v, err := strconv.ParseInt(p, 10, 64)
 		if err != nil || v < 0 {
@@ -38,7 +40,7 @@ func parseSince(tok string) (syncPos, bool) {
 		}
 		n[i] = v
 	}
-	return syncPos{n[0], n[1], n[2]}, true
+	return syncPos{n[0], n[1], n[2], n[3], n[4]}, true
 }
 
 // syncFilter is the part of a filter the stub applies; unknown fields are
@@ -173,8 +175,10 @@ func (s *Server) sync(r *request) (any, error) {
 func (s *Server) syncOnce(ctx context.Context, c *caller, since *syncPos, limit int, fullState, includeLeave bool) (*respSync, error) {
 	db := s.st.db
 	var now syncPos
-	if _, err := one(ctx, db, `SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(pos), 0) FROM account_data), (SELECT COALESCE(MAX(seq), 0) FROM to_device)`,
-		nil, &now.events, &now.accountData, &now.toDevice); err != nil {
+	now.typing = s.typers.current()
+	if _, err := one(ctx, db, `SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(pos), 0) FROM account_data),
+		(SELECT COALESCE(MAX(seq), 0) FROM to_device), (SELECT COALESCE(MAX(pos), 0) FROM receipts)`,
+		nil, &now.events, &now.accountData, &now.toDevice, &now.receipts); err != nil {
 		return nil, err
 	}
 	from := syncPos{}
@@ -218,7 +222,15 @@ func (s *Server) syncOnce(ctx context.Context, c *caller, since *syncPos, limit 
 			if err != nil {
 				return nil, err
 			}
+			eph, err := s.ephemeralFor(ctx, c.userID, roomID, from, now, since == nil)
+			if err != nil {
+				return nil, err
+			}
+			if jr == nil && len(eph) > 0 {
+				jr = newJoinedRoomSync()
+			}
 			if jr != nil {
+				jr.Ephemeral.Events = append(jr.Ephemeral.Events, eph...)
 				out.Rooms.Join[roomID] = jr
 			}
 		case "invite":

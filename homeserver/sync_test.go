@@ -3,6 +3,7 @@ package homeserver
 import (
 	"encoding/json"
 	"net/url"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -158,4 +159,116 @@ func TestSync(t *testing.T) {
 		{"bad since", "GET", "/_matrix/client/v3/sync?since=garbage", bob, nil, 400, "M_INVALID_PARAM"},
 		{"unknown filter id", "GET", "/_matrix/client/v3/sync?filter=77", bob, nil, 400, "M_INVALID_PARAM"},
 	})
+}
+
+// TestConcurrentSendsAndSync: parallel senders and a long-polling reader;
+// the reader sees every message once, in the order /messages has them.
+func TestConcurrentSendsAndSync(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice := e.register("alice")
+	roomID := e.createRoom(alice, map[string]any{"preset": "public_chat"})
+	toks := []string{alice}
+	for _, n := range []string{"bob", "carol", "dave"} {
+		tok := e.register(n)
+		e.do("POST", room(roomID)+"/join", tok, nil)
+		toks = append(toks, tok)
+	}
+	var initial syncResp
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &initial)
+	const each = 10
+	done := make(chan struct{})
+	for i, tok := range toks {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for j := range each {
+				e.do("PUT", room(roomID)+"/send/m.room.message/c"+string(rune('a'+j)), tok, map[string]any{"body": i*100 + j})
+			}
+		}()
+	}
+	var seen []string
+	since := initial.NextBatch
+	deadline := time.Now().Add(20 * time.Second)
+	for len(seen) < len(toks)*each && time.Now().Before(deadline) {
+		var s syncResp
+		e.get("GET", "/_matrix/client/v3/sync?timeout=2000&filter="+url.QueryEscape(`{"room":{"timeline":{"limit":1000}}}`)+"&since="+since, alice, nil, &s)
+		for _, ev := range s.Rooms.Join[roomID].Timeline.Events {
+			seen = append(seen, ev["event_id"].(string))
+		}
+		since = s.NextBatch
+	}
+	for range toks {
+		<-done
+	}
+	if len(seen) != len(toks)*each {
+		t.Fatalf("sync saw %d messages, want %d", len(seen), len(toks)*each)
+	}
+	var page struct {
+		Chunk []map[string]any `json:"chunk"`
+	}
+	e.get("GET", room(roomID)+"/messages?dir=b&limit="+strconv.Itoa(len(seen)), alice, nil, &page)
+	for i, ev := range page.Chunk {
+		if want := seen[len(seen)-1-i]; ev["event_id"] != want {
+			t.Fatalf("order differs at %d: /messages %v, /sync %s", i, ev["event_id"], want)
+		}
+	}
+}
+
+// TestSyncEphemeral: typing and read receipts reach other members through
+// /sync; private receipts only their owner.
+func TestSyncEphemeral(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	alice, bob := e.register("alice"), e.register("bob")
+	roomID := e.createRoom(alice, map[string]any{"preset": "public_chat"})
+	e.do("POST", room(roomID)+"/join", bob, nil)
+	_, sent := e.do("PUT", room(roomID)+"/send/m.room.message/1", alice, map[string]any{"body": "x"})
+	evID := sent["event_id"].(string)
+	type ephSync struct {
+		NextBatch string `json:"next_batch"`
+		Rooms     struct {
+			Join map[string]struct {
+				Ephemeral struct {
+					Events []map[string]any `json:"events"`
+				} `json:"ephemeral"`
+			} `json:"join"`
+		} `json:"rooms"`
+	}
+	var s0 ephSync
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &s0)
+	ephemeral := func(since string) (map[string]any, string) {
+		var s ephSync
+		e.get("GET", "/_matrix/client/v3/sync?timeout=3000&since="+since, alice, nil, &s)
+		out := map[string]any{}
+		for _, ev := range s.Rooms.Join[roomID].Ephemeral.Events {
+			out[ev["type"].(string)] = ev["content"]
+		}
+		return out, s.NextBatch
+	}
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": true, "timeout": 10000})
+	got, next := ephemeral(s0.NextBatch)
+	if ids := got["m.typing"].(map[string]any)["user_ids"].([]any); len(ids) != 1 || ids[0] != "@bob:hs" {
+		t.Errorf("typing %v", got)
+	}
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": false})
+	got, next = ephemeral(next)
+	if ids := got["m.typing"].(map[string]any)["user_ids"].([]any); len(ids) != 0 {
+		t.Errorf("typing stopped %v", got)
+	}
+	e.do("POST", room(roomID)+"/receipt/m.read.private/"+url.PathEscape(evID), bob, map[string]any{})
+	e.do("POST", room(roomID)+"/receipt/m.read/"+url.PathEscape(evID), bob, map[string]any{})
+	got, _ = ephemeral(next)
+	rc, _ := got["m.receipt"].(map[string]any)
+	byType, _ := rc[evID].(map[string]any)
+	if byType["m.read"] == nil || byType["m.read.private"] != nil {
+		t.Errorf("receipts %v", got)
+	}
+	// A typing notice ends at its timeout.
+	e.do("PUT", room(roomID)+"/typing/"+url.PathEscape("@bob:hs"), bob, map[string]any{"typing": true, "timeout": 100})
+	time.Sleep(300 * time.Millisecond)
+	var s1 ephSync
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &s1)
+	for _, ev := range s1.Rooms.Join[roomID].Ephemeral.Events {
+		if ev["type"] == "m.typing" {
+			t.Errorf("expired typing notice still shown: %v", ev)
+		}
+	}
 }
