@@ -252,13 +252,20 @@ func (q *Queues) Start(as AS) {
 // Stop stops the sender of key, leaving its queue in the store. A send in
 // flight finishes or is abandoned by ctx; its transaction stays frozen.
 func (q *Queues) Stop(ctx context.Context, key txnstore.ASKey) error {
+	return q.Halt(key)(ctx)
+}
+
+// Halt is Stop in two steps: the stop is ordered now, before any later
+// Start of the same AS, and wait waits for it. A Start before the stop
+// completes resumes the same sender: an AS never has two.
+func (q *Queues) Halt(key txnstore.ASKey) (wait func(context.Context) error) {
 	q.mu.Lock()
 	s := q.slots[key]
 	q.mu.Unlock()
 	if s == nil {
-		return nil
+		return func(context.Context) error { return nil }
 	}
-	return s.stop(ctx)
+	return s.halt()
 }
 
 // Wake makes the sender of the AS with this id retry at once, if it is
@@ -313,7 +320,7 @@ func (q *Queues) Close(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.stop(ctx); err != nil {
+			if err := s.halt()(ctx); err != nil {
 				mu.Lock()
 				errs = append(errs, err)
 				mu.Unlock()

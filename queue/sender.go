@@ -72,23 +72,26 @@ func (s *slot) start(as AS) {
 	s.poke()
 }
 
-// stop stops the machine and waits until it has, or until ctx ends: then
-// the send in flight and queued writes are abandoned.
-func (s *slot) stop(ctx context.Context) error {
+// halt asks the machine to stop, in order with start, and returns a wait
+// that returns once it has stopped (or was started again), or when ctx
+// ends: then the send in flight and queued writes are abandoned.
+func (s *slot) halt() func(context.Context) error {
 	ch := make(chan struct{})
 	s.mu.Lock()
 	s.waiters = append(s.waiters, ch)
 	s.inbox = append(s.inbox, core.Stop{})
 	s.mu.Unlock()
 	s.poke()
-	select {
-	case <-ch:
-		return nil
-	case <-ctx.Done():
+	return func(ctx context.Context) error {
+		select {
+		case <-ch:
+			return nil
+		case <-ctx.Done():
+		}
+		s.post(core.Abort{})
+		<-ch
+		return ctx.Err()
 	}
-	s.post(core.Abort{})
-	<-ch
-	return ctx.Err()
 }
 
 // quit ends the slot's goroutine once its machine is stopped.
