@@ -31,6 +31,8 @@ type fakeAS struct {
 	reqs    []attempt
 	respond func(n int, a attempt) int
 	delay   time.Duration // before each answer
+	// hold, if set, runs in the handler of every request before it answers.
+	hold func()
 	got     chan struct{}
 }
 
@@ -77,6 +79,9 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 	f.reqs = append(f.reqs, a)
 	respond := f.respond
 	f.mu.Unlock()
+	if f.hold != nil {
+		f.hold()
+	}
 	code := http.StatusOK
 	if respond != nil {
 		code = respond(n, a)
