@@ -446,6 +446,7 @@ func (s *Sender) Step(now time.Time, in Input) {
 			// Back before it stopped: what it dropped while stopping is
 			// recovered from the store.
 			s.mode = running
+			s.aborted = false
 			s.recovered = false
 		}
 	case Retarget:
@@ -705,6 +706,10 @@ func (s *Sender) recoverDone(in RecoverDone) {
 	}
 	s.exhausted = false
 	s.dirty = true
+	s.readTok = 0 // a read still out was from the old position
+	// Memory was trimmed up to where the last term had read: from the
+	// recovered position the store is read until it is caught up again.
+	s.resetMem()
 }
 
 // reconciled settles the writes whose result was unknown against what the
@@ -838,6 +843,9 @@ func (s *Sender) readDone(in ReadDone) {
 		s.storeFailed("read", in.Err)
 		return
 	}
+	if s.readAfter != s.fetchedTo {
+		return // read from a position since given up
+	}
 	s.storeFail = 0
 	// A read stops for bytes only once its items reach MaxBytes: one
 	// below both limits saw the end of the stream.
@@ -942,7 +950,10 @@ func (s *Sender) advanceFreeze() {
 	carry := s.carry
 	for len(s.q)+len(txns) < s.cfg.Depth && len(carry) > 0 {
 		n := cut(carry, lim, f)
-		if n == len(carry) && (len(s.q)+len(txns) > 0 || !s.exhausted || s.readTok != 0) {
+		// More items may join a partial transaction unless the stream was
+		// read to its end or carry is full.
+		more := s.readTok != 0 || (!s.exhausted && s.carryBytes < s.cfg.Depth*s.cfg.Bytes)
+		if n == len(carry) && (len(s.q)+len(txns) > 0 || more) {
 			// Hold a partial transaction back while another is queued or
 			// in flight, or more items are on their way: what arrives
 			// meanwhile joins it.
@@ -1300,7 +1311,9 @@ func (s *Sender) writeDone(in WriteDone) {
 func (s *Sender) next() time.Time {
 	var t time.Time
 	at := func(d time.Time) {
-		if !d.IsZero() && (t.IsZero() || d.Before(t)) {
+		// A deadline already passed was acted on when it passed, or waits
+		// for an input: only future ones wake the machine.
+		if d.After(s.now) && (t.IsZero() || d.Before(t)) {
 			t = d
 		}
 	}
@@ -1327,4 +1340,11 @@ func (s *Sender) next() time.Time {
 		at(s.nextSend)
 	}
 	return t
+}
+
+// String describes the machine's state, for failing tests.
+func (s *Sender) String() string {
+	return fmt.Sprintf("mode=%d leading=%v recovered=%v recoverTok=%d reconcile=%v q=%d unbuilt=%d split=%v carry=%d fetchedTo=%d frozenEnd=%d readTok=%d exhausted=%v dirty=%v pollAt=%v freezing=%v pending=%v writes=%d writing=%v opsOut=%d inflight=%v broken=%v retryAt=%v nextSend=%v now=%v",
+		s.mode, s.leading, s.recovered, s.recoverTok, s.reconcile, len(s.q), s.unbuilt, s.split != nil, len(s.carry), s.fetchedTo, s.frozenEnd,
+		s.readTok, s.exhausted, s.dirty, s.pollAt, s.freezing != nil, s.pending != nil, len(s.writes), s.writing != nil, s.opsOut, s.inflight != nil, s.broken, s.retryAt, s.nextSend, s.now)
 }
