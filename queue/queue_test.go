@@ -33,7 +33,7 @@ type fakeAS struct {
 	delay   time.Duration // before each answer
 	// hold, if set, runs in the handler of every request before it answers.
 	hold func()
-	got     chan struct{}
+	got  chan struct{}
 }
 
 type attempt struct {

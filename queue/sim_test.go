@@ -149,8 +149,8 @@ type regState struct {
 
 type simAS struct {
 	key      txnstore.ASKey
-	maxItems int // a body with more items gets 413 (0: no limit)
-	tokenGen int // the token the AS accepts
+	maxItems int              // a body with more items gets 413 (0: no limit)
+	tokenGen int              // the token the AS accepts
 	history  []int64          // every seq committed to its stream, in order
 	accepted []int64          // what it took, in order, one copy per txn id
 	took     map[int64]bool   // txn ids accepted
@@ -415,7 +415,9 @@ func (w *world) storeOp(c *simCore, kind int, fenced bool, op func() core.Input,
 	w.at(w.lat(), c.p, func() {
 		before, after := w.storeFault(kind)
 		var in core.Input
-		defer func() { w.trace("%s as %d store op %d: %T%+v before=%v after=%v", c.p.name, c.key, kind, in, in, before, after) }()
+		defer func() {
+			w.trace("%s as %d store op %d: %T%+v before=%v after=%v", c.p.name, c.key, kind, in, in, before, after)
+		}()
 		switch {
 		case before:
 			in = failed(errSimStore)
@@ -710,11 +712,11 @@ func (w *world) lifecycle() {
 	case 6: // a stall (GC pause, descheduled VM)
 		if len(w.procs) > 0 && r.Float64() < w.f.stall {
 			p := w.procs[r.IntN(len(w.procs))]
-			p.stalledUntil = w.now.Add(time.Duration(r.IntN(int(2 * simTTL / time.Millisecond))) * time.Millisecond)
+			p.stalledUntil = w.now.Add(time.Duration(r.IntN(int(2*simTTL/time.Millisecond))) * time.Millisecond)
 		}
 	case 7: // the database clock jumps (within the margin leases keep)
 		if r.Float64() < w.f.dbJump {
-			w.dbSkew = time.Duration(r.IntN(int(simTTL/5/time.Millisecond))) * time.Millisecond - simTTL/10
+			w.dbSkew = time.Duration(r.IntN(int(simTTL/5/time.Millisecond)))*time.Millisecond - simTTL/10
 		}
 	default: // wake
 		for _, p := range w.procs {
