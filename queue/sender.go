@@ -298,9 +298,10 @@ func (d *driver) lease(ctx context.Context, op *core.LeaseOp) core.Input {
 
 func (d *driver) send(op *core.SendOp) {
 	as := d.target()
-	ctx, cancel := context.WithCancel(d.ctx)
+	base := d.ctx
+	ctx, cancel := context.WithCancel(base)
 	if !op.Deadline.IsZero() {
-		ctx, cancel = context.WithDeadline(d.ctx, op.Deadline)
+		ctx, cancel = context.WithDeadline(base, op.Deadline)
 	}
 	d.sendMu.Lock()
 	d.cancelSend, d.aborted = cancel, false
@@ -308,7 +309,7 @@ func (d *driver) send(op *core.SendOp) {
 	d.async(func() core.Input {
 		err := d.q.client.PutTransaction(ctx, as.Target, strconv.FormatInt(op.ID, 10), op.Body)
 		d.sendMu.Lock()
-		aborted := d.aborted || d.ctx.Err() != nil
+		aborted := d.aborted || base.Err() != nil
 		d.cancelSend = nil
 		d.sendMu.Unlock()
 		cancel()

@@ -931,6 +931,8 @@ func (s *Sender) rebuilt(t *txn) {
 		s.live.LastError = msg
 		s.liveDirty = true
 		s.out.Notes = append(s.out.Notes, Note{Kind: NoteBroken, Failures: s.live.Failures})
+		st := txnstore.State{Up: false, Failures: s.live.Failures, LastSuccess: s.live.LastSuccess, LastError: msg, LastErrorAt: s.now}
+		s.writes = append(s.writes, &write{state: &st})
 	}
 }
 

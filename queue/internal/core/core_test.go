@@ -88,3 +88,21 @@ func TestLeaseCheckedAtSend(t *testing.T) {
 		t.Fatalf("after renewal: send %+v", r.Send)
 	}
 }
+
+// TestBackoffBounds: waits stay within [Retry[0]/2, RetryMax] and depend
+// only on the attempt and the injected source.
+func TestBackoffBounds(t *testing.T) {
+	cfg := testConfig(false)
+	cfg.Retry = []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}
+	cfg.RetryMax = 8 * time.Second
+	a, b := New(cfg, rand.New(rand.NewPCG(7, 7))), New(cfg, rand.New(rand.NewPCG(7, 7)))
+	for n := 1; n < 40; n++ {
+		wa, wb := a.backoff(cfg.Retry, cfg.RetryMax, n), b.backoff(cfg.Retry, cfg.RetryMax, n)
+		if wa != wb {
+			t.Fatalf("attempt %d: %v and %v from the same seed", n, wa, wb)
+		}
+		if wa < cfg.Retry[0]/2 || wa > cfg.RetryMax {
+			t.Fatalf("attempt %d: wait %v outside [%v, %v]", n, wa, cfg.Retry[0]/2, cfg.RetryMax)
+		}
+	}
+}
