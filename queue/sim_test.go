@@ -61,11 +61,7 @@ func TestSim(t *testing.T) {
 	if testing.Short() && one == 0 {
 		seeds = 200
 	}
-	run := func(seed uint64, log *zap.Logger) error {
-		w := newWorld(seed, log)
-		w.bug, w.twoOwners = bug, bugName == "two-owners"
-		return w.run()
-	}
+	run := func(seed uint64, log *zap.Logger) error { return simRun(seed, bugName, bug, log) }
 	if one != 0 {
 		if err := run(one, zaptest.NewLogger(t)); err != nil {
 			t.Fatalf("seed %d: %v", one, err)
@@ -84,6 +80,32 @@ func TestSim(t *testing.T) {
 		}
 	}
 	t.Logf("%d seeds from %d in %v", seeds, base, time.Since(start).Round(time.Millisecond))
+}
+
+func simRun(seed uint64, bugName string, bug core.Bug, log *zap.Logger) error {
+	w := newWorld(seed, log)
+	w.bug, w.twoOwners = bug, bugName == "two-owners"
+	return w.run()
+}
+
+// TestSimBites: with each bug of issue 13 brought back, the simulation
+// fails within the CI seeds. It keeps the simulation sharp: a change that
+// blinds it to one of them fails here.
+func TestSimBites(t *testing.T) {
+	if testing.Short() {
+		t.Skip("bites: skipped in -short")
+	}
+	for _, name := range []string{"drop-completion", "split-order", "no-reconcile", "two-owners", "no-lease-check"} {
+		t.Run(name, func(t *testing.T) {
+			for seed := uint64(1); seed <= 2000; seed++ {
+				if err := simRun(seed, name, simBugs[name], nil); err != nil {
+					t.Logf("first failing seed %d: %.200s", seed, err)
+					return
+				}
+			}
+			t.Errorf("bug %s not found in 2,000 seeds", name)
+		})
+	}
 }
 
 // --- the world ---
