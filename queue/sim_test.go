@@ -227,6 +227,8 @@ type simCore struct {
 	dead   bool
 	send   *core.SendOp
 	sendAt time.Time
+	// canTake: the AS would take this send (token and size fit).
+	canTake bool
 }
 
 func newWorld(seed uint64, log *zap.Logger) *world {
@@ -397,7 +399,7 @@ func (w *world) crash(p *simProc) {
 	for _, c := range p.all() {
 		c.dead = true
 		if c.send != nil {
-			w.endSend(c, w.rnd.IntN(2) == 0)
+			w.endSend(c, c.canTake && w.rnd.IntN(2) == 0)
 		}
 	}
 	w.procs = slices.DeleteFunc(w.procs, func(q *simProc) bool { return q == p })
@@ -511,7 +513,7 @@ func (w *world) carryOut(c *simCore, r core.Ready) {
 		id := c.send.ID
 		w.at(w.lat(), c.p, func() {
 			if c.send != nil && c.send.ID == id {
-				w.endSend(c, w.rnd.IntN(2) == 0)
+				w.endSend(c, c.canTake && w.rnd.IntN(2) == 0)
 				w.step(c, core.SendDone{ID: id, Err: errors.New("canceled"), Aborted: true})
 			}
 		})
@@ -555,9 +557,12 @@ func (w *world) send(c *simCore, op *core.SendOp) {
 	done := core.SendDone{ID: op.ID}
 	d := time.Duration(5+w.rnd.IntN(50)) * time.Millisecond
 	n := len(seqsOf(op.Body))
+	c.canTake = a.tokenGen == tokenGen && (a.maxItems == 0 || n <= a.maxItems || a.took[op.ID])
 	switch {
 	case a.tokenGen != tokenGen:
 		done.Err, done.Status, done.TokenMismatch = errors.New("403"), 403, true
+	case a.took[op.ID]:
+		took = true // a txn id it already took: acknowledged again, as the spec asks
 	case a.maxItems > 0 && n > a.maxItems:
 		done.Err, done.Status, done.TooLarge = errors.New("413"), 413, true
 	case r < f.as500:

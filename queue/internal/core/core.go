@@ -548,6 +548,10 @@ func (s *Sender) advanceStop() {
 		s.leaseAt = s.now
 		s.leaseOp = &LeaseOp{Tok: s.nextTok(), Kind: Release}
 		s.out.Lease = s.leaseOp
+		// Another process may take over as soon as the release lands:
+		// nothing more goes out under this lease, even if started again
+		// meanwhile.
+		s.endTerm()
 		return
 	}
 	s.mode = stopped
@@ -652,7 +656,7 @@ func (s *Sender) leaseDone(in LeaseDone) {
 			s.nextRenew = s.now.Add(ttl / 20)
 		}
 	case Release:
-		s.leading, s.live.Leading, s.liveDirty = false, false, true
+		// The term ended when the release was asked for.
 	}
 }
 
