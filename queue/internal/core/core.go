@@ -851,13 +851,15 @@ func (s *Sender) readDone(in ReadDone) {
 		return // read from a position since given up
 	}
 	s.storeFail = 0
-	// A read stops for bytes only once its items reach MaxBytes: one
-	// below both limits saw the end of the stream.
+	// A read below both limits saw the end of the stream. The store stops
+	// for bytes once its items reach MaxBytes; the margin also covers a
+	// store that stops before the item that would cross it (unless that
+	// item alone is over half of MaxBytes).
 	bytes := 0
 	for _, it := range in.Items {
 		bytes += len(it.Data)
 	}
-	short := len(in.Items) < s.readMax && (s.readBytes <= 0 || bytes < s.readBytes)
+	short := len(in.Items) < s.readMax && (s.readBytes <= 0 || 2*bytes < s.readBytes)
 	if short && !s.cfg.Shared && s.readGen == s.overflows {
 		// The read saw every committed item; later ones are in memory.
 		last := s.readAfter
