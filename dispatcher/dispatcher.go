@@ -204,12 +204,14 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 				id := old.set.All()[i].ID
 				d.log.Warn("appservice removed from the registrations; its queue is kept, paused",
 					zap.String("appservice", id))
-				// A send in flight may take a transaction timeout to end:
-				// do not hold the reload for it.
+				// The stop is ordered now, before a later Reload's Start;
+				// a send in flight may take a transaction timeout to end:
+				// do not hold the reload for it (Close waits for it).
+				wait := d.queues.Halt(key)
 				go func() {
 					ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 					defer cancel()
-					if err := d.queues.Stop(ctx, key); err != nil {
+					if err := wait(ctx); err != nil {
 						d.log.Warn("stopping a removed appservice's sender abandoned its send in flight",
 							zap.String("appservice", id), zap.Error(err))
 					}

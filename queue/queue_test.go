@@ -31,7 +31,9 @@ type fakeAS struct {
 	reqs    []attempt
 	respond func(n int, a attempt) int
 	delay   time.Duration // before each answer
-	got     chan struct{}
+	// hold, if set, runs in the handler of every request before it answers.
+	hold func()
+	got  chan struct{}
 }
 
 type attempt struct {
@@ -77,6 +79,9 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 	f.reqs = append(f.reqs, a)
 	respond := f.respond
 	f.mu.Unlock()
+	if f.hold != nil {
+		f.hold()
+	}
 	code := http.StatusOK
 	if respond != nil {
 		code = respond(n, a)
@@ -364,27 +369,44 @@ func TestTxnIDsNeverRepeatAcrossRestarts(t *testing.T) {
 	}
 }
 
-func TestNullURLCountsAsDelivered(t *testing.T) {
+// TestNullURLKeepsBacklogPaused: an AS changed to `url: null` keeps its
+// backlog, paused (never counted as delivered), and resumes with it when a
+// URL comes back. Regression test for issue 13 ("also fix": url null).
+func TestNullURLKeepsBacklogPaused(t *testing.T) {
 	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
 	defer h.close()
-	key, err := h.store.EnsureAS(context.Background(), "nourl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.q.Start(AS{ID: "nourl", Key: key})
+	as := newFakeAS(t, func(int, attempt) int { return http.StatusServiceUnavailable })
+	key := h.start(as, "a")
 	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "a", "b")
-	waitFor(t, "nothing pending", func() bool {
+	waitFor(t, "a first attempt", func() bool { return len(as.attempts()) > 0 })
+	h.q.Start(AS{ID: "a", Key: key}) // url: null
+	time.Sleep(50 * time.Millisecond)
+	n := len(as.attempts())
+	time.Sleep(100 * time.Millisecond)
+	if m := len(as.attempts()); m != n {
+		t.Errorf("%d attempts to an AS without a url", m-n)
+	}
+	pending := func() (int64, int) {
 		sts, err := h.store.Statuses(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, s := range sts {
 			if s.Key == key {
-				return s.PendingItems == 0 && s.PendingTxns == 0 && s.Delivered > 0
+				return s.PendingItems, s.PendingTxns
 			}
 		}
-		return false
-	})
+		return -1, -1
+	}
+	if items, _ := pending(); items != 2 {
+		t.Fatalf("url null: %d items pending, want the 2 kept", items)
+	}
+	as.mu.Lock()
+	as.respond = nil
+	as.mu.Unlock()
+	h.start(as, "a")
+	waitFor(t, "the backlog after the url came back", func() bool { return equal(as.delivered(), []string{"a", "b"}) })
+	waitFor(t, "nothing pending", func() bool { items, txns := pending(); return items == 0 && txns == 0 })
 }
 
 func TestTooLargeSplits(t *testing.T) {

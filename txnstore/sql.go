@@ -235,9 +235,11 @@ func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int
 	return readItems(ctx, db, d, want)
 }
 
-// withinBudget returns the longest prefix of want (at least one seq) whose
-// items' data add up to at most maxBytes. It reads only the lengths, which
-// neither backend needs to load the data for.
+// withinBudget returns the shortest prefix of want whose items' data reach
+// maxBytes (all of want if they never do). Including the item that crosses
+// the budget lets a reader tell a read cut for bytes (at least maxBytes) from
+// the end of the stream (less). It reads only the lengths, which neither
+// backend needs to load the data for.
 func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, maxBytes int) ([]int64, error) {
 	size := make(map[int64]int, len(want))
 	err := queryWant(ctx, db, d, want, "length(data)", func(rows *sql.Rows) error {
@@ -258,8 +260,8 @@ func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, max
 	total := 0
 	for i, q := range want {
 		total += size[q]
-		if i > 0 && total > maxBytes {
-			return want[:i], nil
+		if total >= maxBytes {
+			return want[:i+1], nil
 		}
 	}
 	return want, nil

@@ -134,8 +134,10 @@ type Store interface {
 	Append(ctx context.Context, entries []Entry) ([]int64, error)
 
 	// Read returns as's stream items with seq > after, oldest first: at most
-	// maxItems, and, if maxBytes > 0, no more than fit in maxBytes of Data,
-	// except that the first item is returned whatever its size.
+	// maxItems, and, if maxBytes > 0, it stops at the item whose Data brings
+	// the total to maxBytes or over (that item included). So a read that
+	// returns fewer than maxItems items holding under maxBytes reached the
+	// end of the stream.
 	Read(ctx context.Context, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error)
 
 	// Delivered returns as's cursor: every item up to it was acknowledged.
