@@ -37,7 +37,11 @@ type Config struct {
 	Queue      queue.Options
 	// QueryTimeout bounds user and alias queries to ASes.
 	QueryTimeout time.Duration
-	Logger       *zap.Logger
+	// TxnTimeout bounds one transaction to an AS (default 90 s). On a
+	// shared store a sender's lease outlasts it, so after a crash mid-send
+	// another process takes over only once the AS must have given up.
+	TxnTimeout time.Duration
+	Logger     *zap.Logger
 	// Metrics, if set, is recorded into (dispatcher, queues, queries).
 	Metrics *metrics.Metrics
 	// OpenStore, if set, opens the dispatcher's store instead of SQLite in
@@ -91,7 +95,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	if cfg.Queue.Client == nil {
-		cfg.Queue.Client = asapi.New(asapi.Options{QueryTimeout: cfg.QueryTimeout, Logger: cfg.Logger})
+		cfg.Queue.Client = asapi.New(asapi.Options{QueryTimeout: cfg.QueryTimeout, TxnTimeout: cfg.TxnTimeout, Logger: cfg.Logger})
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, st: st, notifyCh: make(chan struct{}), mediaDir: filepath.Join(cfg.DataDir, "media")}
 	if err := os.MkdirAll(s.mediaDir, 0o700); err != nil {

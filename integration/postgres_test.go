@@ -139,7 +139,7 @@ func TestMultiProcessPostgres(t *testing.T) {
 	for i := range ps {
 		config := filepath.Join(dir, fmt.Sprintf("hs%d.yaml", i))
 		cfg := fmt.Sprintf("server_name: localhost\nlisten: 127.0.0.1:0\ndata_dir: %s\napp_service_config_files:\n  - %s\n  - %s\n"+
-			"appservice:\n  retry_initial: 100ms\ndatabase:\n  backend: postgres\n  dsn: %q\n  lease_ttl: 2s\n",
+			"appservice:\n  retry_initial: 100ms\n  txn_timeout: 3s\ndatabase:\n  backend: postgres\n  dsn: %q\n  lease_ttl: 2s\n",
 			filepath.Join(dir, fmt.Sprintf("data%d", i)), regs[0], regs[1], dsn)
 		if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)

@@ -200,7 +200,7 @@ func (q *Queues) coreConfig(as AS) core.Config {
 		LeaseTTL:     ttl,
 		AcquireEvery: min(ttl/5, time.Second),
 		PollInterval: q.opts.PollInterval,
-		SendTimeout:  ttl * 2 / 5,
+		SendTimeout:  q.client.TxnTimeout(),
 		Depth:        pipelineDepth,
 		MemItems:     memLimit,
 		MemBytes:     memBytes * q.opts.MaxBytes,

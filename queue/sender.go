@@ -280,7 +280,7 @@ func (d *driver) lease(ctx context.Context, op *core.LeaseOp) core.Input {
 		if op.Kind == core.Renew {
 			f = q.leaser.Renew
 		}
-		ok, err := f(ctx, d.key, q.owner, ttl)
+		ok, err := f(ctx, d.key, q.owner, op.TTL)
 		return core.LeaseDone{Tok: op.Tok, OK: ok, Err: err}
 	default:
 		// Another process may take over at once instead of after the

@@ -204,12 +204,16 @@ type world struct {
 
 	store  *memStore
 	shared bool
-	f      faults
-	ases   []*simAS
-	reg    map[txnstore.ASKey]*regState
-	procs  []*simProc
-	nextP  int
-	err    error
+	// sendTimeout is the transport's timeout: shorter than the lease
+	// (a deadline cuts sends) or, on odd seeds, three times longer (each
+	// send renews the lease to outlast it).
+	sendTimeout time.Duration
+	f           faults
+	ases        []*simAS
+	reg         map[txnstore.ASKey]*regState
+	procs       []*simProc
+	nextP       int
+	err         error
 }
 
 type simProc struct {
@@ -243,6 +247,10 @@ func newWorld(seed uint64, log *zap.Logger) *world {
 		now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), reg: map[txnstore.ASKey]*regState{}}
 	r := w.rnd
 	w.shared = r.Float64() < 0.35
+	w.sendTimeout = simTTL * 2 / 5
+	if seed%2 == 1 {
+		w.sendTimeout = 3 * simTTL
+	}
 	w.store = newMemStore(w.shared)
 	// Swarm: each seed its own fault mix, some seeds nearly none.
 	w.f.on = true
@@ -314,7 +322,7 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 		RetryMax:   16 * time.Second,
 		StoreRetry: Schedule(50*time.Millisecond, 2*time.Second),
 		Shared:     w.shared, LeaseTTL: simTTL, AcquireEvery: 2 * time.Second,
-		PollInterval: time.Second, SendTimeout: simTTL * 2 / 5,
+		PollInterval: time.Second, SendTimeout: w.sendTimeout,
 		Depth: 1 + w.rnd.IntN(4), MemItems: 5 + w.rnd.IntN(40), MemBytes: 4000,
 		Log: w.log.With(zap.String("proc", p.name), zap.Int32("as", int32(k))),
 		Bug: w.bug,
@@ -505,9 +513,9 @@ func (w *world) carryOut(c *simCore, r core.Ready) {
 		w.storeOp(c, opLease, false, func() core.Input {
 			switch op.Kind {
 			case core.Acquire:
-				return core.LeaseDone{Tok: op.Tok, OK: w.store.acquire(k, c.p.name, simTTL, w.dbNow())}
+				return core.LeaseDone{Tok: op.Tok, OK: w.store.acquire(k, c.p.name, op.TTL, w.dbNow())}
 			case core.Renew:
-				return core.LeaseDone{Tok: op.Tok, OK: w.store.renew(k, c.p.name, simTTL, w.dbNow())}
+				return core.LeaseDone{Tok: op.Tok, OK: w.store.renew(k, c.p.name, op.TTL, w.dbNow())}
 			}
 			w.store.release(k, c.p.name)
 			return core.LeaseDone{Tok: op.Tok, OK: true}

@@ -64,6 +64,9 @@ type serveConfig struct {
 		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
 		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
 		QueryTimeout    time.Duration `yaml:"query_timeout"`
+		// TxnTimeout bounds one transaction (default 90s; mautrix-go
+		// handles a transaction before it answers).
+		TxnTimeout time.Duration `yaml:"txn_timeout"`
 	} `yaml:"appservice"`
 }
 
@@ -229,6 +232,7 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 		Metrics:        metrics.New(promReg),
 		MaxUploadBytes: cfg.MaxUploadBytes,
 		QueryTimeout:   cfg.AppService.QueryTimeout,
+		TxnTimeout:     cfg.AppService.TxnTimeout,
 		OpenStore:      openStore,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
 			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,

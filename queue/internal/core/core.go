@@ -50,8 +50,10 @@ type Config struct {
 	LeaseTTL     time.Duration
 	AcquireEvery time.Duration
 	PollInterval time.Duration
-	// SendTimeout bounds a send on a shared store: the lease must stay
-	// valid at least that long when the send starts.
+	// SendTimeout bounds a send on a shared store (the transport's own
+	// timeout, 90 s for HTTP): before a send the lease is renewed to
+	// outlast it, so no other process can take the AS over, and resend its
+	// transaction, while the AS may still be working on this one.
 	SendTimeout time.Duration
 	// Depth is how many transactions are frozen ahead, the one in flight
 	// included. MemItems and MemBytes bound the committed items kept in
@@ -236,6 +238,9 @@ const (
 type LeaseOp struct {
 	Tok  uint64
 	Kind LeaseKind
+	// TTL is the lease's length to ask for (Acquire and Renew): the
+	// configured LeaseTTL, longer while a send needs the lease to outlast it.
+	TTL time.Duration
 }
 
 // NoteKind says what a Note reports.
@@ -387,10 +392,14 @@ type Sender struct {
 	storeFail int
 
 	// send
-	inflight  *txn
-	sendTerm  uint64
-	term      uint64
-	sentAt    time.Time
+	inflight *txn
+	sendTerm uint64
+	term     uint64
+	sentAt   time.Time
+	// sendUntil is the in-flight send's deadline (Shared).
+	sendUntil time.Time
+	// cover: the next renewal must make the lease outlast a send.
+	cover     bool
 	attempt   int
 	nextSend  time.Time
 	live      Live
@@ -596,14 +605,29 @@ func (s *Sender) advanceLease() {
 	switch {
 	case !s.leading && s.mode == running && !s.now.Before(s.nextAcquire):
 		s.leaseAt = s.now
-		s.leaseOp = &LeaseOp{Tok: s.nextTok(), Kind: Acquire}
+		s.leaseOp = &LeaseOp{Tok: s.nextTok(), Kind: Acquire, TTL: s.cfg.LeaseTTL}
 	case s.leading && !s.now.Before(s.nextRenew):
 		s.leaseAt = s.now
-		s.leaseOp = &LeaseOp{Tok: s.nextTok(), Kind: Renew}
+		s.leaseOp = &LeaseOp{Tok: s.nextTok(), Kind: Renew, TTL: s.renewTTL()}
 	default:
 		return
 	}
 	s.out.Lease = s.leaseOp
+}
+
+// renewTTL is the length of the next renewal. While the AS has
+// transactions to send, the lease must outlast a send started before the
+// following renewal (a quarter of LeaseTTL later): SendTimeout plus half a
+// LeaseTTL. Idle, it is LeaseTTL, so a process that dies idle is replaced
+// within LeaseTTL; one that dies sending holds the AS until the AS must have
+// given up on its transaction, as a resend under the same id could
+// otherwise run beside it.
+func (s *Sender) renewTTL() time.Duration {
+	ttl := s.cfg.LeaseTTL
+	if s.inflight == nil && !s.cover && len(s.q) == 0 {
+		return ttl
+	}
+	return max(ttl, s.cfg.SendTimeout+ttl/2)
 }
 
 func (s *Sender) loseLease() {
@@ -628,7 +652,7 @@ func (s *Sender) leaseDone(in LeaseDone) {
 			s.leading, s.live.Leading, s.liveDirty = true, true, true
 			s.warnedLease = false
 			s.term++
-			s.leaseValid = s.leaseAt.Add(ttl - ttl/4)
+			s.leaseValid = s.leaseAt.Add(op.TTL - ttl/4)
 			s.nextRenew = s.leaseAt.Add(ttl / 4)
 			s.recovered = false
 			return
@@ -644,9 +668,9 @@ func (s *Sender) leaseDone(in LeaseDone) {
 		}
 		switch {
 		case in.OK:
-			if v := s.leaseAt.Add(ttl - ttl/4); v.After(s.leaseValid) {
-				s.leaseValid = v
-			}
+			// The store's expiry is now this renewal's, longer or shorter
+			// than the last: trusting a longer earlier one would outlive it.
+			s.leaseValid = s.leaseAt.Add(op.TTL - ttl/4)
 			s.nextRenew = s.leaseAt.Add(ttl / 4)
 		case in.Err == nil:
 			s.log.Warn("sender lease lost to another process; stopping sends")
@@ -1071,13 +1095,16 @@ func (s *Sender) advanceSend() {
 	if s.cfg.Shared {
 		deadline = s.now.Add(s.cfg.SendTimeout)
 		if deadline.After(s.leaseValid) && s.cfg.Bug != BugNoLeaseCheck {
-			// Not valid long enough for a whole send: renew first.
+			// Not valid long enough for a whole send: renew first, for
+			// long enough.
+			s.cover = true
 			if s.leaseOp == nil {
 				s.nextRenew = s.now
 				s.advanceLease()
 			}
 			return
 		}
+		s.cover = false
 	}
 	s.attempt++
 	s.inflight, s.sendTerm, s.sentAt = t, s.term, s.now
@@ -1142,7 +1169,7 @@ func (s *Sender) sendDone(in SendDone) {
 func (s *Sender) delivered1(t *txn, sent bool) {
 	s.q = s.q[1:]
 	wasDown := !s.live.Up
-	failures := s.live.Failures
+	failures, attempt := s.live.Failures, s.attempt
 	s.attempt = 0
 	s.nextSend = time.Time{}
 	s.live.Up, s.live.Failures, s.live.NextRetry = true, 0, time.Time{}
@@ -1153,7 +1180,7 @@ func (s *Sender) delivered1(t *txn, sent bool) {
 		s.out.Notes = append(s.out.Notes, Note{Kind: NoteSent, Took: s.now.Sub(s.sentAt), Events: ev, Ephemeral: eph, ToDevice: td})
 	}
 	if wasDown {
-		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("failures", failures),
+		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempt), zap.Int("failures", failures),
 			zap.Int("events", len(t.items)), zap.Duration("down_for", s.now.Sub(s.downSince)))
 		st := txnstore.State{Up: true, LastSuccess: s.now, LastError: s.live.LastError}
 		s.writes = append(s.writes, &write{state: &st})

@@ -106,3 +106,73 @@ func TestBackoffBounds(t *testing.T) {
 		}
 	}
 }
+
+// TestLeaseOutlastsSend: with a transaction timeout longer than the lease
+// (90 s against 10 s, as HTTP to mautrix-go on PostgreSQL), the lease is
+// renewed to outlast the whole send before it starts and while it runs, so
+// no other process takes over and resends that id beside it; idle, the
+// renewals go back to the plain lease length.
+func TestLeaseOutlastsSend(t *testing.T) {
+	cfg := testConfig(true)
+	cfg.SendTimeout = 90 * time.Second
+	m := New(cfg, rand.New(rand.NewPCG(1, 2)))
+	t0 := time.Unix(1000, 0)
+	m.Step(t0, Start{Target: Target{HasURL: true}})
+	r := m.Ready()
+	if r.Lease == nil || r.Lease.Kind != Acquire || r.Lease.TTL != cfg.LeaseTTL {
+		t.Fatalf("acquire: %+v", r.Lease)
+	}
+	m.Step(t0, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	m.Step(t0, RecoverDone{Tok: r.Recover.Tok, Frozen: []txnstore.Txn{}, Delivered: 0})
+	r = m.Ready()
+	m.Step(t0, ReadDone{Tok: r.Read.Tok, Items: []txnstore.Item{{Seq: 1, Kind: txnstore.KindEvent, Data: []byte(`{}`)}}})
+	r = m.Ready()
+	m.Step(t0, FreezeDone{Tok: r.Freeze.Tok, IDs: []int64{1}})
+	r = m.Ready()
+	if r.Send != nil {
+		t.Fatalf("sent under a lease valid for 7.5 s with a 90 s timeout")
+	}
+	if r.Lease == nil || r.Lease.Kind != Renew || r.Lease.TTL < cfg.SendTimeout+cfg.LeaseTTL/2 {
+		t.Fatalf("renewal before the send: %+v", r.Lease)
+	}
+	now := t0.Add(time.Second)
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	if r.Send == nil {
+		t.Fatalf("no send after the lease was renewed for it: %+v", r)
+	}
+	if want := now.Add(cfg.SendTimeout); !r.Send.Deadline.Equal(want) {
+		t.Fatalf("deadline %v, want %v", r.Send.Deadline.Sub(t0), want.Sub(t0))
+	}
+	// Renewals while the send runs keep covering it.
+	now = now.Add(cfg.LeaseTTL / 4)
+	m.Step(now, Tick{})
+	r = m.Ready()
+	if r.Lease == nil || r.Lease.Kind != Renew || r.Lease.TTL < cfg.SendTimeout+cfg.LeaseTTL/2 {
+		t.Fatalf("renewal during the send: %+v", r.Lease)
+	}
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	m.Ready()
+	m.Step(now, SendDone{ID: 1, Status: 200})
+	r = m.Ready()
+	for _, w := range r.Writes {
+		m.Step(now, WriteDone{Tok: w.Tok})
+	}
+	// Idle: the next renewal asks for the plain length again.
+	for i := 0; i < 20; i++ {
+		now = now.Add(cfg.LeaseTTL / 4)
+		m.Step(now, Tick{})
+		r = m.Ready()
+		for _, w := range r.Writes {
+			m.Step(now, WriteDone{Tok: w.Tok})
+		}
+		if r.Lease != nil {
+			if r.Lease.Kind == Renew && r.Lease.TTL == cfg.LeaseTTL {
+				return
+			}
+			m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+		}
+	}
+	t.Fatal("idle renewals still ask for a lease outlasting a send")
+}
