@@ -268,8 +268,29 @@ func (s *Server) sendToDevice(r *request, req *struct {
 		js        []byte
 	}
 	var local []inbox
-	for u, devices := range req.Messages {
-		for dev, content := range devices {
+	for _, u := range sortedKeys(req.Messages) {
+		devices := req.Messages[u]
+		// "*" is every device of a local user, expanded now: a bridge
+		// reading to_device_id "*" in a transaction drops the message.
+		// A device named beside "*" gets its own content.
+		if content, ok := devices["*"]; ok && s.IsLocalUser(u) {
+			all, err := s.st.list(r.Context(), `SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id`, u)
+			if err != nil {
+				return nil, err
+			}
+			expanded := make(map[string]json.RawMessage, len(all))
+			for _, d := range all {
+				expanded[d] = content
+			}
+			for d, c := range devices {
+				if d != "*" {
+					expanded[d] = c
+				}
+			}
+			devices = expanded
+		}
+		for _, dev := range sortedKeys(devices) {
+			content := devices[dev]
 			js, _ := json.Marshal(map[string]any{"type": typ, "sender": r.c.userID, "content": content, "to_user_id": u, "to_device_id": dev})
 			msgs = append(msgs, dispatcher.ToDevice{Sender: r.c.userID, Type: typ, ToUser: u, ToDevice: dev, JSON: js})
 			if s.IsLocalUser(u) {

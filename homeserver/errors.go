@@ -57,6 +57,7 @@ var (
 	errExclusive     = &mxError{Status: http.StatusBadRequest, Code: "M_EXCLUSIVE"}
 	errUnsupportedRV = &mxError{Status: http.StatusBadRequest, Code: "M_UNSUPPORTED_ROOM_VERSION"}
 	errUnknown400    = &mxError{Status: http.StatusBadRequest, Code: "M_UNKNOWN"}
+	errUnknownDevice = &mxError{Status: http.StatusBadRequest, Code: "M_UNKNOWN_DEVICE"}
 	errMissingToken  = &mxError{Status: http.StatusUnauthorized, Code: "M_MISSING_TOKEN"}
 	errUnknownToken  = &mxError{Status: http.StatusUnauthorized, Code: "M_UNKNOWN_TOKEN"}
 	errForbidden     = &mxError{Status: http.StatusForbidden, Code: "M_FORBIDDEN"}
@@ -104,9 +105,12 @@ func writeError(w http.ResponseWriter, r *http.Request, log *zap.Logger, err err
 	for k, v := range me.Extra {
 		body[k] = v
 	}
-	body["errcode"], body["error"] = me.Code, me.Msg
-	if me.Msg == "" {
-		body["error"] = me.Code
+	// A user-interactive auth challenge before any attempt has no errcode.
+	if me.Code != "" {
+		body["errcode"], body["error"] = me.Code, me.Msg
+		if me.Msg == "" {
+			body["error"] = me.Code
+		}
 	}
 	if me.RetryAfter > 0 {
 		body["retry_after_ms"] = me.RetryAfter.Milliseconds()
