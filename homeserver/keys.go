@@ -271,11 +271,11 @@ type reqQueryKeys struct {
 }
 
 type respQueryKeys struct {
-	Failures        map[string]any                                `json:"failures"`
-	DeviceKeys      map[string]map[string]json.RawMessage         `json:"device_keys"`
-	MasterKeys      map[string]json.RawMessage                    `json:"master_keys"`
-	SelfSigningKeys map[string]json.RawMessage                    `json:"self_signing_keys"`
-	UserSigningKeys map[string]json.RawMessage                    `json:"user_signing_keys"`
+	Failures        map[string]any                        `json:"failures"`
+	DeviceKeys      map[string]map[string]json.RawMessage `json:"device_keys"`
+	MasterKeys      map[string]json.RawMessage            `json:"master_keys"`
+	SelfSigningKeys map[string]json.RawMessage            `json:"self_signing_keys"`
+	UserSigningKeys map[string]json.RawMessage            `json:"user_signing_keys"`
 }
 
 // queryKeys answers the device keys and cross-signing keys of users (all
@@ -427,7 +427,7 @@ type reqClaimKeys struct {
 }
 
 type respClaimKeys struct {
-	Failures    map[string]any                                  `json:"failures"`
+	Failures    map[string]any                                   `json:"failures"`
 	OneTimeKeys map[string]map[string]map[string]json.RawMessage `json:"one_time_keys"`
 }
 

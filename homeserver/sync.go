@@ -111,7 +111,7 @@ type respSync struct {
 	OTKCount    map[string]int `json:"device_one_time_keys_count"`
 	// UnusedFallback is set for a caller with a device: [] says "no unused
 	// fallback key" (clients then upload one), absent says "not supported".
-	UnusedFallback []string `json:"device_unused_fallback_key_types,omitempty"`
+	UnusedFallback []string `json:"device_unused_fallback_key_types,omitzero"`
 }
 
 func (r *respSync) empty() bool {
