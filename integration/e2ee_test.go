@@ -6,6 +6,7 @@ package integration
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -43,14 +44,15 @@ func newCryptoUser(t *testing.T, hs, localpart string) *cryptoUser {
 	return withCrypto(t, cli)
 }
 
-// waitDecrypted waits for a decrypted message from sender with body.
+// waitDecrypted waits for a decrypted message from sender whose body
+// contains body.
 func (u *cryptoUser) waitDecrypted(t *testing.T, room id.RoomID, sender id.UserID, body string) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		u.mu.Lock()
 		for _, evt := range u.plain {
-			if evt.RoomID == room && evt.Sender == sender && evt.Content.AsMessage().Body == body {
+			if evt.RoomID == room && evt.Sender == sender && strings.Contains(evt.Content.AsMessage().Body, body) {
 				u.mu.Unlock()
 				return
 			}
