@@ -96,6 +96,11 @@ func asMatrixError(err error) (*mxError, bool) {
 // logged with its detail and answered as a bare 500 M_UNKNOWN: its text may
 // name database hosts and users, which a client must not see.
 func writeError(w http.ResponseWriter, r *http.Request, log *zap.Logger, err error) {
+	if r.Context().Err() != nil && errors.Is(err, r.Context().Err()) {
+		// The client went away (a /sync cut short): nobody reads an answer,
+		// and it is no server failure.
+		return
+	}
 	me, ok := asMatrixError(err)
 	if !ok {
 		log.Error("request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Error(err))

@@ -12,7 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // device is the device ID of a token.
@@ -416,6 +418,8 @@ func TestToDeviceStar(t *testing.T) {
 		{"to every device", "PUT", "/_matrix/client/v3/sendToDevice/x.ping/t1", alice, map[string]any{"messages": map[string]any{
 			"@bob:hs": map[string]any{"*": map[string]any{"hi": true}}, "@br_ghost:hs": map[string]any{"*": map[string]any{"hi": true}, "G2": map[string]any{"own": true}}}}, 200, ""},
 	})
+	// The same transaction again is not sent again.
+	e.run(t, []call{{"a retry", "PUT", "/_matrix/client/v3/sendToDevice/x.ping/t1", alice, map[string]any{"messages": map[string]any{"@bob:hs": map[string]any{"*": map[string]any{"hi": true}}}}, 200, ""}})
 	for _, tok := range []string{bob1, bob2} {
 		var s syncResp
 		e.get("GET", "/_matrix/client/v3/sync", tok, nil, &s)
@@ -490,5 +494,27 @@ func TestUpgradeFromVersion3(t *testing.T) {
 	e.get("GET", "/_matrix/client/v3/sync", "old-token", nil, &s)
 	if len(s.ToDevice.Events) != 1 || s.ToDevice.Events[0]["type"] != "x.old" {
 		t.Errorf("old to-device %v", s.ToDevice.Events)
+	}
+}
+
+// TestClientGoneIsNoError: a /sync the client abandons is not logged as a
+// failed request.
+func TestClientGoneIsNoError(t *testing.T) {
+	core, logs := observer.New(zap.DebugLevel)
+	e := startWith(t, t.TempDir(), notFoundAS(), bridgeReg, Config{Logger: zap.New(core)})
+	alice := e.register("alice")
+	var s syncResp
+	e.get("GET", "/_matrix/client/v3/sync", alice, nil, &s)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", e.hs.URL+"/_matrix/client/v3/sync?timeout=5000&since="+s.NextBatch, nil)
+	req.Header.Set("Authorization", "Bearer "+alice)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("the sync returned before the client gave up")
+	}
+	time.Sleep(300 * time.Millisecond)
+	if n := logs.FilterMessage("request failed").Len(); n != 0 {
+		t.Errorf("%d abandoned requests logged as failures: %v", n, logs.FilterMessage("request failed").All()[0].ContextMap())
 	}
 }
