@@ -569,6 +569,12 @@ func (s *Server) deviceListsBetween(ctx context.Context, userID string, from, to
 		return deviceLists{}, err
 	}
 	for _, c := range changes {
+		// Only joins start sharing a room and only leaves and bans end
+		// it; an invite, a knock or a profile change does neither.
+		joined := c.membership == "join"
+		if !joined && c.membership != "leave" && c.membership != "ban" {
+			continue
+		}
 		affected := []string{c.user}
 		if c.user == userID {
 			// The caller joined or left: everyone in the room is affected.
@@ -585,9 +591,9 @@ func (s *Server) deviceListsBetween(ctx context.Context, userID string, from, to
 				return deviceLists{}, err
 			}
 			switch {
-			case ok && (c.membership == "join" || c.user == userID):
+			case ok && joined:
 				changed[u] = true
-			case !ok:
+			case !ok && !joined:
 				left[u] = true
 			}
 		}

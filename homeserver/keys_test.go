@@ -278,6 +278,19 @@ func TestDeviceListsInSync(t *testing.T) {
 		t.Errorf("keys/changes %+v", kc)
 	}
 
+	// An invite starts no sharing: neither dave (invited) nor, for dave,
+	// the room's members are news.
+	var d0 dlSync
+	e.get("GET", "/_matrix/client/v3/sync", dave, nil, &d0)
+	e.do("POST", room(roomID)+"/invite", alice, map[string]any{"user_id": "@dave:hs"})
+	var sInv, dInv dlSync
+	e.get("GET", "/_matrix/client/v3/sync?since="+s1b.NextBatch, bob, nil, &sInv)
+	e.get("GET", "/_matrix/client/v3/sync?since="+d0.NextBatch, dave, nil, &dInv)
+	if len(sInv.DeviceLists.Left)+len(sInv.DeviceLists.Changed)+len(dInv.DeviceLists.Left)+len(dInv.DeviceLists.Changed) != 0 {
+		t.Errorf("after an invite: bob %+v, dave %+v", sInv.DeviceLists, dInv.DeviceLists)
+	}
+	s1b = sInv
+
 	// carol joins: changed for bob; carol leaves: left.
 	e.do("POST", room(roomID)+"/join", carol, nil)
 	var s2 dlSync
