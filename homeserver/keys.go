@@ -618,9 +618,10 @@ type crossSigningHead struct {
 }
 
 // uploadCrossSigning stores the caller's cross-signing keys. As the spec
-// asks (v1.11), no user-interactive auth is needed while the user has no
-// master key or re-uploads the same keys; an AS acting with its as_token
-// never needs it (MSC4190). Otherwise the password stage is required.
+// asks (v1.11, MSC3967), no user-interactive auth is needed while the user
+// has no master key or when the request repeats the stored master key and
+// adds nothing new; an AS acting with its as_token never needs it
+// (MSC4190). Otherwise the password stage is required.
 // Signatures inside the keys are stored, not verified.
 func (s *Server) uploadCrossSigning(r *request, req *reqCrossSigning) (any, error) {
 	ctx := r.Context()
@@ -665,7 +666,9 @@ func (s *Server) uploadCrossSigning(r *request, req *reqCrossSigning) (any, erro
 		return nil, errMissingParam.With("upload a master key first")
 	}
 	if r.c.as == nil && hasMaster {
-		same := true
+		// The spec's exception: the request carries the stored master key
+		// and nothing new.
+		_, same := keys["master"]
 		for usage, js := range keys {
 			var old []byte
 			if _, err := s.st.one(ctx, &old, `SELECT json FROM cross_signing_keys WHERE user_id = ? AND usage = ?`, r.c.userID, usage); err != nil {

@@ -354,6 +354,7 @@ func TestCrossSigning(t *testing.T) {
 		{"first keys without UIA", "POST", up, alice, first, 200, ""},
 		{"the same keys again without UIA", "POST", up, alice, first, 200, ""},
 		{"a new master key needs UIA", "POST", up, alice, second, 401, ""},
+		{"the same self-signing key without the master key needs UIA", "POST", up, alice, map[string]any{"self_signing_key": first["self_signing_key"]}, 401, ""},
 		{"a key of another user", "POST", up, bob, map[string]any{"master_key": crossKey("@alice:hs", "master", "X")}, 400, "M_INVALID_PARAM"},
 		{"wrong usage", "POST", up, bob, map[string]any{"master_key": crossKey("@bob:hs", "self_signing", "X")}, 400, "M_INVALID_PARAM"},
 		{"self-signing before master", "POST", up, bob, map[string]any{"self_signing_key": crossKey("@bob:hs", "self_signing", "X")}, 400, "M_MISSING_PARAM"},
