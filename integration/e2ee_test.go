@@ -28,6 +28,7 @@ type cryptoUser struct {
 	plain  []*event.Event // decrypted messages
 }
 
+// newCryptoUser registers localpart and gives its client crypto.
 func newCryptoUser(t *testing.T, hs, localpart string) *cryptoUser {
 	t.Helper()
 	ctx := context.Background()
