@@ -24,6 +24,8 @@ func (s *Server) accountRoutes() []route {
 		{"GET", v3 + "/devices", user, s.devices},
 		{"GET", v3 + "/devices/{device}", user, s.device},
 		{"PUT", v3 + "/devices/{device}", user, typed(s.putDevice)},
+		{"DELETE", v3 + "/devices/{device}", user, typed(s.deleteDevice)},
+		{"POST", v3 + "/delete_devices", user, typed(s.deleteDevices)},
 		{"POST", v3 + "/user/{user}/filter", user, s.postFilter},
 		{"GET", v3 + "/user/{user}/filter/{filter}", user, s.getFilter},
 		{"GET", v3 + "/user/{user}/account_data/{type}", user, s.getAccountData},
@@ -201,13 +203,27 @@ func (s *Server) newToken(ctx context.Context, userID, deviceID, displayName str
 		return "", "", err
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName)); err != nil {
+	res, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName))
+	if err != nil {
 		return "", "", err
+	}
+	var pos int64
+	if n, _ := res.RowsAffected(); n > 0 {
+		if pos, err = s.deviceListChanged(ctx, tx, userID); err != nil {
+			return "", "", err
+		}
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (token, user_id, device_id) VALUES (?, ?, ?)`, tokenHash(tok), userID, deviceID); err != nil {
 		return "", "", err
 	}
-	return tok, deviceID, tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return "", "", err
+	}
+	if pos > 0 {
+		s.wake()
+		s.notifyDeviceList(ctx, userID, pos)
+	}
+	return tok, deviceID, nil
 }
 
 func (s *Server) loginFlows(*request) (any, error) {
@@ -281,31 +297,23 @@ func (s *Server) login(r *request, req *reqLogin) (any, error) {
 	return &respLogin{UserID: userID, AccessToken: tok, DeviceID: dev, HomeServer: s.cfg.ServerName}, nil
 }
 
-// logout ends the calling token and its device, as Synapse does. An
-// as_token is not a session: logging it out changes nothing.
+// logout ends the calling token and its device (with its keys), as
+// Synapse does. An as_token is not a session: logging it out changes
+// nothing.
 func (s *Server) logout(r *request) (any, error) {
 	if r.c.as != nil {
 		return empty, nil
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	ctx := r.Context()
-	if _, err := s.st.db.ExecContext(ctx, `DELETE FROM tokens WHERE user_id = ? AND device_id = ?`, r.c.userID, r.c.deviceID); err != nil {
-		return nil, err
-	}
-	_, err := s.st.db.ExecContext(ctx, `DELETE FROM devices WHERE user_id = ? AND device_id = ?`, r.c.userID, r.c.deviceID)
-	return empty, err
+	return empty, s.removeDevices(r.Context(), r.c.userID, []string{r.c.deviceID})
 }
 
 func (s *Server) logoutAll(r *request) (any, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	ctx := r.Context()
-	if _, err := s.st.db.ExecContext(ctx, `DELETE FROM tokens WHERE user_id = ?`, r.c.userID); err != nil {
+	devs, err := s.st.list(ctx, `SELECT device_id FROM devices WHERE user_id = ? UNION SELECT device_id FROM tokens WHERE user_id = ?`, r.c.userID, r.c.userID)
+	if err != nil {
 		return nil, err
 	}
-	_, err := s.st.db.ExecContext(ctx, `DELETE FROM devices WHERE user_id = ?`, r.c.userID)
-	return empty, err
+	return empty, s.removeDevices(ctx, r.c.userID, devs)
 }
 
 type respWhoami struct {
@@ -361,21 +369,6 @@ func (s *Server) device(r *request) (any, error) {
 		return nil, errNotFound.With("no such device")
 	}
 	return ds[0], nil
-}
-
-func (s *Server) putDevice(r *request, req *struct {
-	DisplayName *string `json:"display_name"`
-}) (any, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	res, err := s.st.db.ExecContext(r.Context(), `UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?`, req.DisplayName, r.c.userID, r.PathValue("device"))
-	if err != nil {
-		return nil, err
-	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return nil, errNotFound.With("no such device")
-	}
-	return empty, nil
 }
 
 // ownUser checks that the {user} path value is the caller.

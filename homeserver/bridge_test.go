@@ -25,7 +25,7 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 		{"masquerade as an unregistered ghost", "GET", "/_matrix/client/v3/account/whoami?user_id=" + url.QueryEscape("@br_nobody:hs"), "as-bridge", nil, 403, "M_FORBIDDEN"},
 		{"masquerade as the sender user", "GET", "/_matrix/client/v3/account/whoami?user_id=" + url.QueryEscape(bot), "as-bridge", nil, 200, ""},
 		{"masquerade outside the namespace", "GET", "/_matrix/client/v3/account/whoami?user_id=" + url.QueryEscape("@alice:hs"), "as-bridge", nil, 403, "M_FORBIDDEN"},
-		{"masquerade with an unknown device", "GET", "/_matrix/client/v3/account/whoami?device_id=NOPE", "as-bridge", nil, 403, "M_FORBIDDEN"},
+		{"masquerade with an unknown device", "GET", "/_matrix/client/v3/account/whoami?device_id=NOPE", "as-bridge", nil, 400, "M_UNKNOWN_DEVICE"},
 		{"bot's displayname", "GET", "/_matrix/client/v3/profile/" + url.PathEscape(bot) + "/displayname", "", nil, 200, ""},
 		{"bot joins on invite", "POST", "/_matrix/client/v3/join/" + url.PathEscape(roomID), "as-bridge", nil, 200, ""},
 		{"state", "GET", r + "/state", "as-bridge", nil, 200, ""},

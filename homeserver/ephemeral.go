@@ -262,14 +262,45 @@ func (s *Server) sendToDevice(r *request, req *struct {
 	Messages map[string]map[string]json.RawMessage `json:"messages"`
 }) (any, error) {
 	typ := r.PathValue("type")
+	ctx := r.Context()
+	// A retried request (same token, user and transaction ID) is answered
+	// without sending again: a repeated Olm message fails to decrypt.
+	txnKey, txnID := r.c.token+"|"+r.c.userID, "sendToDevice|"+r.PathValue("txn")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var prev string
+	if ok, err := s.st.one(ctx, &prev, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, txnKey, txnID); err != nil || ok {
+		return empty, err
+	}
 	var msgs []dispatcher.ToDevice
 	type inbox struct {
 		user, dev string
 		js        []byte
 	}
 	var local []inbox
-	for u, devices := range req.Messages {
-		for dev, content := range devices {
+	for _, u := range sortedKeys(req.Messages) {
+		devices := req.Messages[u]
+		// "*" is every device of a local user, expanded now: a bridge
+		// reading to_device_id "*" in a transaction drops the message.
+		// A device named beside "*" gets its own content.
+		if content, ok := devices["*"]; ok && s.IsLocalUser(u) {
+			all, err := s.st.list(ctx, `SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id`, u)
+			if err != nil {
+				return nil, err
+			}
+			expanded := make(map[string]json.RawMessage, len(all))
+			for _, d := range all {
+				expanded[d] = content
+			}
+			for d, c := range devices {
+				if d != "*" {
+					expanded[d] = c
+				}
+			}
+			devices = expanded
+		}
+		for _, dev := range sortedKeys(devices) {
+			content := devices[dev]
 			js, _ := json.Marshal(map[string]any{"type": typ, "sender": r.c.userID, "content": content, "to_user_id": u, "to_device_id": dev})
 			msgs = append(msgs, dispatcher.ToDevice{Sender: r.c.userID, Type: typ, ToUser: u, ToDevice: dev, JSON: js})
 			if s.IsLocalUser(u) {
@@ -278,16 +309,29 @@ func (s *Server) sendToDevice(r *request, req *struct {
 			}
 		}
 	}
-	if len(local) > 0 {
-		s.mu.Lock()
-		for _, m := range local {
-			if _, err := s.st.db.ExecContext(r.Context(), `INSERT INTO to_device (user_id, device_id, json) VALUES (?, ?, ?)`, m.user, m.dev, m.js); err != nil {
-				s.mu.Unlock()
-				return nil, err
-			}
+	// Handed to the dispatcher first: if the commit below fails, the
+	// client's retry may send twice, but nothing is lost.
+	if err := s.disp.SubmitToDevice(ctx, msgs...); err != nil {
+		return nil, err
+	}
+	tx, err := s.st.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	for _, m := range local {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO to_device (user_id, device_id, json) VALUES (?, ?, ?)`, m.user, m.dev, m.js); err != nil {
+			return nil, err
 		}
-		s.mu.Unlock()
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO send_txns (token, txn_id, event_id) VALUES (?, ?, '')`, txnKey, txnID); err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, err
+	}
+	if len(local) > 0 {
 		s.wake()
 	}
-	return empty, s.disp.SubmitToDevice(r.Context(), msgs...)
+	return empty, nil
 }

@@ -57,6 +57,7 @@ var (
 	errExclusive     = &mxError{Status: http.StatusBadRequest, Code: "M_EXCLUSIVE"}
 	errUnsupportedRV = &mxError{Status: http.StatusBadRequest, Code: "M_UNSUPPORTED_ROOM_VERSION"}
 	errUnknown400    = &mxError{Status: http.StatusBadRequest, Code: "M_UNKNOWN"}
+	errUnknownDevice = &mxError{Status: http.StatusBadRequest, Code: "M_UNKNOWN_DEVICE"}
 	errMissingToken  = &mxError{Status: http.StatusUnauthorized, Code: "M_MISSING_TOKEN"}
 	errUnknownToken  = &mxError{Status: http.StatusUnauthorized, Code: "M_UNKNOWN_TOKEN"}
 	errForbidden     = &mxError{Status: http.StatusForbidden, Code: "M_FORBIDDEN"}
@@ -95,6 +96,11 @@ func asMatrixError(err error) (*mxError, bool) {
 // logged with its detail and answered as a bare 500 M_UNKNOWN: its text may
 // name database hosts and users, which a client must not see.
 func writeError(w http.ResponseWriter, r *http.Request, log *zap.Logger, err error) {
+	if r.Context().Err() != nil && errors.Is(err, r.Context().Err()) {
+		// The client went away (a /sync cut short): nobody reads an answer,
+		// and it is no server failure.
+		return
+	}
 	me, ok := asMatrixError(err)
 	if !ok {
 		log.Error("request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Error(err))
@@ -104,9 +110,12 @@ func writeError(w http.ResponseWriter, r *http.Request, log *zap.Logger, err err
 	for k, v := range me.Extra {
 		body[k] = v
 	}
-	body["errcode"], body["error"] = me.Code, me.Msg
-	if me.Msg == "" {
-		body["error"] = me.Code
+	// A user-interactive auth challenge before any attempt has no errcode.
+	if me.Code != "" {
+		body["errcode"], body["error"] = me.Code, me.Msg
+		if me.Msg == "" {
+			body["error"] = me.Code
+		}
 	}
 	if me.RetryAfter > 0 {
 		body["retry_after_ms"] = me.RetryAfter.Milliseconds()

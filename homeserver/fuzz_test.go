@@ -70,7 +70,10 @@ func FuzzClientJSON(f *testing.F) {
 	}
 	table := srv.table
 	for _, seed := range []string{`{}`, `{"username":"a","password":"b"}`, `{"room_alias_name":"br_x"}`, `[`, `{"messages":{"@a:hs":{"D":{}}}}`,
-		`{"user_id":5}`, `{"membership":"join"}`, `{"users":{"@br_a:hs":"x"}}`, "\xff", `{} x`, `{"invite":["@` + strings.Repeat("a", 300) + `:hs"]}`} {
+		`{"user_id":5}`, `{"membership":"join"}`, `{"users":{"@br_a:hs":"x"}}`, "\xff", `{} x`, `{"invite":["@` + strings.Repeat("a", 300) + `:hs"]}`,
+		`{"device_keys":{"@bridgebot:hs":[]}}`, `{"one_time_keys":{"@bridgebot:hs":{"D":"signed_curve25519"}}}`,
+		`{"master_key":{"user_id":"@bridgebot:hs","usage":["master"],"keys":{"ed25519:X":"X"}}}`, `{"@bridgebot:hs":{"X":{"signatures":{}}}}`,
+		`{"devices":["D"]}`} {
 		for i := range table {
 			f.Add(uint16(i), seed)
 		}

@@ -54,6 +54,9 @@ type Config struct {
 	// Password sets the cost of the argon2id password hash; zero fields
 	// take the defaults (PasswordParams).
 	Password PasswordParams
+	// Keys, if set, is told about device list changes and one-time key
+	// counts after they are committed (for MSC3202 transactions).
+	Keys KeyObserver
 }
 
 // Server is the stub homeserver.
@@ -72,6 +75,7 @@ type Server struct {
 	mediaDir string
 
 	typers typingState
+	uia    uiaSessions
 
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
@@ -262,7 +266,7 @@ func (s *Server) auth(r *http.Request) (*caller, error) {
 				return nil, err
 			}
 			if !ok {
-				return nil, errForbidden.With("%s has no device %s", c.userID, dev)
+				return nil, errUnknownDevice.With("%s has no device %s", c.userID, dev)
 			}
 			c.deviceID = dev
 		}

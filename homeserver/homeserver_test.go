@@ -38,10 +38,16 @@ type env struct {
 }
 
 func start(t *testing.T, dir string, asHandler http.Handler) *env {
+	return startWith(t, dir, asHandler, bridgeReg, Config{})
+}
+
+// startWith starts the stub with a registration (a format with one %s, the
+// AS's URL) and extra config (Keys).
+func startWith(t *testing.T, dir string, asHandler http.Handler, reg string, extra Config) *env {
 	e := &env{t: t, dir: dir}
 	e.as = httptest.NewServer(asHandler)
 	t.Cleanup(e.as.Close)
-	r, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(bridgeReg, e.as.URL)))
+	r, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(reg, e.as.URL)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +57,7 @@ func start(t *testing.T, dir string, asHandler http.Handler) *env {
 	}
 	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
 		Queue:    queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
-		Password: cheapPasswords})
+		Password: cheapPasswords, Keys: extra.Keys, Logger: extra.Logger})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,7 @@ func (s *Server) routeTable() []route {
 	var t []route
 	for _, section := range [][]route{
 		s.accountRoutes(), s.profileRoutes(), s.roomRoutes(), s.roomReadRoutes(), s.directoryRoutes(),
-		s.ephemeralRoutes(), s.syncRoutes(), s.appserviceRoutes(), s.thirdPartyRoutes(), s.mediaRoutes(), s.miscRoutes(),
+		s.ephemeralRoutes(), s.syncRoutes(), s.keyRoutes(), s.appserviceRoutes(), s.thirdPartyRoutes(), s.mediaRoutes(), s.miscRoutes(),
 	} {
 		t = append(t, section...)
 	}

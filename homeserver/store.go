@@ -60,6 +60,18 @@ CREATE TABLE to_device (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT 
 	// 3: read receipts, for /sync.
 	`CREATE TABLE receipts (room_id TEXT NOT NULL, user_id TEXT NOT NULL, type TEXT NOT NULL, event_id TEXT NOT NULL, ts INTEGER NOT NULL, pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id, type));
 CREATE INDEX receipts_pos ON receipts (room_id, pos);`,
+	// 4: end-to-end encryption keys and the device list stream. Keys are
+	// kept as the signed JSON the client uploaded; signatures others add
+	// later (keys/signatures/upload) live apart, so that a re-upload by the
+	// owner does not drop them. device_lists has a row per change of a
+	// user's devices or cross-signing keys, for /sync and /keys/changes.
+	`CREATE TABLE device_keys (user_id TEXT NOT NULL, device_id TEXT NOT NULL, json BLOB NOT NULL, PRIMARY KEY (user_id, device_id));
+CREATE TABLE one_time_keys (user_id TEXT NOT NULL, device_id TEXT NOT NULL, key_id TEXT NOT NULL, algorithm TEXT NOT NULL, json BLOB NOT NULL, PRIMARY KEY (user_id, device_id, key_id));
+CREATE TABLE fallback_keys (user_id TEXT NOT NULL, device_id TEXT NOT NULL, algorithm TEXT NOT NULL, key_id TEXT NOT NULL, json BLOB NOT NULL, used INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, device_id, algorithm));
+CREATE TABLE cross_signing_keys (user_id TEXT NOT NULL, usage TEXT NOT NULL, json BLOB NOT NULL, PRIMARY KEY (user_id, usage));
+CREATE TABLE key_signatures (target_user TEXT NOT NULL, target_key TEXT NOT NULL, signer_user TEXT NOT NULL, signer_key TEXT NOT NULL, signature TEXT NOT NULL, PRIMARY KEY (target_user, target_key, signer_user, signer_key));
+CREATE TABLE device_lists (pos INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL);
+CREATE INDEX device_lists_user ON device_lists (user_id, pos);`,
 }
 
 func openState(ctx context.Context, path string) (*state, error) {

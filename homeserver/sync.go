@@ -16,23 +16,24 @@ func (s *Server) syncRoutes() []route {
 }
 
 // syncPos is a /sync token: positions in the events, account data,
-// to-device and receipt streams, and the typing serial. Its text is
-// "s<events>_<account data>_<to-device>_<receipts>_<typing>"; the first
-// three alone (tokens of earlier versions) are accepted too.
+// to-device, receipt and device list streams, and the typing serial. Its
+// text is "s<events>_<account data>_<to-device>_<receipts>_<typing>_<device
+// lists>"; tokens of earlier versions (the first three or five parts) are
+// accepted too, the missing positions read as 0.
 type syncPos struct {
-	events, accountData, toDevice, receipts, typing int64
+	events, accountData, toDevice, receipts, typing, deviceLists int64
 }
 
 func (p syncPos) String() string {
-	return fmt.Sprintf("s%d_%d_%d_%d_%d", p.events, p.accountData, p.toDevice, p.receipts, p.typing)
+	return fmt.Sprintf("s%d_%d_%d_%d_%d_%d", p.events, p.accountData, p.toDevice, p.receipts, p.typing, p.deviceLists)
 }
 
 func parseSince(tok string) (syncPos, bool) {
 	parts := strings.Split(strings.TrimPrefix(tok, "s"), "_")
-	if !strings.HasPrefix(tok, "s") || (len(parts) != 3 && len(parts) != 5) {
+	if !strings.HasPrefix(tok, "s") || (len(parts) != 3 && len(parts) != 5 && len(parts) != 6) {
 		return syncPos{}, false
 	}
-	var n [5]int64
+	var n [6]int64
 	for i, p := range parts {
 		v, err := strconv.ParseInt(p, 10, 64)
 		if err != nil || v < 0 {
@@ -40,7 +41,7 @@ func parseSince(tok string) (syncPos, bool) {
 		}
 		n[i] = v
 	}
-	return syncPos{n[0], n[1], n[2], n[3], n[4]}, true
+	return syncPos{n[0], n[1], n[2], n[3], n[4], n[5]}, true
 }
 
 // syncFilter is the part of a filter the stub applies; unknown fields are
@@ -106,13 +107,17 @@ type respSync struct {
 	AccountData rawEventList   `json:"account_data"`
 	ToDevice    rawEventList   `json:"to_device"`
 	Presence    rawEventList   `json:"presence"`
-	DeviceLists map[string]any `json:"device_lists"`
+	DeviceLists deviceLists    `json:"device_lists"`
 	OTKCount    map[string]int `json:"device_one_time_keys_count"`
+	// UnusedFallback is set for a caller with a device: [] says "no unused
+	// fallback key" (clients then upload one), absent says "not supported".
+	UnusedFallback []string `json:"device_unused_fallback_key_types,omitzero"`
 }
 
 func (r *respSync) empty() bool {
 	return len(r.Rooms.Join) == 0 && len(r.Rooms.Invite) == 0 && len(r.Rooms.Leave) == 0 &&
-		len(r.AccountData.Events) == 0 && len(r.ToDevice.Events) == 0
+		len(r.AccountData.Events) == 0 && len(r.ToDevice.Events) == 0 &&
+		len(r.DeviceLists.Changed) == 0 && len(r.DeviceLists.Left) == 0
 }
 
 // sync answers /sync for any local user, AS users included: rooms joined
@@ -177,15 +182,30 @@ func (s *Server) syncOnce(ctx context.Context, c *caller, since *syncPos, limit 
 	var now syncPos
 	now.typing = s.typers.current()
 	if _, err := one(ctx, db, `SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(pos), 0) FROM account_data),
-		(SELECT COALESCE(MAX(seq), 0) FROM to_device), (SELECT COALESCE(MAX(pos), 0) FROM receipts)`,
-		nil, &now.events, &now.accountData, &now.toDevice, &now.receipts); err != nil {
+		(SELECT COALESCE(MAX(seq), 0) FROM to_device), (SELECT COALESCE(MAX(pos), 0) FROM receipts), (SELECT COALESCE(MAX(pos), 0) FROM device_lists)`,
+		nil, &now.events, &now.accountData, &now.toDevice, &now.receipts, &now.deviceLists); err != nil {
 		return nil, err
 	}
 	from := syncPos{}
 	if since != nil {
 		from = *since
 	}
-	out := &respSync{NextBatch: now.String(), DeviceLists: map[string]any{"changed": []string{}, "left": []string{}}, OTKCount: map[string]int{}}
+	out := &respSync{NextBatch: now.String(), DeviceLists: deviceLists{Changed: []string{}, Left: []string{}}, OTKCount: map[string]int{}}
+	// Device lists are news since the token; an initial sync has none.
+	if since != nil {
+		dl, err := s.deviceListsBetween(ctx, c.userID, from, now)
+		if err != nil {
+			return nil, err
+		}
+		out.DeviceLists = dl
+	}
+	if c.deviceID != "" {
+		kc, err := keyCounts(ctx, db, c.userID, c.deviceID)
+		if err != nil {
+			return nil, err
+		}
+		out.OTKCount, out.UnusedFallback = kc.OneTimeKeys, kc.UnusedFallback
+	}
 	out.Rooms.Join, out.Rooms.Invite, out.Rooms.Leave = map[string]*joinedRoomSync{}, map[string]*invitedRoomSync{}, map[string]*leftRoomSync{}
 	out.AccountData.Events, out.ToDevice.Events, out.Presence.Events = []json.RawMessage{}, []json.RawMessage{}, []json.RawMessage{}
 

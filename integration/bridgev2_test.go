@@ -84,8 +84,9 @@ func buildGmessages() (string, error) {
 
 // gmessagesConfig writes the bridge's config: its own example config (-e)
 // with the homeserver, the listener, the database and the permissions set,
-// then has the bridge generate its registration (-g) from it.
-func gmessagesConfig(t *testing.T, bin, hs string) (config, registration string) {
+// and what tweak changes, then has the bridge generate its registration
+// (-g) from it.
+func gmessagesConfig(t *testing.T, bin, hs string, tweak ...func(cfg map[string]any)) (config, registration string) {
 	t.Helper()
 	dir := t.TempDir()
 	config = filepath.Join(dir, "config.yaml")
@@ -123,6 +124,9 @@ func gmessagesConfig(t *testing.T, bin, hs string) (config, registration string)
 	db["uri"] = "file:" + filepath.Join(dir, "bridge.db") + "?_txlock=immediate"
 	section("bridge")["permissions"] = map[string]any{"*": "relay", "localhost": "user", "@alice:localhost": "admin"}
 	cfg["logging"] = map[string]any{"min_level": "debug", "writers": []any{map[string]any{"type": "stdout", "format": "json"}}}
+	for _, f := range tweak {
+		f(cfg)
+	}
 	if raw, err = yaml.Marshal(cfg); err != nil {
 		t.Fatal(err)
 	}

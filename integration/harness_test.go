@@ -155,6 +155,7 @@ var (
 		{regexp.MustCompile(`^appservice$`), "{appserviceId}"},
 		{regexp.MustCompile(`^(filter)$`), "{filterId}"},
 		{regexp.MustCompile(`^(transactions)$`), "{txnId}"},
+		{regexp.MustCompile(`^(devices)$`), "{deviceId}"},
 	}
 )
 
@@ -248,6 +249,7 @@ func TestPathTemplate(t *testing.T) {
 		{"/_matrix/client/v3/user/@a:l/filter/12", "/_matrix/client/v3/user/{userId}/filter/{filterId}"},
 		{"/_matrix/client/v3/directory/room/%23alias%3Alocalhost", "/_matrix/client/v3/directory/room/{roomAlias}"},
 		{"/_matrix/client/v3/sync", "/_matrix/client/v3/sync"},
+		{"/_matrix/client/v3/devices/Q228VJAQ58", "/_matrix/client/v3/devices/{deviceId}"},
 	} {
 		if got := pathTemplate(c.in); got != c.want {
 			t.Errorf("pathTemplate(%q) = %q, want %q", c.in, got, c.want)
