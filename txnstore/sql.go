@@ -81,6 +81,9 @@ var migrations = []string{
 	// first id that replaced it, until the cursor passes it: a Complete of
 	// an id whose row is gone then means it was completed before.
 	`ALTER TABLE txns ADD COLUMN replaced_by INTEGER NOT NULL DEFAULT 0;`,
+	// The highest position of each homeserver stream handed over, written
+	// in the commit of the items it covers.
+	`CREATE TABLE positions (stream TEXT PRIMARY KEY, pos INTEGER NOT NULL);`,
 }
 
 // migrate brings the schema up to date inside tx, then removes frozen
@@ -127,6 +130,88 @@ func migrateTo(ctx context.Context, tx *sql.Tx, d *dialect, n int) error {
 		}
 	}
 	return nil
+}
+
+// maxStreamName bounds a stream name: it names a homeserver stream (and
+// maybe its writer), never data.
+const maxStreamName = 255
+
+// checkPositions validates the positions of an Append's entries.
+func checkPositions(entries []Entry) error {
+	var last map[string]int64
+	for _, e := range entries {
+		if e.Stream == "" {
+			if e.Pos != 0 {
+				return fmt.Errorf("%w: position %d without a stream", ErrBadPosition, e.Pos)
+			}
+			continue
+		}
+		if len(e.Stream) > maxStreamName || !utf8.ValidString(e.Stream) || strings.IndexByte(e.Stream, 0) >= 0 {
+			return fmt.Errorf("%w: stream name %.40q", ErrBadPosition, e.Stream)
+		}
+		if e.Pos <= 0 {
+			return fmt.Errorf("%w: %s at %d, not above 0", ErrBadPosition, e.Stream, e.Pos)
+		}
+		if last == nil {
+			last = map[string]int64{}
+		}
+		if p, ok := last[e.Stream]; ok && e.Pos < p {
+			return fmt.Errorf("%w: %s goes down from %d to %d", ErrBadPosition, e.Stream, p, e.Pos)
+		}
+		last[e.Stream] = e.Pos
+	}
+	return nil
+}
+
+// admit decides which entries of one Append are new: those without a
+// stream, and those above their stream's position cur reports. It sets
+// live[i] and calls moved with each stream's highest new position. Every
+// entry of a call is compared with the position as the call found it, so
+// entries sharing a position go in or are skipped together.
+func admit(entries []Entry, live []bool, cur func(stream string) (int64, error), moved func(stream string, pos int64)) error {
+	var start, high map[string]int64
+	for i, e := range entries {
+		if e.Stream == "" {
+			live[i] = true
+			continue
+		}
+		if start == nil {
+			start, high = map[string]int64{}, map[string]int64{}
+		}
+		p, ok := start[e.Stream]
+		if !ok {
+			var err error
+			if p, err = cur(e.Stream); err != nil {
+				return err
+			}
+			start[e.Stream] = p
+		}
+		live[i] = e.Pos > p
+		if e.Pos > max(p, high[e.Stream]) {
+			high[e.Stream] = e.Pos
+		}
+	}
+	for st, p := range high {
+		moved(st, p)
+	}
+	return nil
+}
+
+// upsertPosition moves a stream's stored position up to pos.
+const upsertPosition = `INSERT INTO positions (stream, pos) VALUES (?, ?)
+	ON CONFLICT (stream) DO UPDATE SET pos = CASE WHEN excluded.pos > positions.pos THEN excluded.pos ELSE positions.pos END`
+
+// readPosition implements Store.Position.
+func readPosition(ctx context.Context, db *sql.DB, d *dialect, stream string) (int64, error) {
+	var p int64
+	err := db.QueryRowContext(ctx, d.q(`SELECT pos FROM positions WHERE stream = ?`), stream).Scan(&p)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("txnstore: position: %w", err)
+	}
+	return p, nil
 }
 
 // Garbage collection: stream rows every cursor has passed, then items no
