@@ -55,9 +55,9 @@ type SQLite struct {
 	// positions caches the positions table: one process owns the file.
 	positions map[string]int64
 	ases      map[ASKey]*asRow
-	ids     map[string]ASKey
-	st      stats
-	sinceGC int
+	ids       map[string]ASKey
+	st        stats
+	sinceGC   int
 }
 
 // asRow is the writer's cache of an appservices row.
