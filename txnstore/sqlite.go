@@ -58,6 +58,10 @@ type SQLite struct {
 	ids       map[string]ASKey
 	st        stats
 	sinceGC   int
+	// unannounced are the items of commits that landed but failed (an
+	// ambiguous result): OnCommit gets them with the next commit, so the
+	// senders, which learn of new items only from OnCommit, still see them.
+	unannounced []Committed
 }
 
 // asRow is the writer's cache of an appservices row.
@@ -284,10 +288,16 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 	s.st.commits++
 	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *op) int { return o.size }))
 	if err != nil {
+		s.unannounced = append(s.unannounced, b.committed...)
 		return -1, err
 	}
-	if len(b.committed) > 0 && s.opts.OnCommit != nil {
-		s.opts.OnCommit(b.committed)
+	committed := b.committed
+	if len(s.unannounced) > 0 {
+		committed = append(s.unannounced, committed...)
+		s.unannounced = nil
+	}
+	if len(committed) > 0 && s.opts.OnCommit != nil {
+		s.opts.OnCommit(committed)
 	}
 	for i, o := range ops {
 		o.done <- errs[i]
