@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -209,8 +211,11 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 				return err
 			}
 		}
-		for st := range b.moved {
-			if _, err := tx.ExecContext(ctx, postgresSQL.q(upsertPosition), st, b.positions[st]); err != nil {
+		if len(b.moved) > 0 {
+			// In a fixed order: two commits of one process never wait
+			// for each other, but another process may write these rows.
+			streams := slices.Sorted(maps.Keys(b.moved))
+			if err := writePositions(ctx, tx, postgresSQL, b.positions, streams); err != nil {
 				return err
 			}
 		}

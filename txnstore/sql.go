@@ -136,9 +136,25 @@ func migrateTo(ctx context.Context, tx *sql.Tx, d *dialect, n int) error {
 // maybe its writer), never data.
 const maxStreamName = 255
 
+// streamAt is one stream's position, found by a linear search: a call
+// names one stream or a few, and maps cost more than they save then.
+type streamAt struct {
+	stream   string
+	pos, end int64
+}
+
+func findStream(sts []streamAt, stream string) int {
+	for i := range sts {
+		if sts[i].stream == stream {
+			return i
+		}
+	}
+	return -1
+}
+
 // checkPositions validates the positions of an Append's entries.
 func checkPositions(entries []Entry) error {
-	var last map[string]int64
+	var last []streamAt
 	for _, e := range entries {
 		if e.Stream == "" {
 			if e.Pos != 0 {
@@ -146,19 +162,21 @@ func checkPositions(entries []Entry) error {
 			}
 			continue
 		}
-		if len(e.Stream) > maxStreamName || !utf8.ValidString(e.Stream) || strings.IndexByte(e.Stream, 0) >= 0 {
-			return fmt.Errorf("%w: stream name %.40q", ErrBadPosition, e.Stream)
+		i := findStream(last, e.Stream)
+		if i < 0 {
+			if len(e.Stream) > maxStreamName || !utf8.ValidString(e.Stream) || strings.IndexByte(e.Stream, 0) >= 0 {
+				return fmt.Errorf("%w: stream name %.40q", ErrBadPosition, e.Stream)
+			}
+			last = append(last, streamAt{stream: e.Stream})
+			i = len(last) - 1
 		}
 		if e.Pos <= 0 {
 			return fmt.Errorf("%w: %s at %d, not above 0", ErrBadPosition, e.Stream, e.Pos)
 		}
-		if last == nil {
-			last = map[string]int64{}
+		if e.Pos < last[i].pos {
+			return fmt.Errorf("%w: %s goes down from %d to %d", ErrBadPosition, e.Stream, last[i].pos, e.Pos)
 		}
-		if p, ok := last[e.Stream]; ok && e.Pos < p {
-			return fmt.Errorf("%w: %s goes down from %d to %d", ErrBadPosition, e.Stream, p, e.Pos)
-		}
-		last[e.Stream] = e.Pos
+		last[i].pos = e.Pos
 	}
 	return nil
 }
@@ -169,37 +187,50 @@ func checkPositions(entries []Entry) error {
 // entry of a call is compared with the position as the call found it, so
 // entries sharing a position go in or are skipped together.
 func admit(entries []Entry, live []bool, cur func(stream string) (int64, error), moved func(stream string, pos int64)) error {
-	var start, high map[string]int64
+	var sts []streamAt // pos: as the call found it; end: the highest new
 	for i, e := range entries {
 		if e.Stream == "" {
 			live[i] = true
 			continue
 		}
-		if start == nil {
-			start, high = map[string]int64{}, map[string]int64{}
-		}
-		p, ok := start[e.Stream]
-		if !ok {
-			var err error
-			if p, err = cur(e.Stream); err != nil {
+		j := findStream(sts, e.Stream)
+		if j < 0 {
+			p, err := cur(e.Stream)
+			if err != nil {
 				return err
 			}
-			start[e.Stream] = p
+			sts = append(sts, streamAt{stream: e.Stream, pos: p, end: p})
+			j = len(sts) - 1
 		}
-		live[i] = e.Pos > p
-		if e.Pos > max(p, high[e.Stream]) {
-			high[e.Stream] = e.Pos
-		}
+		live[i] = e.Pos > sts[j].pos
+		sts[j].end = max(sts[j].end, e.Pos)
 	}
-	for st, p := range high {
-		moved(st, p)
+	for _, st := range sts {
+		if st.end > st.pos {
+			moved(st.stream, st.end)
+		}
 	}
 	return nil
 }
 
-// upsertPosition moves a stream's stored position up to pos.
-const upsertPosition = `INSERT INTO positions (stream, pos) VALUES (?, ?)
-	ON CONFLICT (stream) DO UPDATE SET pos = CASE WHEN excluded.pos > positions.pos THEN excluded.pos ELSE positions.pos END`
+// writePositions moves the stored positions up to those of pos, in one
+// statement: a commit of many writers' appends touches many streams.
+func writePositions(ctx context.Context, tx *sql.Tx, d *dialect, pos map[string]int64, streams []string) error {
+	for len(streams) > 0 {
+		chunk := streams[:min(len(streams), 256)]
+		streams = streams[len(chunk):]
+		args := make([]any, 0, 2*len(chunk))
+		for _, st := range chunk {
+			args = append(args, st, pos[st])
+		}
+		q := `INSERT INTO positions (stream, pos) VALUES ` + strings.TrimSuffix(strings.Repeat("(?, ?), ", len(chunk)), ", ") + `
+			ON CONFLICT (stream) DO UPDATE SET pos = CASE WHEN excluded.pos > positions.pos THEN excluded.pos ELSE positions.pos END`
+		if _, err := tx.ExecContext(ctx, d.q(q), args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // readPosition implements Store.Position.
 func readPosition(ctx context.Context, db *sql.DB, d *dialect, stream string) (int64, error) {

@@ -5,7 +5,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -238,8 +240,8 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
 		}
-		for st := range b.posUndo {
-			if _, err := tx.Exec(upsertPosition, st, s.positions[st]); err != nil {
+		if len(b.posUndo) > 0 {
+			if err := writePositions(context.Background(), tx, sqliteSQL, s.positions, slices.Collect(maps.Keys(b.posUndo))); err != nil {
 				return err
 			}
 		}
