@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -120,7 +121,7 @@ func TestSeedWalkthrough(t *testing.T) {
 			mu.Lock()
 			u := hsURL
 			mu.Unlock()
-			call(t, "POST", u+"/_matrix/client/v3/createRoom", "as-logging", map[string]any{"room_alias_name": local})
+			call(t, "POST", u+"/_matrix/client/v3/createRoom", "as-logging", map[string]any{"room_alias_name": local, "preset": "public_chat"})
 			w.Write([]byte("{}"))
 		default:
 			w.WriteHeader(404)
@@ -142,7 +143,15 @@ namespaces:
       regex: "#logged_.*"
 `, as.URL)), 0o600)
 	config := filepath.Join(dir, "homeserver.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf("server_name: localhost\nlisten: 127.0.0.1:0\ndata_dir: %s\napp_service_config_files:\n  - %s\nappservice:\n  retry_initial: 100ms\n", filepath.Join(dir, "data"), reg)), 0o600)
+	// The admin endpoints have their own listener (admin_listen): a free
+	// loopback port, picked here so the test knows it.
+	adminLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := adminLn.Addr().String()
+	adminLn.Close()
+	os.WriteFile(config, []byte(fmt.Sprintf("server_name: localhost\nlisten: 127.0.0.1:0\nadmin_listen: %s\ndata_dir: %s\napp_service_config_files:\n  - %s\nappservice:\n  retry_initial: 100ms\n", admin, filepath.Join(dir, "data"), reg)), 0o600)
 
 	addr, cmd := startServe(t, bin, config)
 	hs := addr
@@ -169,7 +178,7 @@ namespaces:
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	status := call(t, "GET", hs+"/_asdispatch/v1/appservices", "", nil)
+	status := call(t, "GET", "http://"+admin+"/_asdispatch/v1/appservices", "", nil)
 	if s := fmt.Sprint(status); !strings.Contains(s, "something-good") || strings.Contains(s, "hs-logging") {
 		t.Errorf("admin status %s", s)
 	}
