@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -71,6 +72,15 @@ type Server struct {
 
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
+
+	// ho hands the events table over to the dispatcher.
+	ho *handover
+	// Test seams: beforeHandOver, if set, runs before each hand-over (an
+	// error fails it, as a dispatcher store that is down would);
+	// logFault, if set, runs before each commit to the log (an error fails
+	// it, as a full disk would).
+	beforeHandOver atomic.Pointer[func(ctx context.Context, evs []dispatcher.Event) error]
+	logFault       atomic.Pointer[func() error]
 }
 
 // New opens the homeserver's state and the dispatcher in cfg.DataDir and
@@ -111,7 +121,21 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger, Metrics: cfg.Metrics})
 	s.routes()
+	if err := s.startHandover(ctx); err != nil {
+		_ = s.disp.Close(ctx)
+		st.db.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// startHandover hands over every event of the log the dispatcher does not
+// have yet, before the server takes requests, then keeps handing over.
+func (s *Server) startHandover(ctx context.Context) error {
+	if err := s.openHandover(ctx); err != nil {
+		return err
+	}
+	return s.replay(ctx)
 }
 
 // Reload registers the sender users of set's ASes, then swaps set in.
@@ -156,6 +180,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // Close closes the dispatcher (draining sends until ctx ends) and the state.
 func (s *Server) Close(ctx context.Context) error {
+	// What is not handed over yet is at the next start.
+	s.stopHandover()
 	err := s.disp.Close(ctx)
 	if cerr := s.st.db.Close(); err == nil {
 		err = cerr

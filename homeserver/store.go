@@ -60,6 +60,10 @@ CREATE TABLE to_device (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT 
 	// 3: read receipts, for /sync.
 	`CREATE TABLE receipts (room_id TEXT NOT NULL, user_id TEXT NOT NULL, type TEXT NOT NULL, event_id TEXT NOT NULL, ts INTEGER NOT NULL, pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id, type));
 CREATE INDEX receipts_pos ON receipts (room_id, pos);`,
+	// 4: the events table is the log handed over to the dispatcher; its
+	// stream there is named once per data dir. floor is the last event
+	// of a data dir older than that (handed over as it was made).
+	`CREATE TABLE log_streams (name TEXT PRIMARY KEY, stream TEXT NOT NULL, floor INTEGER NOT NULL);`,
 }
 
 func openState(ctx context.Context, path string) (*state, error) {
