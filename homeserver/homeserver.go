@@ -32,6 +32,12 @@ import (
 
 // Config configures a Server.
 type Config struct {
+	// BeforeHandOver, if set, is called before each hand-over of events
+	// from the log to the dispatcher; an error fails that attempt, which
+	// is retried. A test seam: serve sets it only in a binary built with
+	// the asdispatch_faults tag, to kill itself between log and hand-over.
+	BeforeHandOver func(ctx context.Context, evs []dispatcher.Event) error
+
 	ServerName string
 	DataDir    string
 	Registry   *registry.Registry
@@ -121,6 +127,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger, Metrics: cfg.Metrics})
 	s.routes()
+	if f := cfg.BeforeHandOver; f != nil {
+		s.beforeHandOver.Store(&f)
+	}
 	if err := s.startHandover(ctx); err != nil {
 		_ = s.disp.Close(ctx)
 		st.db.Close()
