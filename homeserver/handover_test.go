@@ -284,3 +284,45 @@ func TestLogWriteFailureIs503(t *testing.T) {
 		t.Errorf("the AS got %v, want [%s]", got, first)
 	}
 }
+
+// TestRoomStateAsOfTheHandOver: a message and then the ghost's leave wait
+// together to be handed over (here after a restart, so the dispatcher has
+// no cached interest for the room): the ghost's AS still gets the message
+// it was in the room for, as the room state the dispatcher reads is that
+// of the last event handed over, not the current one.
+func TestRoomStateAsOfTheHandOver(t *testing.T) {
+	dir := t.TempDir()
+	as := &asLog{}
+	e := startStub(t, dir, as, nil)
+	_, alice := e.do("POST", "/_matrix/client/v3/register", "", map[string]any{"username": "alice", "password": "pw"})
+	tok := alice["access_token"].(string)
+	_, room := e.do("POST", "/_matrix/client/v3/createRoom", tok, map[string]any{"preset": "public_chat"})
+	roomID := room["room_id"].(string)
+	e.do("POST", "/_matrix/client/v3/register", "as-bridge", map[string]any{"username": "br_ghost", "type": "m.login.application_service"})
+	ghost := "?user_id=" + url.QueryEscape("@br_ghost:hs")
+	if status, out := e.do("POST", "/_matrix/client/v3/join/"+url.PathEscape(roomID)+ghost, "as-bridge", nil); status != 200 {
+		t.Fatalf("ghost join: %d %v", status, out)
+	}
+	// Wait until the join is handed over, then hold the hand-over.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		var last int64
+		e.srv.st.db.QueryRow(`SELECT MAX(seq) FROM events`).Scan(&last)
+		if e.srv.ho.pos.Load() == last {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the join was never handed over")
+		}
+	}
+	hold := func(context.Context, []dispatcher.Event) error { return errors.New("held") }
+	e.srv.beforeHandOver.Store(&hold)
+	_, msg := e.do("PUT", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/send/m.room.message/m1", tok, map[string]any{"body": "hi"})
+	if status, out := e.do("POST", "/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/leave"+ghost, "as-bridge", map[string]any{}); status != 200 {
+		t.Fatalf("ghost leave: %d %v", status, out)
+	}
+	e.stop()
+	startStub(t, dir, as, nil)
+	if got := as.waitFor(t, 1); !slices.Equal(got, []string{msg["event_id"].(string)}) {
+		t.Errorf("the AS got %v, want alice's message from before the ghost left", got)
+	}
+}

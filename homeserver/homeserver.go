@@ -198,9 +198,15 @@ func (s *Server) Close(ctx context.Context) error {
 	return err
 }
 
-// JoinedLocalMembers implements dispatcher.RoomState.
+// JoinedLocalMembers implements dispatcher.RoomState: the members as of
+// the last event handed over, read from the log, not the current state,
+// which may already hold membership changes still waiting to be handed
+// over after the events the dispatcher is deciding.
 func (s *Server) JoinedLocalMembers(ctx context.Context, roomID string) ([]string, error) {
-	return s.st.list(ctx, `SELECT user_id FROM memberships WHERE room_id = ? AND membership = 'join' AND user_id LIKE ?`, roomID, "%:"+s.cfg.ServerName)
+	return s.st.list(ctx, `SELECT user_id FROM (SELECT state_key AS user_id, json_extract(json, '$.content.membership') AS m,
+		ROW_NUMBER() OVER (PARTITION BY state_key ORDER BY seq DESC) AS rn
+		FROM events WHERE room_id = ? AND type = 'm.room.member' AND seq <= ?)
+		WHERE rn = 1 AND m = 'join' AND user_id LIKE ?`, roomID, s.ho.pos.Load(), "%:"+s.cfg.ServerName)
 }
 
 // LocalAliases implements dispatcher.RoomState.
