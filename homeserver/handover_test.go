@@ -326,3 +326,58 @@ func TestRoomStateAsOfTheHandOver(t *testing.T) {
 		t.Errorf("the AS got %v, want alice's message from before the ghost left", got)
 	}
 }
+
+// BenchmarkSends measures the stub's send path: 8 clients sending
+// messages as the bridge's ghost, each send answered once it is in the log
+// (one SQLite commit), the hand-over to the dispatcher behind it.
+func BenchmarkSends(b *testing.B) {
+	dir := b.TempDir()
+	r, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(bridgeReg, "http://127.0.0.1:1")))
+	if err != nil {
+		b.Fatal(err)
+	}
+	set, _, err := registry.NewSet("hs", []*registry.Registration{r})
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv, err := New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set), Password: cheapPasswords})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Close(context.Background())
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	do := func(method, path string, body any) map[string]any {
+		js, _ := json.Marshal(body)
+		req, _ := http.NewRequest(method, hs.URL+path, bytes.NewReader(js))
+		req.Header.Set("Authorization", "Bearer as-bridge")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out map[string]any
+		json.NewDecoder(resp.Body).Decode(&out)
+		return out
+	}
+	do("POST", "/_matrix/client/v3/register", map[string]any{"username": "br_ghost", "type": "m.login.application_service"})
+	roomID := do("POST", "/_matrix/client/v3/createRoom?user_id="+url.QueryEscape("@br_ghost:hs"), map[string]any{})["room_id"].(string)
+	const clients = 8
+	var next atomic.Int64
+	b.ResetTimer()
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := next.Add(1); n <= int64(b.N); n = next.Add(1) {
+				if status, id, _, err := send(hs.URL, roomID, fmt.Sprintf("b%d", n)); err != nil || status != 200 {
+					b.Errorf("send: %d %s %v", status, id, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sends/s")
+}
