@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
@@ -69,6 +70,9 @@ var (
 	errTooLarge      = &mxError{Status: http.StatusRequestEntityTooLarge, Code: "M_TOO_LARGE"}
 	errNotYetUp      = &mxError{Status: http.StatusGatewayTimeout, Code: "M_NOT_YET_UPLOADED"}
 	errInternal      = &mxError{Status: http.StatusInternalServerError, Code: "M_UNKNOWN", Msg: "internal server error"}
+	// errUnavailable answers a write the log could not take (a full disk,
+	// a database that is down): nothing of it happened, retry it.
+	errUnavailable = &mxError{Status: http.StatusServiceUnavailable, Code: "M_UNKNOWN", Msg: "the server could not store this now; retry", RetryAfter: time.Second}
 )
 
 // asMatrixError converts the errors other packages answer with; ok is false
@@ -119,6 +123,7 @@ func writeError(w http.ResponseWriter, r *http.Request, log *zap.Logger, err err
 	}
 	if me.RetryAfter > 0 {
 		body["retry_after_ms"] = me.RetryAfter.Milliseconds()
+		w.Header().Set("Retry-After", strconv.Itoa(int((me.RetryAfter+time.Second-1)/time.Second)))
 	}
 	writeJSON(w, me.Status, body)
 }

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/asdispatch/asdispatch/dispatcher"
+	"go.uber.org/zap"
 )
 
 // event is a room event in the client format.
@@ -63,16 +63,30 @@ func (e *event) viewFor(c *caller) *event {
 	return &v
 }
 
-// commit stores events in one transaction (with extra, if set, run inside
-// it), then hands them to the dispatcher, which returns once they are
-// durably queued for every interested AS. The caller holds s.mu.
+// commit stores events in the log in one transaction (with extra, if set,
+// run inside it). Once it returns they are the homeserver's: the hand-over
+// goroutine gives them to the dispatcher, retrying until that lands. A
+// failure to write the log is answered 503, to be retried (with the same
+// txnId, which stays idempotent). The caller holds s.mu.
 func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
+	if err := s.commitLog(ctx, evs, extra); err != nil {
+		if _, ok := asMatrixError(err); ok {
+			return err
+		}
+		s.log.Error("writing to the event log failed", zap.Error(err))
+		return errUnavailable
+	}
+	s.wake()
+	s.kickHandover()
+	return nil
+}
+
+func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
 	tx, err := s.st.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	out := make([]dispatcher.Event, 0, len(evs))
 	for _, ev := range evs {
 		if ev.isState() {
 			// As Synapse: a state event says what it replaced, so clients
@@ -107,30 +121,18 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 				}
 			}
 		}
-		// The body every AS gets: serialized once, with the age it has now.
-		aj, err := json.Marshal(ev.viewFor(nil))
-		if err != nil {
-			return fmt.Errorf("encode event: %w", err)
-		}
-		out = append(out, dispatcher.Event{ID: ev.ID, RoomID: ev.RoomID, Type: ev.Type, Sender: ev.Sender,
-			StateKey: ev.StateKey, Membership: ev.membership(), JSON: aj})
 	}
 	if extra != nil {
 		if err := extra(tx); err != nil {
 			return err
 		}
 	}
-	if err := tx.Commit(); err != nil {
-		return err
+	if f := s.logFault.Load(); f != nil {
+		if err := (*f)(); err != nil {
+			return err
+		}
 	}
-	s.wake()
-	if len(out) == 0 {
-		return nil
-	}
-	if err := s.disp.Submit(ctx, out...); err != nil {
-		return fmt.Errorf("dispatch: %w", err)
-	}
-	return nil
+	return tx.Commit()
 }
 
 func nullable(s string) any {

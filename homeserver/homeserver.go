@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -31,6 +32,12 @@ import (
 
 // Config configures a Server.
 type Config struct {
+	// BeforeHandOver, if set, is called before each hand-over of events
+	// from the log to the dispatcher; an error fails that attempt, which
+	// is retried. A test seam: serve sets it only in a binary built with
+	// the asdispatch_faults tag, to kill itself between log and hand-over.
+	BeforeHandOver func(ctx context.Context, evs []dispatcher.Event) error
+
 	ServerName string
 	DataDir    string
 	Registry   *registry.Registry
@@ -79,6 +86,15 @@ type Server struct {
 
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
+
+	// ho hands the events table over to the dispatcher.
+	ho *handover
+	// Test seams: beforeHandOver, if set, runs before each hand-over (an
+	// error fails it, as a dispatcher store that is down would);
+	// logFault, if set, runs before each commit to the log (an error fails
+	// it, as a full disk would).
+	beforeHandOver atomic.Pointer[func(ctx context.Context, evs []dispatcher.Event) error]
+	logFault       atomic.Pointer[func() error]
 }
 
 // New opens the homeserver's state and the dispatcher in cfg.DataDir and
@@ -119,7 +135,24 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.queries = queries.New(queries.Config{Registry: cfg.Registry, Client: cfg.Queue.Client, Wake: s.disp.Wake, Logger: cfg.Logger, Metrics: cfg.Metrics})
 	s.routes()
+	if f := cfg.BeforeHandOver; f != nil {
+		s.beforeHandOver.Store(&f)
+	}
+	if err := s.startHandover(ctx); err != nil {
+		_ = s.disp.Close(ctx)
+		st.db.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// startHandover hands over every event of the log the dispatcher does not
+// have yet, before the server takes requests, then keeps handing over.
+func (s *Server) startHandover(ctx context.Context) error {
+	if err := s.openHandover(ctx); err != nil {
+		return err
+	}
+	return s.replay(ctx)
 }
 
 // Reload registers the sender users of set's ASes, then swaps set in.
@@ -164,6 +197,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // Close closes the dispatcher (draining sends until ctx ends) and the state.
 func (s *Server) Close(ctx context.Context) error {
+	// What is not handed over yet is at the next start.
+	s.stopHandover()
 	err := s.disp.Close(ctx)
 	if cerr := s.st.db.Close(); err == nil {
 		err = cerr
@@ -171,9 +206,15 @@ func (s *Server) Close(ctx context.Context) error {
 	return err
 }
 
-// JoinedLocalMembers implements dispatcher.RoomState.
+// JoinedLocalMembers implements dispatcher.RoomState: the members as of
+// the last event handed over, read from the log, not the current state,
+// which may already hold membership changes still waiting to be handed
+// over after the events the dispatcher is deciding.
 func (s *Server) JoinedLocalMembers(ctx context.Context, roomID string) ([]string, error) {
-	return s.st.list(ctx, `SELECT user_id FROM memberships WHERE room_id = ? AND membership = 'join' AND user_id LIKE ?`, roomID, "%:"+s.cfg.ServerName)
+	return s.st.list(ctx, `SELECT user_id FROM (SELECT state_key AS user_id, json_extract(json, '$.content.membership') AS m,
+		ROW_NUMBER() OVER (PARTITION BY state_key ORDER BY seq DESC) AS rn
+		FROM events WHERE room_id = ? AND type = 'm.room.member' AND seq <= ?)
+		WHERE rn = 1 AND m = 'join' AND user_id LIKE ?`, roomID, s.ho.pos.Load(), "%:"+s.cfg.ServerName)
 }
 
 // LocalAliases implements dispatcher.RoomState.

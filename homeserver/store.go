@@ -72,6 +72,10 @@ CREATE TABLE cross_signing_keys (user_id TEXT NOT NULL, usage TEXT NOT NULL, jso
 CREATE TABLE key_signatures (target_user TEXT NOT NULL, target_key TEXT NOT NULL, signer_user TEXT NOT NULL, signer_key TEXT NOT NULL, signature TEXT NOT NULL, PRIMARY KEY (target_user, target_key, signer_user, signer_key));
 CREATE TABLE device_lists (pos INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL);
 CREATE INDEX device_lists_user ON device_lists (user_id, pos);`,
+	// 5: the events table is the log handed over to the dispatcher; its
+	// stream there is named once per data dir. floor is the last event
+	// of a data dir older than that (handed over as it was made).
+	`CREATE TABLE log_streams (name TEXT PRIMARY KEY, stream TEXT NOT NULL, floor INTEGER NOT NULL);`,
 }
 
 func openState(ctx context.Context, path string) (*state, error) {

@@ -50,6 +50,13 @@ type Entry struct {
 	// Targets are the ASes whose streams get the item, sorted ascending,
 	// without duplicates. An entry without targets is not stored.
 	Targets []ASKey
+	// Stream and Pos, when Stream is set, place the entry in one of the
+	// homeserver's streams (see Store.Position): an entry at or below the
+	// stream's stored position is skipped, and the position moves to the
+	// highest Pos of the commit, in the commit, targets or not. Pos is
+	// above 0 and does not decrease along one stream's entries of a call.
+	Stream string
+	Pos    int64
 }
 
 // Committed is an entry as committed: its seq and targets. It is what
@@ -129,9 +136,15 @@ type Store interface {
 
 	// Append durably stores the entries and appends each to its targets'
 	// streams, in order. It returns the seq assigned to each entry (0 for an
-	// entry without targets). After an ambiguous failure the entries may be
-	// stored: repeating the call stores them again (at least once).
+	// entry without targets or skipped for its position). After an
+	// ambiguous failure the entries may be stored: repeating the call
+	// stores again those without a position (at least once) and skips
+	// those with one (exactly once).
 	Append(ctx context.Context, entries []Entry) ([]int64, error)
+
+	// Position returns the highest position of stream that an Append
+	// recorded, 0 if none did.
+	Position(ctx context.Context, stream string) (int64, error)
 
 	// Read returns as's stream items with seq > after, oldest first: at most
 	// maxItems, and, if maxBytes > 0, it stops at the item whose Data brings

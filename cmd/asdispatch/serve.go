@@ -186,6 +186,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 
 // storeOpener returns how to open the dispatcher's store: nil for SQLite in
 // data_dir.
+// serveFaults, set only in a binary built with the asdispatch_faults tag
+// (faults.go), installs test fault points from the environment.
+var serveFaults func(*homeserver.Config)
+
 func storeOpener(cfg serveConfig) (func(context.Context, txnstore.Options) (txnstore.Store, error), error) {
 	switch cfg.Database.Backend {
 	case "", "sqlite":
@@ -227,7 +231,7 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	}
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	hs, err := homeserver.New(ctx, homeserver.Config{
+	hcfg := homeserver.Config{
 		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
 		Metrics:        metrics.New(promReg),
 		MaxUploadBytes: cfg.MaxUploadBytes,
@@ -237,7 +241,11 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
 			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,
 			LeaseTTL: cfg.Database.LeaseTTL},
-	})
+	}
+	if serveFaults != nil {
+		serveFaults(&hcfg)
+	}
+	hs, err := homeserver.New(ctx, hcfg)
 	if err != nil {
 		return err
 	}
