@@ -205,7 +205,7 @@ func FuzzEncode(f *testing.F) {
 		if !json.Valid(a) || !json.Valid(b) || len(a) == 0 || len(b) == 0 || a[0] != '{' || b[0] != '{' {
 			t.Skip()
 		}
-		if u1 == "" || u2 == "" || dev == "" || !utf8.ValidString(u1+u2+dev) {
+		if u1 == "" || u2 == "" || dev == "" || !utf8.ValidString(u1) || !utf8.ValidString(u2) || !utf8.ValidString(dev) {
 			t.Skip()
 		}
 		its := []txnstore.Item{
