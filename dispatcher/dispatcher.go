@@ -93,11 +93,13 @@ type Status struct {
 
 // view is everything derived from one registration Set.
 type view struct {
-	set   *registry.Set
-	keys  []txnstore.ASKey // by AS index
-	push  []bool           // the AS has a URL
-	eph   []bool           // the AS receives ephemeral events and to-device messages
-	rooms *rooms
+	set  *registry.Set
+	keys []txnstore.ASKey // by AS index
+	push []bool           // the AS has a URL
+	eph  []bool           // the AS receives ephemeral events and to-device messages
+	// msc3202 marks ASes that get device lists and key counts.
+	msc3202 []bool
+	rooms   *rooms
 }
 
 // Dispatcher is safe for concurrent use.
@@ -177,11 +179,12 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	defer d.reloadMu.Unlock()
 	all := set.All()
 	v := &view{
-		set:   set,
-		keys:  make([]txnstore.ASKey, len(all)),
-		push:  make([]bool, len(all)),
-		eph:   make([]bool, len(all)),
-		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
+		set:     set,
+		keys:    make([]txnstore.ASKey, len(all)),
+		push:    make([]bool, len(all)),
+		eph:     make([]bool, len(all)),
+		msc3202: make([]bool, len(all)),
+		rooms:   newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
 	}
 	for i, as := range all {
 		key, err := d.store.EnsureAS(ctx, as.ID)
@@ -191,6 +194,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		v.keys[i] = key
 		v.push[i] = as.HasURL
 		v.eph[i] = as.ReceiveEphemeral
+		v.msc3202[i] = as.MSC3202
 	}
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
@@ -336,7 +340,8 @@ func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error
 	return nil
 }
 
-var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device"}
+var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device",
+	txnstore.KindDeviceList: "device_list", txnstore.KindKeyCounts: "key_counts"}
 
 // scratch holds buffers reused across the events of one call.
 type scratch struct {
