@@ -73,6 +73,7 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	}
 	defer tx.Rollback()
 	out := make([]dispatcher.Event, 0, len(evs))
+	var members []membershipChange
 	for _, ev := range evs {
 		if ev.isState() {
 			// As Synapse: a state event says what it replaced, so clients
@@ -83,6 +84,11 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 			}
 			if old != nil {
 				ev.Unsigned["replaces_state"], ev.Unsigned["prev_content"], ev.Unsigned["prev_sender"] = old.ID, old.Content, old.Sender
+			}
+			// Only a join starts sharing a room and only the end of a
+			// join ends it; an invite or a profile change does neither.
+			if was := old != nil && old.membership() == "join"; ev.Type == "m.room.member" && was != (ev.membership() == "join") {
+				members = append(members, membershipChange{room: ev.RoomID, user: *ev.StateKey, joined: !was})
 			}
 		}
 		js, err := json.Marshal(ev)
@@ -129,6 +135,10 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	}
 	if err := s.disp.Submit(ctx, out...); err != nil {
 		return fmt.Errorf("dispatch: %w", err)
+	}
+	if len(members) > 0 {
+		// After Submit: the dispatcher's rooms then know the change.
+		s.notifyMembership(ctx, members)
 	}
 	return nil
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
 )
 
 func (s *Server) keyRoutes() []route {
@@ -23,9 +25,11 @@ func (s *Server) keyRoutes() []route {
 }
 
 // KeyObserver is told what changed in the end-to-end encryption state, after
-// the change is committed: the homeserver side of MSC3202 (device lists and
-// key counts in AS transactions). Calls come in commit order, one at a time.
-// An error is logged; the client's request has succeeded by then.
+// the change is committed and handed to the dispatcher (which queues it for
+// the MSC3202 ASes: Dispatcher.SubmitDeviceLists and SubmitKeyCounts). It is
+// for observers beside the dispatcher, such as tests. Calls come in commit
+// order, one at a time. An error is logged; the client's request has
+// succeeded by then.
 type KeyObserver interface {
 	// DeviceListChanged: userID's devices or keys changed; pos is its row in
 	// the device list stream, rooms the rooms userID is joined to (whose
@@ -242,13 +246,15 @@ func (s *Server) deviceListChanged(ctx context.Context, tx querier, userID strin
 	return res.LastInsertId()
 }
 
-// notifyDeviceList tells the KeyObserver, if any, about a committed change.
+// notifyDeviceList hands a committed change of userID's devices or keys to
+// the dispatcher and the KeyObserver, if any. A failure is logged: the
+// change is committed, and the AS learns of it at the next one.
 func (s *Server) notifyDeviceList(ctx context.Context, userID string, pos int64) {
-	if s.cfg.Keys == nil {
-		return
-	}
 	rooms, err := s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, userID)
 	if err == nil {
+		err = s.disp.SubmitDeviceLists(ctx, dispatcher.DeviceList{UserID: userID, Rooms: rooms})
+	}
+	if err == nil && s.cfg.Keys != nil {
 		err = s.cfg.Keys.DeviceListChanged(ctx, userID, pos, rooms)
 	}
 	if err != nil {
@@ -256,11 +262,41 @@ func (s *Server) notifyDeviceList(ctx context.Context, userID string, pos int64)
 	}
 }
 
-func (s *Server) notifyCounts(ctx context.Context, kc KeyCounts) {
-	if s.cfg.Keys == nil {
-		return
+// notifyMembership hands the device list news of committed membership
+// changes to the dispatcher: a join is a "changed" for the ASes sharing a
+// room with the user now, a leave a "left" for those that no longer do.
+func (s *Server) notifyMembership(ctx context.Context, changes []membershipChange) {
+	news := make([]dispatcher.DeviceList, 0, len(changes))
+	for _, c := range changes {
+		rooms, err := s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, c.user)
+		if err != nil {
+			s.log.Error("device list change not passed on", zap.String("user_id", c.user), zap.Error(err))
+			return
+		}
+		n := dispatcher.DeviceList{UserID: c.user, Rooms: rooms}
+		if !c.joined {
+			n.Left = []string{c.room}
+		}
+		news = append(news, n)
 	}
-	if err := s.cfg.Keys.KeyCountsChanged(ctx, kc); err != nil {
+	if err := s.disp.SubmitDeviceLists(ctx, news...); err != nil {
+		s.log.Error("device list changes not passed on", zap.Int("changes", len(news)), zap.Error(err))
+	}
+}
+
+// membershipChange is a join, or the end of one (leave, kick, ban), of
+// user in room.
+type membershipChange struct {
+	room, user string
+	joined     bool
+}
+
+func (s *Server) notifyCounts(ctx context.Context, kc KeyCounts) {
+	err := s.disp.SubmitKeyCounts(ctx, dispatcher.KeyCounts{UserID: kc.UserID, DeviceID: kc.DeviceID, OneTimeKeys: kc.OneTimeKeys, UnusedFallback: kc.UnusedFallback})
+	if err == nil && s.cfg.Keys != nil {
+		err = s.cfg.Keys.KeyCountsChanged(ctx, kc)
+	}
+	if err != nil {
 		s.log.Error("key counts not passed on", zap.String("user_id", kc.UserID), zap.Error(err))
 	}
 }
