@@ -226,7 +226,10 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	return nil
 }
 
-func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+// format is the body layout of an AS: ephemeral events under the stable
+// key, or under the unstable one only for an AS registered with an unstable
+// flag, as Synapse does.
+func format(as *registry.AppService) queue.Format {
 	var f queue.Format
 	if as.ReceiveEphemeral {
 		if as.EphemeralUnstable {
@@ -235,6 +238,17 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 			f |= queue.EphemeralStable
 		}
 	}
+	return f
+}
+
+// Fields lists the transaction body keys the AS gets as registered (each
+// only in a transaction with items for it).
+func Fields(as *registry.AppService) []string {
+	return queue.Fields(format(as), as.ReceiveEphemeral, as.MSC3202)
+}
+
+func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+	f := format(as)
 	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL

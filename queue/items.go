@@ -13,3 +13,8 @@ func DeviceListData(userID string, left bool) []byte { return core.DeviceListDat
 func KeyCountsData(userID, deviceID string, otk map[string]int, fallback []string) []byte {
 	return core.KeyCountsData(userID, deviceID, otk, fallback)
 }
+
+// Fields lists the body keys a transaction may carry for an AS with format
+// f that receives to-device messages (or not) and opted in to MSC3202 (or
+// not), in body order. A key is left out of a body without items for it.
+func Fields(f Format, toDevice, msc3202 bool) []string { return core.Fields(f, msc3202, toDevice) }

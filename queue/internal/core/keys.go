@@ -185,3 +185,22 @@ func appendString(b []byte, s string) []byte {
 	q, _ := json.Marshal(s) // a string always marshals
 	return append(b, q...)
 }
+
+// Fields lists the body keys a transaction may carry for an AS with format
+// f that opted in to MSC3202 (or not), in the order encode writes them.
+func Fields(f Format, msc3202 bool, toDevice bool) []string {
+	out := []string{"events"}
+	if f&EphemeralStable != 0 {
+		out = append(out, "ephemeral")
+	}
+	if f&EphemeralUnstable != 0 {
+		out = append(out, "de.sorunome.msc2409.ephemeral")
+	}
+	if toDevice {
+		out = append(out, "de.sorunome.msc2409.to_device")
+	}
+	if msc3202 {
+		out = append(out, keyDeviceLists, keyOTKCount, keyOTKCountsOld, keyFallback)
+	}
+	return out
+}
