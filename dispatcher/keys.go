@@ -31,6 +31,13 @@ type DeviceList struct {
 	// from): the news is "left" for every AS with a user in one of them
 	// that neither owns UserID nor shares one of Rooms with it.
 	Left []string
+	// Viewer, if set, is an AS's user whose own membership changed in a
+	// room UserID is joined to: the news goes only to the ASes whose users
+	// namespace covers Viewer, instead of those with a user in the rooms.
+	// Viewer joined: "changed" (the AS now shares a room with UserID).
+	// Viewer left one of Left: "left", unless the AS owns UserID or still
+	// has a user in one of Rooms (UserID's rooms).
+	Viewer string
 }
 
 // KeyCounts are one device's unclaimed one-time keys per algorithm and the
@@ -57,9 +64,25 @@ func (d *Dispatcher) SubmitDeviceLists(ctx context.Context, news ...DeviceList) 
 		if n.UserID == "" || len(n.UserID) > maxIDBytes {
 			return fmt.Errorf("dispatcher: device list of %.100q: %w", n.UserID, ErrInvalidID)
 		}
+		if len(n.Viewer) > maxIDBytes {
+			return fmt.Errorf("dispatcher: device list viewer %.100q: %w", n.Viewer, ErrInvalidID)
+		}
+		var viewers []int32
+		if n.Viewer != "" {
+			sc.hits = v.set.UsersInterested(sc.hits[:0], n.Viewer)
+			sc.idx = sc.idx[:0]
+			sc.owners()
+			viewers = slices.Clone(sc.idx)
+		}
 		sc.hits = v.set.UsersInterested(sc.hits[:0], n.UserID)
 		sc.idx = sc.idx[:0]
 		sc.owners()
+		if n.Viewer != "" && len(n.Left) == 0 {
+			if t := v.targets(viewers, v.push, v.msc3202); len(t) > 0 {
+				entries = append(entries, txnstore.Entry{Kind: txnstore.KindDeviceList, Data: queue.DeviceListData(n.UserID, false), Targets: t})
+			}
+			continue
+		}
 		var err error
 		if sc.idx, err = v.rooms.memberASes(ctx, sc.idx, n.Rooms); err != nil {
 			return fmt.Errorf("dispatcher: device list of %s: %w", n.UserID, err)
@@ -72,9 +95,11 @@ func (d *Dispatcher) SubmitDeviceLists(ctx context.Context, news ...DeviceList) 
 		}
 		// Those left behind: with a user in a room UserID left, but
 		// neither owning UserID nor sharing a room with it still.
-		gone, err := v.rooms.memberASes(ctx, nil, n.Left)
-		if err != nil {
-			return fmt.Errorf("dispatcher: device list of %s: %w", n.UserID, err)
+		gone := viewers
+		if n.Viewer == "" {
+			if gone, err = v.rooms.memberASes(ctx, nil, n.Left); err != nil {
+				return fmt.Errorf("dispatcher: device list of %s: %w", n.UserID, err)
+			}
 		}
 		gone = slices.DeleteFunc(gone, func(i int32) bool { return slices.Contains(sc.idx, i) })
 		if t := v.targets(gone, v.push, v.msc3202); len(t) > 0 {

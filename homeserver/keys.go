@@ -265,22 +265,48 @@ func (s *Server) notifyDeviceList(ctx context.Context, userID string, pos int64)
 // notifyMembership hands the device list news of committed membership
 // changes to the dispatcher: a join is a "changed" for the ASes sharing a
 // room with the user now, a leave a "left" for those that no longer do.
+// When the user is an AS's, the AS also hears of the room's other members:
+// "changed" after a join, "left" after a leave for those it no longer
+// shares a room with.
 func (s *Server) notifyMembership(ctx context.Context, changes []membershipChange) {
-	news := make([]dispatcher.DeviceList, 0, len(changes))
-	for _, c := range changes {
-		rooms, err := s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, c.user)
-		if err != nil {
-			s.log.Error("device list change not passed on", zap.String("user_id", c.user), zap.Error(err))
-			return
-		}
-		n := dispatcher.DeviceList{UserID: c.user, Rooms: rooms}
-		if !c.joined {
-			n.Left = []string{c.room}
-		}
-		news = append(news, n)
+	set := s.cfg.Registry.Current()
+	joinedRooms := func(user string) ([]string, error) {
+		return s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, user)
 	}
-	if err := s.disp.SubmitDeviceLists(ctx, news...); err != nil {
-		s.log.Error("device list changes not passed on", zap.Int("changes", len(news)), zap.Error(err))
+	var news []dispatcher.DeviceList
+	err := func() error {
+		for _, c := range changes {
+			rooms, err := joinedRooms(c.user)
+			if err != nil {
+				return err
+			}
+			n := dispatcher.DeviceList{UserID: c.user, Rooms: rooms}
+			if !c.joined {
+				n.Left = []string{c.room}
+			}
+			news = append(news, n)
+			if len(set.UsersInterested(nil, c.user)) == 0 {
+				continue
+			}
+			members, err := s.st.list(ctx, `SELECT user_id FROM memberships WHERE room_id = ? AND membership = 'join' AND user_id != ? ORDER BY user_id`, c.room, c.user)
+			if err != nil {
+				return err
+			}
+			for _, m := range members {
+				n := dispatcher.DeviceList{UserID: m, Viewer: c.user}
+				if !c.joined {
+					if n.Rooms, err = joinedRooms(m); err != nil {
+						return err
+					}
+					n.Left = []string{c.room}
+				}
+				news = append(news, n)
+			}
+		}
+		return s.disp.SubmitDeviceLists(ctx, news...)
+	}()
+	if err != nil {
+		s.log.Error("device list changes not passed on", zap.Int("changes", len(changes)), zap.Error(err))
 	}
 }
 
