@@ -93,11 +93,13 @@ type Status struct {
 
 // view is everything derived from one registration Set.
 type view struct {
-	set   *registry.Set
-	keys  []txnstore.ASKey // by AS index
-	push  []bool           // the AS has a URL
-	eph   []bool           // the AS receives ephemeral events and to-device messages
-	rooms *rooms
+	set  *registry.Set
+	keys []txnstore.ASKey // by AS index
+	push []bool           // the AS has a URL
+	eph  []bool           // the AS receives ephemeral events and to-device messages
+	// msc3202 marks ASes that get device lists and key counts.
+	msc3202 []bool
+	rooms   *rooms
 }
 
 // Dispatcher is safe for concurrent use.
@@ -179,11 +181,12 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	defer d.reloadMu.Unlock()
 	all := set.All()
 	v := &view{
-		set:   set,
-		keys:  make([]txnstore.ASKey, len(all)),
-		push:  make([]bool, len(all)),
-		eph:   make([]bool, len(all)),
-		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
+		set:     set,
+		keys:    make([]txnstore.ASKey, len(all)),
+		push:    make([]bool, len(all)),
+		eph:     make([]bool, len(all)),
+		msc3202: make([]bool, len(all)),
+		rooms:   newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
 	}
 	for i, as := range all {
 		key, err := d.store.EnsureAS(ctx, as.ID)
@@ -193,6 +196,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		v.keys[i] = key
 		v.push[i] = as.HasURL
 		v.eph[i] = as.ReceiveEphemeral
+		v.msc3202[i] = as.MSC3202
 	}
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
@@ -224,7 +228,10 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	return nil
 }
 
-func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+// format is the body layout of an AS: ephemeral events under the stable
+// key, or under the unstable one only for an AS registered with an unstable
+// flag, as Synapse does.
+func format(as *registry.AppService) queue.Format {
 	var f queue.Format
 	if as.ReceiveEphemeral {
 		if as.EphemeralUnstable {
@@ -233,6 +240,17 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 			f |= queue.EphemeralStable
 		}
 	}
+	return f
+}
+
+// Fields lists the transaction body keys the AS gets as registered (each
+// only in a transaction with items for it).
+func Fields(as *registry.AppService) []string {
+	return queue.Fields(format(as), as.ReceiveEphemeral, as.MSC3202)
+}
+
+func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+	f := format(as)
 	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
@@ -383,7 +401,8 @@ func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error
 	return nil
 }
 
-var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device"}
+var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device",
+	txnstore.KindDeviceList: "device_list", txnstore.KindKeyCounts: "key_counts"}
 
 // scratch holds buffers reused across the events of one call.
 type scratch struct {

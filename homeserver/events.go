@@ -69,7 +69,8 @@ func (e *event) viewFor(c *caller) *event {
 // failure to write the log is answered 503, to be retried (with the same
 // txnId, which stays idempotent). The caller holds s.mu.
 func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
-	if err := s.commitLog(ctx, evs, extra); err != nil {
+	members, err := s.commitLog(ctx, evs, extra)
+	if err != nil {
 		if _, ok := asMatrixError(err); ok {
 			return err
 		}
@@ -78,61 +79,71 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	}
 	s.wake()
 	s.kickHandover()
+	if len(members) > 0 {
+		// Device list news for encrypted ASes: who now shares a room.
+		s.notifyMembership(ctx, members)
+	}
 	return nil
 }
 
-func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
+func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) ([]membershipChange, error) {
 	tx, err := s.st.db.BeginTx(ctx, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer tx.Rollback()
+	var members []membershipChange
 	for _, ev := range evs {
 		if ev.isState() {
 			// As Synapse: a state event says what it replaced, so clients
 			// and bridges see transitions (invite to join, name changes).
 			old, err := s.stateEvent(ctx, tx, ev.RoomID, ev.Type, *ev.StateKey)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if old != nil {
 				ev.Unsigned["replaces_state"], ev.Unsigned["prev_content"], ev.Unsigned["prev_sender"] = old.ID, old.Content, old.Sender
 			}
+			// Only a join starts sharing a room and only the end of a
+			// join ends it; an invite or a profile change does neither.
+			if was := old != nil && old.membership() == "join"; ev.Type == "m.room.member" && was != (ev.membership() == "join") {
+				members = append(members, membershipChange{room: ev.RoomID, user: *ev.StateKey, joined: !was})
+			}
 		}
 		js, err := json.Marshal(ev)
 		if err != nil {
-			return fmt.Errorf("encode event: %w", err)
+			return nil, fmt.Errorf("encode event: %w", err)
 		}
 		res, err := tx.ExecContext(ctx, `INSERT INTO events (event_id, room_id, json, sender, type, state_key, ts, txn_id, txn_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			ev.ID, ev.RoomID, js, ev.Sender, ev.Type, ev.StateKey, ev.TS, nullable(ev.txnID), nullable(ev.txnToken))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if ev.seq, err = res.LastInsertId(); err != nil {
-			return err
+			return nil, err
 		}
 		if ev.isState() {
 			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)`, ev.RoomID, ev.Type, *ev.StateKey, ev.ID); err != nil {
-				return err
+				return nil, err
 			}
 			if ev.Type == "m.room.member" {
 				if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO memberships (room_id, user_id, membership) VALUES (?, ?, ?)`, ev.RoomID, *ev.StateKey, ev.membership()); err != nil {
-					return err
+					return nil, err
 				}
 			}
 		}
 	}
 	if extra != nil {
 		if err := extra(tx); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if f := s.logFault.Load(); f != nil {
 		if err := (*f)(); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return tx.Commit()
+	return members, tx.Commit()
 }
 
 func nullable(s string) any {

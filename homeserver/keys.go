@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
 )
 
 func (s *Server) keyRoutes() []route {
@@ -23,9 +25,11 @@ func (s *Server) keyRoutes() []route {
 }
 
 // KeyObserver is told what changed in the end-to-end encryption state, after
-// the change is committed: the homeserver side of MSC3202 (device lists and
-// key counts in AS transactions). Calls come in commit order, one at a time.
-// An error is logged; the client's request has succeeded by then.
+// the change is committed and handed to the dispatcher (which queues it for
+// the MSC3202 ASes: Dispatcher.SubmitDeviceLists and SubmitKeyCounts). It is
+// for observers beside the dispatcher, such as tests. Calls come in commit
+// order, one at a time. An error is logged; the client's request has
+// succeeded by then.
 type KeyObserver interface {
 	// DeviceListChanged: userID's devices or keys changed; pos is its row in
 	// the device list stream, rooms the rooms userID is joined to (whose
@@ -242,13 +246,15 @@ func (s *Server) deviceListChanged(ctx context.Context, tx querier, userID strin
 	return res.LastInsertId()
 }
 
-// notifyDeviceList tells the KeyObserver, if any, about a committed change.
+// notifyDeviceList hands a committed change of userID's devices or keys to
+// the dispatcher and the KeyObserver, if any. A failure is logged: the
+// change is committed, and the AS learns of it at the next one.
 func (s *Server) notifyDeviceList(ctx context.Context, userID string, pos int64) {
-	if s.cfg.Keys == nil {
-		return
-	}
 	rooms, err := s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, userID)
 	if err == nil {
+		err = s.disp.SubmitDeviceLists(ctx, dispatcher.DeviceList{UserID: userID, Rooms: rooms})
+	}
+	if err == nil && s.cfg.Keys != nil {
 		err = s.cfg.Keys.DeviceListChanged(ctx, userID, pos, rooms)
 	}
 	if err != nil {
@@ -256,11 +262,67 @@ func (s *Server) notifyDeviceList(ctx context.Context, userID string, pos int64)
 	}
 }
 
-func (s *Server) notifyCounts(ctx context.Context, kc KeyCounts) {
-	if s.cfg.Keys == nil {
-		return
+// notifyMembership hands the device list news of committed membership
+// changes to the dispatcher: a join is a "changed" for the ASes sharing a
+// room with the user now, a leave a "left" for those that no longer do.
+// When the user is an AS's, the AS also hears of the room's other members:
+// "changed" after a join, "left" after a leave for those it no longer
+// shares a room with.
+func (s *Server) notifyMembership(ctx context.Context, changes []membershipChange) {
+	set := s.cfg.Registry.Current()
+	joinedRooms := func(user string) ([]string, error) {
+		return s.st.list(ctx, `SELECT room_id FROM memberships WHERE user_id = ? AND membership = 'join' ORDER BY room_id`, user)
 	}
-	if err := s.cfg.Keys.KeyCountsChanged(ctx, kc); err != nil {
+	var news []dispatcher.DeviceList
+	err := func() error {
+		for _, c := range changes {
+			rooms, err := joinedRooms(c.user)
+			if err != nil {
+				return err
+			}
+			n := dispatcher.DeviceList{UserID: c.user, Rooms: rooms}
+			if !c.joined {
+				n.Left = []string{c.room}
+			}
+			news = append(news, n)
+			if len(set.UsersInterested(nil, c.user)) == 0 {
+				continue
+			}
+			members, err := s.st.list(ctx, `SELECT user_id FROM memberships WHERE room_id = ? AND membership = 'join' AND user_id != ? ORDER BY user_id`, c.room, c.user)
+			if err != nil {
+				return err
+			}
+			for _, m := range members {
+				n := dispatcher.DeviceList{UserID: m, Viewer: c.user}
+				if !c.joined {
+					if n.Rooms, err = joinedRooms(m); err != nil {
+						return err
+					}
+					n.Left = []string{c.room}
+				}
+				news = append(news, n)
+			}
+		}
+		return s.disp.SubmitDeviceLists(ctx, news...)
+	}()
+	if err != nil {
+		s.log.Error("device list changes not passed on", zap.Int("changes", len(changes)), zap.Error(err))
+	}
+}
+
+// membershipChange is a join, or the end of one (leave, kick, ban), of
+// user in room.
+type membershipChange struct {
+	room, user string
+	joined     bool
+}
+
+func (s *Server) notifyCounts(ctx context.Context, kc KeyCounts) {
+	err := s.disp.SubmitKeyCounts(ctx, dispatcher.KeyCounts{UserID: kc.UserID, DeviceID: kc.DeviceID, OneTimeKeys: kc.OneTimeKeys, UnusedFallback: kc.UnusedFallback})
+	if err == nil && s.cfg.Keys != nil {
+		err = s.cfg.Keys.KeyCountsChanged(ctx, kc)
+	}
+	if err != nil {
 		s.log.Error("key counts not passed on", zap.String("user_id", kc.UserID), zap.Error(err))
 	}
 }

@@ -1,5 +1,6 @@
 // Package txnstore is the durable state of the dispatcher: every item
-// (event, ephemeral event, to-device message) stored once, one ordered
+// (event, ephemeral event, to-device message, device list change, key
+// counts) stored once, one ordered
 // stream per application service referencing it, the transactions frozen for
 // each AS, and each AS's delivery state.
 //
@@ -29,6 +30,12 @@ const (
 	KindEvent     Kind = 1 // "events": PDUs in client format
 	KindEphemeral Kind = 2 // "ephemeral": typing, receipts, presence
 	KindToDevice  Kind = 3 // "to_device": to-device messages
+	// KindDeviceList is one user's device list news (MSC3202 "changed" or
+	// "left"); a body carries each user once, as the latest item says.
+	KindDeviceList Kind = 4
+	// KindKeyCounts is one device's one-time key counts and unused
+	// fallback key types (MSC3202); a body carries the latest per device.
+	KindKeyCounts Kind = 5
 )
 
 // ASKey is the store's compact, stable number for an application service id.

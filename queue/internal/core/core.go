@@ -833,7 +833,7 @@ func (s *Sender) advanceRead() {
 		s.readGen = s.overflows
 		s.readAfter = s.fetchedTo
 		s.dirty = false
-		s.readMax = room * (s.cfg.Events + s.cfg.Ephemeral + s.cfg.ToDevice)
+		s.readMax = room * (s.cfg.Events + 3*s.cfg.Ephemeral + s.cfg.ToDevice) // ephemeral, device lists, key counts
 		s.readBytes = room * s.cfg.Bytes
 		s.out.Read = &ReadOp{Tok: s.readTok, After: s.fetchedTo, MaxItems: s.readMax, MaxBytes: s.readBytes}
 	}
@@ -969,7 +969,7 @@ func (s *Sender) rebuilt(t *txn) {
 // --- freezing ---
 
 func (s *Sender) limits() limits {
-	return limits{events: s.cfg.Events, ephemeral: s.cfg.Ephemeral, toDevice: s.cfg.ToDevice, bytes: s.cfg.Bytes}
+	return limits{events: s.cfg.Events, ephemeral: s.cfg.Ephemeral, toDevice: s.cfg.ToDevice, bytes: s.cfg.Bytes, keys: s.cfg.Ephemeral}
 }
 
 func (s *Sender) advanceFreeze() {
@@ -1120,7 +1120,7 @@ func counts(items []txnstore.Item) (ev, eph, td int) {
 			eph++
 		case txnstore.KindToDevice:
 			td++
-		default:
+		case txnstore.KindEvent:
 			ev++
 		}
 	}
