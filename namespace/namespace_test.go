@@ -310,6 +310,56 @@ func BenchmarkMatch(b *testing.B) {
 	}
 }
 
+// benchCasefoldPatterns is the usual mix plus, per AS, a case-insensitive
+// pattern: whole-pattern (?i) for even ASes, a scoped (?i:...) for odd ones.
+func benchCasefoldPatterns(n int) []Pattern {
+	pats := benchPatterns(n)
+	for i := 0; i < n; i++ {
+		re := fmt.Sprintf(`(?i)@_bot%d_.*`, i)
+		if i%2 == 1 {
+			re = fmt.Sprintf(`@(?i:_bot)%d_.*`, i)
+		}
+		pats = append(pats, Pattern{Kind: Users, Owner: i, Regex: re})
+	}
+	return pats
+}
+
+// benchCasefoldIDs adds ghosts of the case-insensitive namespaces, in
+// other cases than the pattern's, to the usual IDs.
+func benchCasefoldIDs(n int) []string {
+	ids := benchIDs(n)
+	for i := range ids {
+		switch i % 8 {
+		case 1:
+			ids[i] = fmt.Sprintf("@_BOT%d_user%d:example.org", i%n, i)
+		case 5:
+			ids[i] = fmt.Sprintf("@_Bot%d_user%d:example.org", i%n, i)
+		}
+	}
+	return ids
+}
+
+// BenchmarkMatchCasefold is BenchmarkMatch with a quarter of the patterns
+// case-insensitive.
+func BenchmarkMatchCasefold(b *testing.B) {
+	for _, n := range []int{10, 100, 1000, 10000} {
+		pats, ids := benchCasefoldPatterns(n), benchCasefoldIDs(n)
+		b.Run(fmt.Sprintf("ases=%d/indexed", n), func(b *testing.B) {
+			m, err := Compile(pats)
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]Hit, 0, 16)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				buf = m.AppendMatch(buf[:0], Users, ids[i%len(ids)])
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "lookups/s")
+		})
+	}
+}
+
 func BenchmarkCompile(b *testing.B) {
 	pats := benchPatterns(10000)
 	for i := 0; i < b.N; i++ {
