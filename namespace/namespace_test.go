@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"regexp/syntax"
 	"slices"
 	"strings"
 	"testing"
@@ -246,6 +247,90 @@ func TestAnchorInsideGroup(t *testing.T) {
 	}
 }
 
+// TestCaseInsensitiveIndexed: (?i) patterns, whole or scoped, are keyed on
+// their case-folded literals, and the folded lookup finds every ID Go's
+// regexp matches, Unicode simple folds included.
+func TestCaseInsensitiveIndexed(t *testing.T) {
+	tests := []struct {
+		regex string
+		key   string // the prefix or factor the pattern is keyed on, before folding
+		ids   []string
+	}{
+		{`(?i)@irc_.*`, "@irc_", []string{"@irc_a:hs", "@IRC_b:hs", "@IrC_c:hs", "@x_irc_1:hs", "@irk_1:hs"}},
+		{`@(?i:tg)_.*`, "@tg_", []string{"@tg_1:hs", "@TG_1:hs", "@tG_1:hs", "@TG-1:hs", "#tg_1:hs"}},
+		{`(?i)@[ab]c_`, "@ac_", []string{"@Ac_1", "@bC_1", "@cc_1"}},
+		// 'k' matches U+212A KELVIN SIGN (3 bytes), 's' U+017F LONG S (2 bytes).
+		{`(?i)@kelvin_`, "@kelvin_", []string{"@\u212Aelvin_1", "@kelvin_1", "@KELVIN_1", "@\u212A", "@elvin_1"}},
+		{`(?i)@\x{212A}x_`, "@kx_", []string{"@kx_1", "@Kx_1", "@\u212AX_1", "@x_1"}},
+		{`(?i)@sig_`, "@sig_", []string{"@\u017Fig_1", "@SIG_1", "@\u017Fi"}},
+		// ß and U+1E9E: 2 and 3 bytes; no full folding to "ss".
+		{`(?i)@straße_`, "@straße_", []string{"@STRA\u1E9EE_1", "@strasse_1", "@STRAßE_1", "@straße_1"}},
+		// ω, Ω and U+2126 OHM SIGN; å, Å and U+212B ANGSTROM SIGN; µ (U+00B5), μ and Μ.
+		{`(?i)@ωmega_`, "@ωmega_", []string{"@\u2126mega_1", "@ΩMEGA_1", "@ωmega_1", "@wmega_1"}},
+		{`(?i)@åsa_`, "@åsa_", []string{"@\u212Bsa_1", "@Åsa_1", "@asa_1"}},
+		{`(?i)@\x{b5}_`, "@µ_", []string{"@μ_1", "@Μ_1", "@\u00B5_1", "@m_1"}},
+		{`@.*(?i:_bot_bridge)`, "_bot_bridge", []string{"@x_BOT_Bridge:hs", "@x_bot_bridge", "@_bot_brid"}},
+	}
+	for _, tt := range tests {
+		l := analyze(tt.regex)
+		key := foldString(tt.key)
+		if !l.folded || (!slices.Contains(l.prefixes, key) && l.factor != key) {
+			t.Errorf("analyze(%q) = %+v, want keyed on %q", tt.regex, l, key)
+		}
+		var pats []Pattern
+		for i := range 50 { // others' patterns around it
+			pats = append(pats, Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`(?i)@other%d_.*`, i)})
+		}
+		pats = append(pats, Pattern{Kind: Users, Owner: 50, Regex: tt.regex, Exclusive: true})
+		m, err := Compile(pats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ix := m.kinds[Users]; len(ix.scan) != 0 || ix.fold == nil {
+			t.Errorf("%q: %d patterns scanned, fold keys %v; want none scanned", tt.regex, len(ix.scan), ix.fold != nil)
+		}
+		checkAgainstPlain(t, pats, tt.ids)
+	}
+}
+
+func foldString(s string) string { return string(foldKey(nil, s)) }
+
+// TestFoldKey: the ID's fold is the fold regexp/syntax gives a (?i)
+// literal, and never longer than the ID.
+func TestFoldKey(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"@irc_Bob:HS", "@IRC_BOB:HS"},
+		{"k\u212AK", "KKK"},
+		{"s\u017FS", "SSS"},
+		{"ω\u2126Ω", "ΩΩΩ"},
+		{"ß\u1E9E", "ßß"},
+		{"é\xff\uFFFD", "É\xff\uFFFD"}, // an invalid byte is kept apart from U+FFFD
+	}
+	for _, tt := range tests {
+		if got := foldString(tt.in); got != tt.want || len(got) > len(tt.in) {
+			t.Errorf("foldKey(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+	for _, r := range []rune{'a', 'K', '\u212A', '\u017F', 'ß', '\u1E9E', 'Ω', '\u2126', 'µ', 'ǅ', 'é'} {
+		re, err := syntax.Parse("(?i)"+string(r), syntax.Perl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if re.Op != syntax.OpLiteral || foldRune(r) != re.Rune[0] {
+			t.Errorf("foldRune(%q) = %q, regexp/syntax folds it to %v", r, foldRune(r), re)
+		}
+	}
+}
+
+// TestReplacementCharNotKey: a literal U+FFFD matches any invalid UTF-8
+// byte of the ID, so it is never part of a key.
+func TestReplacementCharNotKey(t *testing.T) {
+	ids := []string{"@\xffx_1", "@y:\xfexyz", "@\xc3AB_", "@\xffxy", "@a\x80bcd", "@\uFFFDx_"}
+	for _, re := range []string{"@\uFFFDx_", "@.*:\uFFFDxyz", "(?i)@\uFFFDab_", "@[\uFFFD]xy", "@a\uFFFDbcd"} {
+		checkAgainstPlain(t, []Pattern{{Kind: Users, Owner: 1, Regex: re}}, ids)
+	}
+}
+
 // benchPatterns is the mix of issue #2: per AS a literal prefix, a server
 // suffix and an alternation.
 func benchPatterns(n int) []Pattern {
@@ -419,12 +504,12 @@ func TestSharedFactorNotIndexed(t *testing.T) {
 		t.Fatal(err)
 	}
 	ix := m.kinds[Rooms]
-	if ix.ac == nil || len(ix.scan) != 0 {
-		t.Fatalf("want one factor in the automaton and nothing scanned, got ac=%v scan=%d", ix.ac != nil, len(ix.scan))
+	if ix.exact.ac == nil || len(ix.scan) != 0 {
+		t.Fatalf("want one factor in the automaton and nothing scanned, got ac=%v scan=%d", ix.exact.ac != nil, len(ix.scan))
 	}
 	for id, want := range map[string]int{"!_as7_abc:example.org": 0, "!x:bridge.example.org": 1} {
 		n := 0
-		ix.ac.each(id, func(int32) { n++ })
+		ix.exact.ac.each(id, func(int32) { n++ })
 		if n != want {
 			t.Errorf("the automaton reports %d patterns for %s, want %d (the shared suffix must not be a key)", n, id, want)
 		}
