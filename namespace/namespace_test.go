@@ -100,10 +100,13 @@ func TestCompileErrors(t *testing.T) {
 // randomPatterns makes the mixes the index has to get right: prefixes,
 // suffix-like factors, alternations, classes, anchors, case folding.
 func randomPattern(r *rand.Rand) string {
-	words := []string{"a", "ab", "irc", "tg", "x_y", "é", "."}
+	words := []string{"a", "ab", "irc", "tg", "x_y", "é", ".", "Bot", "k", "s", "ſ", "\u212a", "ß", "ω", "µ", "\ufffd"}
 	w := func() string { return words[r.Intn(len(words))] }
-	if r.Intn(3) == 0 {
+	switch r.Intn(6) {
+	case 0, 1:
 		return randomTricky(r, w)
+	case 2:
+		return randomFolded(r, w)
 	}
 	switch r.Intn(10) {
 	case 0:
@@ -151,8 +154,33 @@ func randomTricky(r *rand.Rand, w func() string) string {
 	return b.String()
 }
 
+// randomFolded builds case-insensitive patterns, whole or scoped, keyed on
+// their folded literals: prefixes, factors, classes, and words whose fold
+// orbit mixes UTF-8 lengths (k and the Kelvin sign, s and ſ, ß and ẞ).
+func randomFolded(r *rand.Rand, w func() string) string {
+	switch r.Intn(8) {
+	case 0:
+		return "(?i)@" + w() + w() + "_.*"
+	case 1:
+		return "@(?i:" + w() + w() + ")_.*"
+	case 2:
+		return "@(?i:" + w() + ")" + w() + ".*:hs"
+	case 3:
+		return ".*(?i:" + w() + w() + w() + ")"
+	case 4:
+		return "(?i)@.*_" + w() + w() + "$"
+	case 5:
+		return "(?i)@[ab" + w() + "]" + w() + w()
+	case 6:
+		return "(?i)(@" + w() + "|#" + w() + ")" + w() + "_"
+	default:
+		return "@(?i)" + w() + "(?-i:" + w() + ")" + w()
+	}
+}
+
 func randomID(r *rand.Rand) string {
-	parts := []string{"@", "#", "a", "ab", "irc", "tg", "_", "x_y", "é", ":hs", ".org", "1", "IRC", "\n", "A"}
+	parts := []string{"@", "#", "a", "ab", "irc", "tg", "_", "x_y", "é", ":hs", ".org", "1", "IRC", "\n", "A",
+		"Tg", "BOT", "bot", "K", "k", "\u212a", "s", "S", "ſ", "ß", "ẞ", "ω", "Ω", "\u2126", "µ", "Μ", "É", "\xff", "\ufffd", "\xc3"}
 	var b strings.Builder
 	for n := r.Intn(8); n >= 0; n-- {
 		b.WriteString(parts[r.Intn(len(parts))])
@@ -207,6 +235,10 @@ func FuzzMatcherMatchesPlain(f *testing.F) {
 		{`@a(^b)`, "@ab:hs"}, {`@bridge_(^x|y).*`, "@bridge_x1:hs"}, {`#irc_(^chan)`, "#irc_chan:hs"},
 		{`@a(\Ab)`, "@ab"}, {`@a(?m:^b)`, "@a\nb"}, {`@a\n(?m:^b)`, "@a\nb"}, {`@a(\bb)`, "@ab"},
 		{`@a(\Bb)`, "@ab"}, {`@a($|b)`, "@ab"}, {`(^@a|^@b)c`, "@bc"}, {`@a(|^)b`, "@ab"}, {`@(?i:A)b`, "@ab"},
+		// Case folding, and orbits whose runes differ in UTF-8 length.
+		{`(?i)@irc_.*`, "@IRC_1:hs"}, {`@(?i:tg)_.*`, "@tG_1:hs"}, {`(?i)@kelvin`, "@\u212aelvin"},
+		{`(?i)@\x{212a}x`, "@kx"}, {`(?i)@sig`, "@\u017fig"}, {`(?i)@ß_`, "@\u1e9e_"}, {`(?i)@ω`, "@\u2126"},
+		{`.*(?i:bridge)`, "@x_BRIDGE"}, {`@\x{fffd}x`, "@\xffx"}, {`(?i)@\x{fffd}ab`, "@\xc3AB"},
 	} {
 		f.Add(int64(4), c.id, c.pattern)
 	}
