@@ -77,6 +77,8 @@ func TestDecisionsFollowState(t *testing.T) {
 		{"prefix,suffix,alternation", 10, 1},
 		{"noliteral", 7, 0.3},
 		{"suffix,noliteral", 20, 0.1},
+		{"casefold", 7, 0.3},
+		{"prefix,casefold,noliteral", 20, 0.1},
 		{"alternation", 1, 1},
 	}
 	for _, tt := range tests {
