@@ -113,7 +113,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		return nil, fmt.Errorf("bench: registrations: %w", err)
 	}
 	rep := &Report{Config: cfg}
-	steps := 4 + 3*cfg.Rounds + len(cfg.Processes)
+	steps := 3 + 3*cfg.Rounds + len(cfg.Processes) // matcher, decisions, done; end to end, limit, baseline a round
 	if !cfg.SkipHalfLoad {
 		steps++
 	}
