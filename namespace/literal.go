@@ -23,7 +23,8 @@ type literals struct {
 	// factor: every match contains this literal.
 	factor string
 	// folded: prefixes and factor are case-folded (foldKey), to be looked
-	// for in the case-folded ID; exact is then false.
+	// for in the case-folded ID. exact then also needs every literal and
+	// class of the prefixes to match whole fold orbits ((?i) ones do).
 	folded bool
 }
 
@@ -53,14 +54,16 @@ func analyze(pattern string) literals {
 }
 
 func extract(re *syntax.Regexp, fold bool) literals {
-	x := extractor{fold: fold}
+	x := &extractor{fold: fold}
 	l := literals{folded: fold}
 	l.prefixes, l.exact = x.prefixesOf(re, true)
-	l.factor = x.factorOf(re)
-	if fold {
-		// Case-sensitive parts were folded too: a folded prefix no longer
-		// says the regex matches. Folding may have made prefixes equal.
+	if x.lossy {
+		// A case-sensitive 'k' folded to the key "K": the key no longer
+		// says the regex matches.
 		l.exact = false
+	}
+	l.factor = x.factorOf(re)
+	if fold { // folding may have made prefixes equal
 		slices.Sort(l.prefixes)
 		l.prefixes = slices.Compact(l.prefixes)
 	}
@@ -70,12 +73,17 @@ func extract(re *syntax.Regexp, fold bool) literals {
 // extractor walks a parsed pattern. With fold, every literal is folded
 // (FoldCase or not, which only makes the key less selective); without,
 // a FoldCase literal is no literal.
-type extractor struct{ fold bool }
+type extractor struct {
+	fold bool
+	// lossy: a folded literal or class matches less than its key, so a
+	// key found does not mean a match.
+	lossy bool
+}
 
 // lit returns the key of a literal's runes, or false when it has none. A
 // literal U+FFFD is never a key: the regex matches it against any invalid
 // UTF-8 byte of the ID, which holds no U+FFFD bytes.
-func (x extractor) lit(runes []rune, flags syntax.Flags) (string, bool) {
+func (x *extractor) lit(runes []rune, flags syntax.Flags) (string, bool) {
 	if flags&syntax.FoldCase != 0 && !x.fold {
 		return "", false
 	}
@@ -85,6 +93,9 @@ func (x extractor) lit(runes []rune, flags syntax.Flags) (string, bool) {
 			return "", false
 		}
 		if x.fold {
+			if flags&syntax.FoldCase == 0 && unicode.SimpleFold(r) != r {
+				x.lossy = true
+			}
 			r = foldRune(r)
 		}
 		b = utf8.AppendRune(b, r)
@@ -94,7 +105,7 @@ func (x extractor) lit(runes []rune, flags syntax.Flags) (string, bool) {
 
 // finite returns the exact, small, finite language of re, if it has one
 // (folded: each string's fold).
-func (x extractor) finite(re *syntax.Regexp) ([]string, bool) {
+func (x *extractor) finite(re *syntax.Regexp) ([]string, bool) {
 	switch re.Op {
 	case syntax.OpLiteral:
 		s, ok := x.lit(re.Rune, re.Flags)
@@ -151,7 +162,7 @@ func cross(a, b []string) []string {
 // "@a(^b)" matches nothing and must not index as the prefix "@ab"; any
 // assertion not at the start keeps the extraction conservative (finite does
 // not take assertions, and nullableAnywhere calls none of them nullable).
-func (x extractor) prefixesOf(re *syntax.Regexp, atStart bool) ([]string, bool) {
+func (x *extractor) prefixesOf(re *syntax.Regexp, atStart bool) ([]string, bool) {
 	if fs, ok := x.finite(re); ok {
 		return fs, true
 	}
@@ -227,7 +238,7 @@ func nullableAnywhere(re *syntax.Regexp) bool {
 
 // expandClass returns the runes of a small class (folded: their distinct
 // folds, so (?i)[ab] gives "A", "B").
-func (x extractor) expandClass(re *syntax.Regexp) []string {
+func (x *extractor) expandClass(re *syntax.Regexp) []string {
 	var out []string
 	n := 0
 	for i := 0; i+1 < len(re.Rune); i += 2 {
@@ -242,6 +253,9 @@ func (x extractor) expandClass(re *syntax.Regexp) []string {
 			k := r
 			if x.fold {
 				k = foldRune(r)
+				for f := unicode.SimpleFold(r); f != r && !x.lossy; f = unicode.SimpleFold(f) {
+					x.lossy = !classHas(re.Rune, f)
+				}
 			}
 			if s := string(k); !x.fold || !slices.Contains(out, s) {
 				out = append(out, s)
@@ -252,7 +266,7 @@ func (x extractor) expandClass(re *syntax.Regexp) []string {
 }
 
 // factorOf returns the longest literal every match contains ("" if none).
-func (x extractor) factorOf(re *syntax.Regexp) string {
+func (x *extractor) factorOf(re *syntax.Regexp) string {
 	switch re.Op {
 	case syntax.OpLiteral:
 		// The longest run without U+FFFD (see lit).
@@ -281,6 +295,16 @@ func (x extractor) factorOf(re *syntax.Regexp) string {
 		return best
 	}
 	return ""
+}
+
+// classHas reports whether the ranges of a class hold r.
+func classHas(ranges []rune, r rune) bool {
+	for i := 0; i+1 < len(ranges); i += 2 {
+		if ranges[i] <= r && r <= ranges[i+1] {
+			return true
+		}
+	}
+	return false
 }
 
 func splitRuneError(rs []rune) [][]rune {

@@ -286,28 +286,34 @@ func TestCaseInsensitiveIndexed(t *testing.T) {
 	tests := []struct {
 		regex string
 		key   string // the prefix or factor the pattern is keyed on, before folding
+		exact bool   // a key found is a match: no regex runs
 		ids   []string
 	}{
-		{`(?i)@irc_.*`, "@irc_", []string{"@irc_a:hs", "@IRC_b:hs", "@IrC_c:hs", "@x_irc_1:hs", "@irk_1:hs"}},
-		{`@(?i:tg)_.*`, "@tg_", []string{"@tg_1:hs", "@TG_1:hs", "@tG_1:hs", "@TG-1:hs", "#tg_1:hs"}},
-		{`(?i)@[ab]c_`, "@ac_", []string{"@Ac_1", "@bC_1", "@cc_1"}},
+		{`(?i)@irc_.*`, "@irc_", true, []string{"@irc_a:hs", "@IRC_b:hs", "@IrC_c:hs", "@x_irc_1:hs", "@irk_1:hs"}},
+		{`@(?i:tg)_.*`, "@tg_", true, []string{"@tg_1:hs", "@TG_1:hs", "@tG_1:hs", "@TG-1:hs", "#tg_1:hs"}},
+		{`(?i)@[ab]c_`, "@ac_", true, []string{"@Ac_1", "@bC_1", "@cc_1"}},
 		// 'k' matches U+212A KELVIN SIGN (3 bytes), 's' U+017F LONG S (2 bytes).
-		{`(?i)@kelvin_`, "@kelvin_", []string{"@\u212Aelvin_1", "@kelvin_1", "@KELVIN_1", "@\u212A", "@elvin_1"}},
-		{`(?i)@\x{212A}x_`, "@kx_", []string{"@kx_1", "@Kx_1", "@\u212AX_1", "@x_1"}},
-		{`(?i)@sig_`, "@sig_", []string{"@\u017Fig_1", "@SIG_1", "@\u017Fi"}},
+		{`(?i)@kelvin_`, "@kelvin_", true, []string{"@\u212Aelvin_1", "@kelvin_1", "@KELVIN_1", "@\u212A", "@elvin_1"}},
+		{`(?i)@\x{212A}x_`, "@kx_", true, []string{"@kx_1", "@Kx_1", "@\u212AX_1", "@x_1"}},
+		{`(?i)@sig_`, "@sig_", true, []string{"@\u017Fig_1", "@SIG_1", "@\u017Fi"}},
 		// ß and U+1E9E: 2 and 3 bytes; no full folding to "ss".
-		{`(?i)@straße_`, "@straße_", []string{"@STRA\u1E9EE_1", "@strasse_1", "@STRAßE_1", "@straße_1"}},
+		{`(?i)@straße_`, "@straße_", true, []string{"@STRA\u1E9EE_1", "@strasse_1", "@STRAßE_1", "@straße_1"}},
 		// ω, Ω and U+2126 OHM SIGN; å, Å and U+212B ANGSTROM SIGN; µ (U+00B5), μ and Μ.
-		{`(?i)@ωmega_`, "@ωmega_", []string{"@\u2126mega_1", "@ΩMEGA_1", "@ωmega_1", "@wmega_1"}},
-		{`(?i)@åsa_`, "@åsa_", []string{"@\u212Bsa_1", "@Åsa_1", "@asa_1"}},
-		{`(?i)@\x{b5}_`, "@µ_", []string{"@μ_1", "@Μ_1", "@\u00B5_1", "@m_1"}},
-		{`@.*(?i:_bot_bridge)`, "_bot_bridge", []string{"@x_BOT_Bridge:hs", "@x_bot_bridge", "@_bot_brid"}},
+		{`(?i)@ωmega_`, "@ωmega_", true, []string{"@\u2126mega_1", "@ΩMEGA_1", "@ωmega_1", "@wmega_1"}},
+		{`(?i)@åsa_`, "@åsa_", true, []string{"@\u212Bsa_1", "@Åsa_1", "@asa_1"}},
+		{`(?i)@\x{b5}_`, "@µ_", true, []string{"@μ_1", "@Μ_1", "@\u00B5_1", "@m_1"}},
+		{`@.*(?i:_bot_bridge)`, "_bot_bridge", false, []string{"@x_BOT_Bridge:hs", "@x_bot_bridge", "@_bot_brid"}},
+		// A case-sensitive literal or class that folding widens: keyed, not exact.
+		{`@(?i:xy)k_`, "@xyk_", false, []string{"@XYk_1", "@xyK_1", "@xy\u212a_1"}},
+		{`@(?i:xy)[ab]_`, "@xya_", false, []string{"@XYa_1", "@xyA_1", "@xyb_"}},
+		{`(?i:@[ab])|@[cd]`, "@a", false, []string{"@A", "@c", "@C"}},
+		{`(?i)@[ab]|@[cd]`, "@c", true, []string{"@A", "@c", "@C", "@e"}}, // (?i) holds in both branches
 	}
 	for _, tt := range tests {
 		l := analyze(tt.regex)
 		key := foldString(tt.key)
-		if !l.folded || (!slices.Contains(l.prefixes, key) && l.factor != key) {
-			t.Errorf("analyze(%q) = %+v, want keyed on %q", tt.regex, l, key)
+		if !l.folded || (!slices.Contains(l.prefixes, key) && l.factor != key) || l.exact != tt.exact {
+			t.Errorf("analyze(%q) = %+v, want keyed on %q, exact %v", tt.regex, l, key, tt.exact)
 		}
 		var pats []Pattern
 		for i := range 50 { // others' patterns around it
