@@ -33,10 +33,23 @@ func (l *literals) useful() bool {
 	return usefulPrefix(l.prefixes) || len(l.factor) >= minFactor
 }
 
-// analyze extracts the literals of pattern. A pattern whose case-sensitive
-// literals are of no use (a (?i) one) is analyzed again with every literal
-// case-folded: matched against the folded ID, a folded key is found
-// wherever the regex could match, only less selectively.
+// keyLen is how long the key the index would use for l is (0: none).
+func (l *literals) keyLen() int {
+	n := 0
+	if usefulPrefix(l.prefixes) {
+		n = shortest(l.prefixes)
+	}
+	if len(l.factor) >= minFactor {
+		n = max(n, len(l.factor))
+	}
+	return n
+}
+
+// analyze extracts the literals of pattern. A pattern with (?i) parts is
+// analyzed again with every literal case-folded: matched against the
+// folded ID, a folded key is found wherever the regex could match. The
+// folded keys are used when they are longer: `@(?i:_bot)17_.*` is keyed on
+// "@_BOT17_", not on the "17_" of hundreds of ASes.
 func analyze(pattern string) literals {
 	re, err := syntax.Parse(pattern, syntax.Perl)
 	if err != nil {
@@ -44,13 +57,26 @@ func analyze(pattern string) literals {
 	}
 	re = re.Simplify()
 	l := extract(re, false)
-	if l.useful() {
+	if !hasFoldCase(re) {
 		return l
 	}
-	if f := extract(re, true); f.useful() {
+	if f := extract(re, true); f.keyLen() > l.keyLen() {
 		return f
 	}
 	return l
+}
+
+// hasFoldCase reports whether any part of re is case-insensitive.
+func hasFoldCase(re *syntax.Regexp) bool {
+	if re.Flags&syntax.FoldCase != 0 {
+		return true
+	}
+	for _, s := range re.Sub {
+		if hasFoldCase(s) {
+			return true
+		}
+	}
+	return false
 }
 
 func extract(re *syntax.Regexp, fold bool) literals {

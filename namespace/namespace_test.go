@@ -303,6 +303,9 @@ func TestCaseInsensitiveIndexed(t *testing.T) {
 		{`(?i)@åsa_`, "@åsa_", true, []string{"@\u212Bsa_1", "@Åsa_1", "@asa_1"}},
 		{`(?i)@\x{b5}_`, "@µ_", true, []string{"@μ_1", "@Μ_1", "@\u00B5_1", "@m_1"}},
 		{`@.*(?i:_bot_bridge)`, "_bot_bridge", false, []string{"@x_BOT_Bridge:hs", "@x_bot_bridge", "@_bot_brid"}},
+		// The folded prefix is longer than the case-sensitive factor "17_"
+		// (which hundreds of ASes' IDs hold).
+		{`@(?i:_bot)17_.*`, "@_bot17_", true, []string{"@_BOT17_g1", "@_bot117_g1", "@_as17_g1", "@_BOT17-"}},
 		// A case-sensitive literal or class that folding widens: keyed, not exact.
 		{`@(?i:xy)k_`, "@xyk_", false, []string{"@XYk_1", "@xyK_1", "@xy\u212a_1"}},
 		{`@(?i:xy)[ab]_`, "@xya_", false, []string{"@XYa_1", "@xyA_1", "@xyb_"}},
