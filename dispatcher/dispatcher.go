@@ -45,6 +45,12 @@ type Config struct {
 	// Metrics, if set, records submissions and watches backlogs; it is
 	// passed on to the queues unless Queue.Metrics is set.
 	Metrics *metrics.Metrics
+	// Websocket says that ASes registered with `url: null` are reached over
+	// their appservice websocket (package asws, with Queue.Client given
+	// its Sockets): their events are queued like any AS's, sent while a
+	// socket is open, and wait durably, as for an AS that is down, while
+	// none is. Without it a `url: null` AS gets nothing queued.
+	Websocket bool
 }
 
 // stopTimeout bounds the wait for a removed AS's send in flight.
@@ -189,14 +195,14 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 			return fmt.Errorf("dispatcher: reload: appservice %s: %w", as.ID, err)
 		}
 		v.keys[i] = key
-		v.push[i] = as.HasURL
+		v.push[i] = as.HasURL || d.cfg.Websocket
 		v.eph[i] = as.ReceiveEphemeral
 	}
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
 
 	for i, as := range all {
-		d.queues.Start(queueAS(as, v.keys[i]))
+		d.queues.Start(queueAS(as, v.keys[i], d.cfg.Websocket))
 	}
 	if old != nil {
 		for i, key := range old.keys {
@@ -222,7 +228,9 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	return nil
 }
 
-func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+// queueAS is the sender's view of as; with websocket, a `url: null` AS is
+// sent to asapi.SocketURL: over its socket, or failing as not connected.
+func queueAS(as *registry.AppService, key txnstore.ASKey, websocket bool) queue.AS {
 	var f queue.Format
 	if as.ReceiveEphemeral {
 		if as.EphemeralUnstable {
@@ -234,6 +242,8 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
+	} else if websocket {
+		t.URL = asapi.SocketURL
 	}
 	return queue.AS{ID: as.ID, Key: key, Target: t, Format: f}
 }
