@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/secret"
 )
 
 // frame is one JSON message either way. Transactions are written spliced
@@ -33,6 +34,7 @@ type Conn struct {
 	h       *Hub
 	as      string
 	process string
+	token   secret.Token // the as_token it authenticated with (Revalidate)
 	since   time.Time
 	ws      *websocket.Conn
 

@@ -24,6 +24,7 @@ import (
 
 	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/metrics"
+	"github.com/asdispatch/asdispatch/secret"
 )
 
 // Path is where bridges dial the socket.
@@ -146,6 +147,24 @@ func (h *Hub) Close() {
 	h.wg.Wait()
 }
 
+// Revalidate closes the sockets whose as_token no longer authenticates
+// their AS (the AS was removed or its token changed in a reload), with 1008
+// and the status token_revoked; the bridge's redial is then refused.
+func (h *Hub) Revalidate() {
+	h.mu.Lock()
+	var stale []*Conn
+	for _, c := range h.conns {
+		if id, ok := h.opts.Auth(c.token.Reveal()); !ok || id != c.as {
+			stale = append(stale, c)
+		}
+	}
+	h.mu.Unlock()
+	for _, c := range stale {
+		h.log.Info("closing an appservice websocket whose token no longer holds", zap.String("appservice", c.as))
+		go c.close(websocket.StatusPolicyViolation, "token_revoked")
+	}
+}
+
 // matrixError writes a Matrix JSON error: a refused dial must be one, as
 // mautrix-go decodes it to report why.
 func matrixError(w http.ResponseWriter, status int, code, msg string) {
@@ -208,6 +227,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(h.opts.ReadLimit)
 	c := newConn(h, id, r.Header.Get("X-Mautrix-Process-ID"), ws)
+	c.token = secret.New(tok)
 	if !h.attach(c) {
 		_ = ws.Close(CloseShutdown, disconnect("server_shutting_down"))
 		return

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ const (
 )
 
 type env struct {
+	token  atomic.Value // the as_token Auth accepts
 	hub    *Hub
 	srv    *httptest.Server
 	client *asapi.Client
@@ -35,8 +37,9 @@ type env struct {
 func newEnv(t *testing.T, opts Options) *env {
 	t.Helper()
 	e := &env{}
+	e.token.Store(asToken)
 	opts.Auth = func(tok string) (string, bool) {
-		if secret.New(asToken).Equal(tok) {
+		if secret.New(e.token.Load().(string)).Equal(tok) {
 			return "bridge", true
 		}
 		return "", false
@@ -421,4 +424,22 @@ func waitFor(t *testing.T, ok func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+func TestRevalidateClosesRevokedSockets(t *testing.T) {
+	e := newEnv(t, Options{})
+	b, _, err := e.dial(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.hub.Revalidate() // the token still holds: nothing happens
+	if e.hub.Conn("bridge") == nil {
+		t.Fatal("Revalidate closed a valid socket")
+	}
+	e.token.Store("rotated")
+	e.hub.Revalidate()
+	if ce := b.closeError(); ce.Code != websocket.StatusPolicyViolation || !strings.Contains(ce.Reason, "token_revoked") {
+		t.Fatalf("closed with %v", ce)
+	}
+	waitFor(t, func() bool { return e.hub.Conn("bridge") == nil })
 }

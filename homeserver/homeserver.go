@@ -165,7 +165,13 @@ func (s *Server) Reload(ctx context.Context, set *registry.Set) error {
 	if err := s.registerSenders(ctx, set); err != nil {
 		return err
 	}
-	return s.disp.Reload(ctx, set)
+	if err := s.disp.Reload(ctx, set); err != nil {
+		return err
+	}
+	if s.hub != nil {
+		s.hub.Revalidate()
+	}
+	return nil
 }
 
 // registerSenders registers each AS's sender user, without a password and
