@@ -240,9 +240,11 @@ func TestTransactionAck(t *testing.T) {
 	go func() { errc <- e.client.PutTransaction(context.Background(), e.target, "18", body) }()
 	f = b.next()
 	<-b.raw
-	b.send(map[string]any{"id": f["id"], "command": "error", "data": map[string]any{"code": "FAIL", "message": "nope"}})
+	b.send(map[string]any{"id": f["id"], "command": "error", "data": map[string]any{"code": "FAIL", "message": "nope " + hsToken}})
 	if err := <-errc; err == nil {
 		t.Fatal("an error answer counted as an ack")
+	} else if strings.Contains(err.Error(), hsToken) {
+		t.Fatalf("error quotes the hs_token: %v", err)
 	}
 }
 
