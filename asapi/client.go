@@ -50,6 +50,10 @@ type Options struct {
 	Logger      *zap.Logger
 	// Transport replaces the pooled default transport (tests).
 	Transport http.RoundTripper
+	// Sockets, if set, are the ASes' open websockets: an AS with one open
+	// gets its transactions, queries, pings and third-party lookups over
+	// it instead of HTTP, and one whose URL is SocketURL only over it.
+	Sockets Sockets
 }
 
 // Sentinel errors, matched with errors.Is.
@@ -146,14 +150,22 @@ func New(opts Options) *Client {
 // maxErrorBody bounds what is kept of an error answer.
 const maxErrorBody = 512
 
-// PutTransaction sends one transaction: PUT /_matrix/app/v1/transactions/{txnID}
-// with body exactly as given.
 // TxnTimeout is how long PutTransaction waits for the AS.
 func (c *Client) TxnTimeout() time.Duration { return c.opts.TxnTimeout }
 
+// PutTransaction sends one transaction: PUT /_matrix/app/v1/transactions/{txnID}
+// with body exactly as given, or, while the AS has a websocket open, the
+// same body as a transaction frame that the AS must acknowledge within
+// TxnTimeout.
 func (c *Client) PutTransaction(ctx context.Context, t Target, txnID string, body []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.TxnTimeout)
 	defer cancel()
+	if s := c.socket(t); s != nil {
+		if err := s.Transaction(ctx, txnID, body); err != nil {
+			return socketError(ctx, t, err)
+		}
+		return nil
+	}
 	_, _, err := c.do(ctx, t, http.MethodPut, "/transactions/"+url.PathEscape(txnID), nil, body)
 	return err
 }
@@ -162,12 +174,19 @@ func (c *Client) PutTransaction(ctx context.Context, t Target, txnID string, bod
 // in legacy mode) and returns the status and body of a 2xx answer, or an
 // error for anything else.
 func (c *Client) do(ctx context.Context, t Target, method, path string, query url.Values, body []byte) (int, []byte, error) {
-	if t.URL == "" {
+	once := c.once
+	if s := c.socket(t); s != nil {
+		once = func(ctx context.Context, t Target, method, path string, query url.Values, body []byte) (int, []byte, error) {
+			return c.onceSocket(ctx, s, t, method, path, query, body)
+		}
+	} else if t.URL == "" {
 		return 0, nil, fmt.Errorf("appservice %s: %w", t.ID, ErrNoURL)
+	} else if t.URL == SocketURL {
+		return 0, nil, fmt.Errorf("appservice %s: %w", t.ID, ErrNotConnected)
 	}
-	status, resp, err := c.once(ctx, t, method, "/_matrix/app/v1"+path, query, body)
+	status, resp, err := once(ctx, t, method, "/_matrix/app/v1"+path, query, body)
 	if t.Legacy && err != nil && unrecognised(status, resp) {
-		status, resp, err = c.once(ctx, t, method, path, query, body)
+		status, resp, err = once(ctx, t, method, path, query, body)
 	}
 	return status, resp, err
 }

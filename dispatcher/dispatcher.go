@@ -45,6 +45,12 @@ type Config struct {
 	// Metrics, if set, records submissions and watches backlogs; it is
 	// passed on to the queues unless Queue.Metrics is set.
 	Metrics *metrics.Metrics
+	// Websocket says that ASes registered with `url: null` are reached over
+	// their appservice websocket (package asws, with Queue.Client given
+	// its Sockets): their events are queued like any AS's, sent while a
+	// socket is open, and wait durably, as for an AS that is down, while
+	// none is. Without it a `url: null` AS gets nothing queued.
+	Websocket bool
 }
 
 // stopTimeout bounds the wait for a removed AS's send in flight.
@@ -194,7 +200,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 			return fmt.Errorf("dispatcher: reload: appservice %s: %w", as.ID, err)
 		}
 		v.keys[i] = key
-		v.push[i] = as.HasURL
+		v.push[i] = as.HasURL || d.cfg.Websocket
 		v.eph[i] = as.ReceiveEphemeral
 		v.msc3202[i] = as.MSC3202
 	}
@@ -202,7 +208,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	d.cfg.Registry.Swap(set)
 
 	for i, as := range all {
-		d.queues.Start(queueAS(as, v.keys[i]))
+		d.queues.Start(queueAS(as, v.keys[i], d.cfg.Websocket))
 	}
 	if old != nil {
 		for i, key := range old.keys {
@@ -249,11 +255,15 @@ func Fields(as *registry.AppService) []string {
 	return queue.Fields(format(as), as.ReceiveEphemeral, as.MSC3202)
 }
 
-func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+// queueAS is the sender's view of as; with websocket, a `url: null` AS is
+// sent to asapi.SocketURL: over its socket, or failing as not connected.
+func queueAS(as *registry.AppService, key txnstore.ASKey, websocket bool) queue.AS {
 	f := format(as)
 	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
+	} else if websocket {
+		t.URL = asapi.SocketURL
 	}
 	return queue.AS{ID: as.ID, Key: key, Target: t, Format: f}
 }

@@ -237,7 +237,41 @@ func (s *Server) appservices(r *http.Request) (any, error) {
 		if !st.NextRetry.IsZero() {
 			row["next_retry"] = st.NextRetry.UTC().Format(time.RFC3339)
 		}
+		s.transport(row, st.ID, now)
 		out = append(out, row)
 	}
 	return map[string]any{"appservices": out}, nil
+}
+
+// transport adds how the AS is reached to its status row: "websocket"
+// while one is open (with its age), else "http", or "none" for a `url:
+// null` AS waiting for a socket; and the last bridge_status it sent.
+func (s *Server) transport(row map[string]any, id string, now time.Time) {
+	as := s.cfg.Registry.Current().ByID(id)
+	switch {
+	case s.hub != nil && s.hub.Conn(id) != nil:
+		row["transport"] = "websocket"
+	case as != nil && as.HasURL:
+		row["transport"] = "http"
+	default:
+		row["transport"] = "none"
+	}
+	if s.hub == nil {
+		return
+	}
+	ws := s.hub.Status(id)
+	if ws.Connections == 0 {
+		return
+	}
+	w := map[string]any{"connected": ws.Connected, "connections": ws.Connections}
+	if ws.Connected {
+		w["connected_since"] = ws.ConnectedAt.UTC().Format(time.RFC3339)
+		w["connection_age_ms"] = now.Sub(ws.ConnectedAt).Milliseconds()
+		w["process_id"] = ws.ProcessID
+	}
+	if ws.BridgeStatus != nil {
+		w["bridge_status"] = ws.BridgeStatus
+		w["bridge_status_at"] = ws.BridgeStatusAt.UTC().Format(time.RFC3339)
+	}
+	row["websocket"] = w
 }

@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/asws"
 	"github.com/asdispatch/asdispatch/dispatcher"
 	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/queries"
@@ -58,6 +60,16 @@ type Config struct {
 	// MaxUploadBytes bounds an uploaded file (default 50 MiB); above it
 	// uploads answer 413 M_TOO_LARGE.
 	MaxUploadBytes int64
+	// Websocket accepts appservice websockets (GET
+	// /_matrix/client/unstable/fi.mau.as_sync, package asws): an AS with
+	// one open gets its transactions, queries, pings and third-party
+	// lookups over it, and an AS registered with `url: null` gets its
+	// events queued and sent while one is open. It needs the client the
+	// homeserver builds: Queue.Client must be nil.
+	Websocket bool
+	// WebsocketPingInterval is how often an open socket is pinged at the
+	// websocket level (default 30s).
+	WebsocketPingInterval time.Duration
 	// Password sets the cost of the argon2id password hash; zero fields
 	// take the defaults (PasswordParams).
 	Password PasswordParams
@@ -76,8 +88,10 @@ type Server struct {
 	// mu serializes writes (one writer, like the SQLite file): events of a
 	// room are authorized against the state they are committed on, and
 	// submitted in order.
-	mu       sync.Mutex
-	mux      *http.ServeMux
+	mu  sync.Mutex
+	mux *http.ServeMux
+	// hub holds the appservice websockets (nil unless Config.Websocket).
+	hub      *asws.Hub
 	table    []route
 	mediaDir string
 
@@ -114,10 +128,33 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Queue.Client == nil {
-		cfg.Queue.Client = asapi.New(asapi.Options{QueryTimeout: cfg.QueryTimeout, TxnTimeout: cfg.TxnTimeout, Logger: cfg.Logger})
-	}
 	s := &Server{cfg: cfg, log: cfg.Logger, st: st, notifyCh: make(chan struct{}), mediaDir: filepath.Join(cfg.DataDir, "media")}
+	var sockets asapi.Sockets
+	if cfg.Websocket {
+		if cfg.Queue.Client != nil {
+			st.db.Close()
+			return nil, errors.New("homeserver: Websocket needs the client the homeserver builds (Queue.Client set)")
+		}
+		s.hub = asws.New(asws.Options{
+			Auth: func(tok string) (string, bool) {
+				as, err := cfg.Registry.Current().ByASToken(tok)
+				if err != nil {
+					return "", false
+				}
+				return as.ID, true
+			},
+			// A socket opened: the AS's backlog goes out at once instead
+			// of after its backoff.
+			OnConnect:    func(id string) { s.disp.Wake(id) },
+			PingInterval: cfg.WebsocketPingInterval,
+			Logger:       cfg.Logger, Metrics: cfg.Metrics,
+		})
+		sockets = s.hub
+	}
+	if cfg.Queue.Client == nil {
+		cfg.Queue.Client = asapi.New(asapi.Options{QueryTimeout: cfg.QueryTimeout, TxnTimeout: cfg.TxnTimeout, Logger: cfg.Logger, Sockets: sockets})
+	}
+	s.cfg = cfg
 	if err := os.MkdirAll(s.mediaDir, 0o700); err != nil {
 		st.db.Close()
 		return nil, err
@@ -128,6 +165,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.disp, err = dispatcher.New(ctx, dispatcher.Config{
 		Registry: cfg.Registry, DataDir: cfg.DataDir, OpenStore: cfg.OpenStore, RoomState: s, Queue: cfg.Queue, Logger: cfg.Logger, Metrics: cfg.Metrics,
+		Websocket: cfg.Websocket,
 	})
 	if err != nil {
 		st.db.Close()
@@ -160,7 +198,13 @@ func (s *Server) Reload(ctx context.Context, set *registry.Set) error {
 	if err := s.registerSenders(ctx, set); err != nil {
 		return err
 	}
-	return s.disp.Reload(ctx, set)
+	if err := s.disp.Reload(ctx, set); err != nil {
+		return err
+	}
+	if s.hub != nil {
+		s.hub.Revalidate()
+	}
+	return nil
 }
 
 // registerSenders registers each AS's sender user, without a password and
@@ -195,11 +239,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mux.ServeHTTP(w, r)
 }
 
-// Close closes the dispatcher (draining sends until ctx ends) and the state.
+// Close closes the dispatcher (draining sends until ctx ends), then the
+// appservice websockets (1012: bridges reconnect to the next start), and
+// the state.
 func (s *Server) Close(ctx context.Context) error {
 	// What is not handed over yet is at the next start.
 	s.stopHandover()
 	err := s.disp.Close(ctx)
+	if s.hub != nil {
+		s.hub.Close()
+	}
 	if cerr := s.st.db.Close(); err == nil {
 		err = cerr
 	}

@@ -57,7 +57,7 @@ func startWith(t *testing.T, dir string, asHandler http.Handler, reg string, ext
 	}
 	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
 		Queue:    queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
-		Password: cheapPasswords, Keys: extra.Keys, Logger: extra.Logger})
+		Password: cheapPasswords, Keys: extra.Keys, Logger: extra.Logger, Websocket: extra.Websocket})
 	if err != nil {
 		t.Fatal(err)
 	}

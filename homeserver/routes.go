@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"sort"
 	"strings"
+
+	"github.com/asdispatch/asdispatch/asws"
 )
 
 const (
@@ -39,6 +41,9 @@ func (s *Server) routes() {
 	for _, rt := range s.table {
 		m.HandleFunc(rt.method+" "+rt.pattern, s.handle(rt))
 		methods[rt.pattern] = append(methods[rt.pattern], rt.method)
+	}
+	if s.hub != nil {
+		m.Handle(asws.Path, s.hub)
 	}
 	// A known path with another method: 405 M_UNRECOGNIZED, with Allow.
 	for pattern, ms := range methods {

@@ -146,7 +146,13 @@ func TestMautrixBridgev2(t *testing.T) {
 	config, registration := gmessagesConfig(t, bin, s.URL)
 	s.regs = append(s.regs, registration)
 	s.start(t)
+	gmessagesHelp(t, bin, s, config)
+}
 
+// gmessagesHelp runs the bridge with config against the started stub s and
+// checks its bot: it accepts a DM, greets and answers `help`.
+func gmessagesHelp(t *testing.T, bin string, s *stub, config string) {
+	t.Helper()
 	// The bot is appservice.bot.username from the config; the registration's
 	// sender_localpart is a random string mautrix never uses.
 	var cfg struct {

@@ -5,6 +5,7 @@ package metrics
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +25,9 @@ type Metrics struct {
 	submitted    *prometheus.CounterVec
 	deliveries   prometheus.Counter
 	reg          prometheus.Registerer
+
+	wsOnce sync.Once
+	wsm    *wsMetrics
 }
 
 // New creates the metrics and registers them with reg.
@@ -166,4 +170,63 @@ func (c *backlogCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(backlogTxns, prometheus.GaugeValue, float64(r.Txns), r.AS)
 		ch <- prometheus.MustNewConstMetric(oldestAge, prometheus.GaugeValue, age, r.AS)
 	}
+}
+
+// wsMetrics count appservice websocket traffic; created on first use so
+// that a homeserver without websockets exports none.
+type wsMetrics struct {
+	frames, acks, connects *prometheus.CounterVec
+	connected              *prometheus.GaugeVec
+}
+
+func (m *Metrics) ws() *wsMetrics {
+	m.wsOnce.Do(func() {
+		as := []string{"appservice"}
+		w := &wsMetrics{
+			frames: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "asdispatch_websocket_frames_total",
+				Help: "Appservice websocket frames, by direction (in: from the bridge, out: to it)."}, []string{"appservice", "direction"}),
+			acks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "asdispatch_websocket_acks_total",
+				Help: "Transactions the bridge acknowledged over its websocket."}, as),
+			connects: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "asdispatch_websocket_connections_total",
+				Help: "Appservice websockets accepted; more than one per AS counts reconnects and replacements."}, as),
+			connected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "asdispatch_websocket_connected",
+				Help: "1 while the appservice has a websocket open."}, as),
+		}
+		m.reg.MustRegister(w.frames, w.acks, w.connects, w.connected)
+		m.wsm = w
+	})
+	return m.wsm
+}
+
+// WSFrame records one websocket frame; direction is in or out.
+func (m *Metrics) WSFrame(as, direction string) {
+	if m != nil {
+		m.ws().frames.WithLabelValues(as, direction).Inc()
+	}
+}
+
+// WSAck records a transaction acknowledged over a websocket.
+func (m *Metrics) WSAck(as string) {
+	if m != nil {
+		m.ws().acks.WithLabelValues(as).Inc()
+	}
+}
+
+// WSConnect records an accepted websocket.
+func (m *Metrics) WSConnect(as string) {
+	if m != nil {
+		m.ws().connects.WithLabelValues(as).Inc()
+	}
+}
+
+// WSConnected records whether the AS has a websocket open.
+func (m *Metrics) WSConnected(as string, open bool) {
+	if m == nil {
+		return
+	}
+	v := 0.0
+	if open {
+		v = 1
+	}
+	m.ws().connected.WithLabelValues(as).Set(v)
 }

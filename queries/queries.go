@@ -101,13 +101,20 @@ func Target(as *registry.AppService) asapi.Target {
 	return t
 }
 
+// reachable reports whether as can be asked: it has a URL or a websocket
+// open (then requests go over the socket, whatever the URL).
+func (s *Service) reachable(as *registry.AppService) bool {
+	return as.HasURL || s.client.Connected(as.ID)
+}
+
 // candidates orders the ASes to ask: exclusive owners first, then the
-// others, each by registration order; ASes without a URL are never asked.
-func candidates(set *registry.Set, hits []namespace.Hit) []*registry.AppService {
+// others, each by registration order; ASes that cannot be reached (no URL,
+// no websocket open) are never asked.
+func (s *Service) candidates(set *registry.Set, hits []namespace.Hit) []*registry.AppService {
 	var first, rest []*registry.AppService
 	for _, h := range hits {
 		as := set.All()[h.Owner]
-		if !as.HasURL {
+		if !s.reachable(as) {
 			continue
 		}
 		if h.Exclusive {
@@ -126,13 +133,13 @@ func candidates(set *registry.Set, hits []namespace.Hit) []*registry.AppService 
 // ending.
 func (s *Service) QueryUser(ctx context.Context, userID string) (Result, error) {
 	set := s.cfg.Registry.Current()
-	return s.query(ctx, "u:"+userID, candidates(set, set.UsersInterested(nil, userID)), "user", userID, s.client.QueryUser)
+	return s.query(ctx, "u:"+userID, s.candidates(set, set.UsersInterested(nil, userID)), "user", userID, s.client.QueryUser)
 }
 
 // QueryAlias is QueryUser for a room alias.
 func (s *Service) QueryAlias(ctx context.Context, alias string) (Result, error) {
 	set := s.cfg.Registry.Current()
-	return s.query(ctx, "a:"+alias, candidates(set, set.AliasesInterested(nil, alias)), "alias", alias, s.client.QueryAlias)
+	return s.query(ctx, "a:"+alias, s.candidates(set, set.AliasesInterested(nil, alias)), "alias", alias, s.client.QueryAlias)
 }
 
 // NoteUserRegistered forgets a cached "no such user" (the AS created it).
@@ -236,7 +243,7 @@ func (s *Service) Ping(ctx context.Context, asID, txnID string) (time.Duration, 
 	if as == nil {
 		return 0, &PingError{Code: "M_NOT_FOUND", Status: 404}
 	}
-	if !as.HasURL {
+	if !s.reachable(as) {
 		return 0, &PingError{Code: "M_URL_NOT_SET", Status: 400}
 	}
 	d, err := s.client.Ping(ctx, Target(as), txnID)

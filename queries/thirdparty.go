@@ -24,11 +24,11 @@ type cachedProtocol struct {
 }
 
 // withProtocol returns the ASes that list protocol ("" for every AS that
-// lists any), that have a URL.
-func withProtocol(set *registry.Set, protocol string) []*registry.AppService {
+// lists any), that can be reached.
+func (s *Service) withProtocol(set *registry.Set, protocol string) []*registry.AppService {
 	var out []*registry.AppService
 	for _, as := range set.All() {
-		if as.HasURL && len(as.Protocols) > 0 && (protocol == "" || slices.Contains(as.Protocols, protocol)) {
+		if s.reachable(as) && len(as.Protocols) > 0 && (protocol == "" || slices.Contains(as.Protocols, protocol)) {
 			out = append(out, as)
 		}
 	}
@@ -82,7 +82,7 @@ func (s *Service) protocol(ctx context.Context, protocol string) (cachedProtocol
 		return c, true
 	}
 	s.mu.Unlock()
-	ases := withProtocol(s.cfg.Registry.Current(), protocol)
+	ases := s.withProtocol(s.cfg.Registry.Current(), protocol)
 	var merged map[string]any
 	var instances []any
 	var c cachedProtocol
@@ -156,7 +156,7 @@ func onlyFields(q url.Values, fields []string) url.Values {
 // Protocols returns the metadata of every protocol some AS lists.
 func (s *Service) Protocols(ctx context.Context) map[string]map[string]any {
 	out := map[string]map[string]any{}
-	for _, as := range withProtocol(s.cfg.Registry.Current(), "") {
+	for _, as := range s.withProtocol(s.cfg.Registry.Current(), "") {
 		for _, p := range as.Protocols {
 			if _, done := out[p]; done {
 				continue
@@ -177,7 +177,7 @@ func (s *Service) Users(ctx context.Context, protocol string, fields url.Values)
 	if !ok {
 		return []json.RawMessage{}
 	}
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "user/"+url.PathEscape(protocol), onlyFields(fields, c.userFields), "userid")
+	return s.rows(ctx, s.withProtocol(s.cfg.Registry.Current(), protocol), "user/"+url.PathEscape(protocol), onlyFields(fields, c.userFields), "userid")
 }
 
 // Locations looks up third-party locations of protocol matching fields,
@@ -187,17 +187,17 @@ func (s *Service) Locations(ctx context.Context, protocol string, fields url.Val
 	if !ok {
 		return []json.RawMessage{}
 	}
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), protocol), "location/"+url.PathEscape(protocol), onlyFields(fields, c.locationFields), "alias")
+	return s.rows(ctx, s.withProtocol(s.cfg.Registry.Current(), protocol), "location/"+url.PathEscape(protocol), onlyFields(fields, c.locationFields), "alias")
 }
 
 // UsersByID looks up the third-party users behind a Matrix user ID.
 func (s *Service) UsersByID(ctx context.Context, userID string) []json.RawMessage {
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), ""), "user", url.Values{"userid": {userID}}, "userid")
+	return s.rows(ctx, s.withProtocol(s.cfg.Registry.Current(), ""), "user", url.Values{"userid": {userID}}, "userid")
 }
 
 // LocationsByAlias looks up the third-party locations behind a room alias.
 func (s *Service) LocationsByAlias(ctx context.Context, alias string) []json.RawMessage {
-	return s.rows(ctx, withProtocol(s.cfg.Registry.Current(), ""), "location", url.Values{"alias": {alias}}, "alias")
+	return s.rows(ctx, s.withProtocol(s.cfg.Registry.Current(), ""), "location", url.Values{"alias": {alias}}, "alias")
 }
 
 // rows merges the answers of the ASes, keeping only well-formed rows: an

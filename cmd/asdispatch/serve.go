@@ -67,6 +67,13 @@ type serveConfig struct {
 		// TxnTimeout bounds one transaction (default 90s; mautrix-go
 		// handles a transaction before it answers).
 		TxnTimeout time.Duration `yaml:"txn_timeout"`
+		// Websocket accepts appservice websockets on the client listener
+		// (default true; docs/websocket.md): bridges with no open port
+		// dial in, and `url: null` ASes get their events over the socket.
+		Websocket *bool `yaml:"websocket"`
+		// WebsocketPingInterval is how often an open socket is pinged
+		// (default 30s).
+		WebsocketPingInterval time.Duration `yaml:"websocket_ping_interval"`
 	} `yaml:"appservice"`
 }
 
@@ -233,11 +240,13 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hcfg := homeserver.Config{
 		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
-		Metrics:        metrics.New(promReg),
-		MaxUploadBytes: cfg.MaxUploadBytes,
-		QueryTimeout:   cfg.AppService.QueryTimeout,
-		TxnTimeout:     cfg.AppService.TxnTimeout,
-		OpenStore:      openStore,
+		Metrics:               metrics.New(promReg),
+		MaxUploadBytes:        cfg.MaxUploadBytes,
+		QueryTimeout:          cfg.AppService.QueryTimeout,
+		TxnTimeout:            cfg.AppService.TxnTimeout,
+		OpenStore:             openStore,
+		Websocket:             cfg.AppService.Websocket == nil || *cfg.AppService.Websocket,
+		WebsocketPingInterval: cfg.AppService.WebsocketPingInterval,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
 			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,
 			LeaseTTL: cfg.Database.LeaseTTL},
