@@ -182,6 +182,12 @@ type simAS struct {
 	took     map[int64]bool   // txn ids accepted
 	bodies   map[int64][]byte // every body sent under each id
 	open     *simSend
+	// socket: the AS is connected by websocket (asws) instead of
+	// listening for HTTP: while it is not connected every send fails at
+	// once, a drop fails the send in flight (the AS may have handled
+	// it), and each (re)connection wakes its senders.
+	socket    bool
+	connected bool
 }
 
 type simSend struct {
@@ -208,7 +214,10 @@ type world struct {
 	// (a deadline cuts sends) or, on odd seeds, three times longer (each
 	// send renews the lease to outlast it).
 	sendTimeout time.Duration
-	f           faults
+	// srnd draws the websocket ASes and their connections, apart from rnd
+	// so the other draws of a seed stay as they were.
+	srnd *rand.Rand
+	f    faults
 	ases        []*simAS
 	reg         map[txnstore.ASKey]*regState
 	procs       []*simProc
@@ -247,6 +256,7 @@ func newWorld(seed uint64, log *zap.Logger) *world {
 		now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), reg: map[txnstore.ASKey]*regState{}}
 	r := w.rnd
 	w.shared = r.Float64() < 0.35
+	w.srnd = rand.New(rand.NewPCG(seed, 0x50c7e7))
 	w.sendTimeout = simTTL * 2 / 5
 	if seed%2 == 1 {
 		w.sendTimeout = 3 * simTTL
@@ -280,6 +290,9 @@ func newWorld(seed uint64, log *zap.Logger) *world {
 		a := &simAS{key: k, took: map[int64]bool{}, bodies: map[int64][]byte{}}
 		if r.Float64() < w.f.as413On {
 			a.maxItems = 1 + r.IntN(4)
+		}
+		if w.srnd.IntN(3) == 0 {
+			a.socket, a.connected = true, w.srnd.IntN(2) == 0
 		}
 		w.ases = append(w.ases, a)
 		w.reg[k] = &regState{registered: true, hasURL: true}
@@ -571,6 +584,8 @@ func (w *world) send(c *simCore, op *core.SendOp) {
 	n := len(seqsOf(op.Body))
 	c.canTake = a.tokenGen == tokenGen && (a.maxItems == 0 || n <= a.maxItems || a.took[op.ID])
 	switch {
+	case a.socket && !a.connected:
+		done.Err, d = errors.New("not connected"), time.Millisecond
 	case a.tokenGen != tokenGen:
 		done.Err, done.Status, done.TokenMismatch = errors.New("403"), 403, true
 	case a.took[op.ID]:
@@ -609,6 +624,32 @@ func (w *world) send(c *simCore, op *core.SendOp) {
 		w.endSend(c, took)
 		w.at(0, c.p, func() { w.step(c, done) })
 	})
+}
+
+// connect connects or drops a websocket AS. A drop fails the send in
+// flight at once, the AS having handled it or not; a connection wakes
+// the AS's senders, as the hub does.
+func (w *world) connect(a *simAS, up bool) {
+	if a.connected == up {
+		return
+	}
+	a.connected = up
+	w.trace("as %d socket connected=%v", a.key, up)
+	for _, p := range w.procs {
+		for _, c := range p.all() {
+			if c.key != a.key || c.dead {
+				continue
+			}
+			if !up && c.send != nil {
+				op := c.send
+				w.endSend(c, w.srnd.IntN(2) == 0)
+				w.at(0, c.p, func() { w.step(c, core.SendDone{ID: op.ID, Err: errors.New("websocket closed")}) })
+			}
+			if up && !c.halted {
+				w.at(0, c.p, func() { w.step(c, core.Wake{}) })
+			}
+		}
+	}
 }
 
 // endSend closes c's send; took: the AS accepted it.
@@ -828,6 +869,22 @@ func (w *world) run() error {
 	for range w.rnd.IntN(12) {
 		w.at(time.Duration(w.rnd.Int64N(int64(faultFor))), nil, w.lifecycle)
 	}
+	for _, a := range w.ases {
+		if !a.socket {
+			continue
+		}
+		// Drops, reconnects and replacements (a drop and a connection at
+		// once) while faults last.
+		for range w.srnd.IntN(8) {
+			up := w.srnd.IntN(2) == 0
+			w.at(time.Duration(w.srnd.Int64N(int64(faultFor))), nil, func() {
+				if up && a.connected { // replaced by a new connection
+					w.connect(a, false)
+				}
+				w.connect(a, up)
+			})
+		}
+	}
 	healed := false
 	w.at(faultFor, nil, func() { w.heal(); healed = true })
 	deadline := w.now.Add(faultFor + 20*time.Minute)
@@ -859,6 +916,9 @@ func (w *world) heal() {
 	for _, a := range w.ases {
 		reg := w.reg[a.key]
 		a.tokenGen = reg.tokenGen
+		if a.socket {
+			w.connect(a, true)
+		}
 		if !reg.hasURL {
 			reg.hasURL = true
 			w.retarget(a.key)
