@@ -359,10 +359,10 @@ type e2eResult struct {
 }
 
 // settledGoroutines returns the goroutine count once it stops changing
-// (senders finish starting up), or after 5 s.
+// for a quarter second (senders finish starting up), or after 60 s.
 func settledGoroutines() int {
 	n, stable := runtime.NumGoroutine(), 0
-	for deadline := time.Now().Add(5 * time.Second); stable < 5 && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(60 * time.Second); stable < 12 && time.Now().Before(deadline); {
 		time.Sleep(20 * time.Millisecond)
 		if m := runtime.NumGoroutine(); m != n {
 			n, stable = m, 0
