@@ -45,29 +45,41 @@ type cand struct {
 // with the number of patterns.
 type index struct {
 	pats []entry
-	trie []trieNode
-	ac   *automaton
-	scan []int32 // patterns with no literal worth indexing
+	// The prefix trie, flattened: node n's edges are keys and next
+	// [trie[n].edges, trie[n+1].edges), its patterns cands[trie[n].cands,
+	// trie[n+1].cands); the last node is a sentinel. A node costs 8 bytes
+	// rather than three slices.
+	trie  []trieNode
+	keys  []byte
+	next  []int32
+	cands []cand
+	ac    *automaton
+	scan  []int32 // patterns with no literal worth indexing
 }
 
-type trieNode struct {
+type trieNode struct{ edges, cands int32 }
+
+// trieBuilder is the prefix trie while patterns are added.
+type trieBuilder []builderNode
+
+type builderNode struct {
 	keys  []byte
 	next  []int32
 	cands []cand
 }
 
-func (ix *index) addPrefix(p string, c cand) {
+func (tb *trieBuilder) addPrefix(p string, c cand) {
 	n := int32(0)
 	for i := 0; i < len(p); i++ {
-		node := &ix.trie[n]
+		node := &(*tb)[n]
 		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= p[i] })
 		if j < len(node.keys) && node.keys[j] == p[i] {
 			n = node.next[j]
 			continue
 		}
-		ix.trie = append(ix.trie, trieNode{})
-		child := int32(len(ix.trie) - 1)
-		node = &ix.trie[n] // append may have moved it
+		*tb = append(*tb, builderNode{})
+		child := int32(len(*tb) - 1)
+		node = &(*tb)[n] // append may have moved it
 		node.keys = append(node.keys, 0)
 		node.next = append(node.next, 0)
 		copy(node.keys[j+1:], node.keys[j:])
@@ -75,15 +87,39 @@ func (ix *index) addPrefix(p string, c cand) {
 		node.keys[j], node.next[j] = p[i], child
 		n = child
 	}
-	ix.trie[n].cands = append(ix.trie[n].cands, c)
+	(*tb)[n].cands = append((*tb)[n].cands, c)
+}
+
+// flatten sets ix's trie from tb.
+func (ix *index) flatten(tb trieBuilder) {
+	edges, cands := 0, 0
+	for _, n := range tb {
+		edges += len(n.keys)
+		cands += len(n.cands)
+	}
+	ix.trie = make([]trieNode, 0, len(tb)+1)
+	ix.keys = make([]byte, 0, edges)
+	ix.next = make([]int32, 0, edges)
+	ix.cands = make([]cand, 0, cands)
+	for _, n := range tb {
+		ix.trie = append(ix.trie, trieNode{edges: int32(len(ix.keys)), cands: int32(len(ix.cands))})
+		ix.keys = append(ix.keys, n.keys...)
+		ix.next = append(ix.next, n.next...)
+		ix.cands = append(ix.cands, n.cands...)
+	}
+	ix.trie = append(ix.trie, trieNode{edges: int32(len(ix.keys)), cands: int32(len(ix.cands))})
 }
 
 // minUseful is how long a literal must be (beyond an ID's sigil) to be worth
 // indexing rather than scanning.
 const minUseful = 2
 
+// maxFactor is how much of a factor the automaton holds.
+const maxFactor = 12
+
 func buildIndex(pats []entry, lits []literals) *index {
-	ix := &index{pats: pats, trie: []trieNode{{}}}
+	ix := &index{pats: pats}
+	tb := trieBuilder{{}}
 	// How many patterns share each literal: a literal every AS has (a
 	// server name like ":example.org") selects nothing, however long.
 	factorShare := map[string]int{}
@@ -108,18 +144,21 @@ func buildIndex(pats []entry, lits []literals) *index {
 		case usefulPrefix && len(l.factor) >= 3 && prefixShared < factorShare[l.factor]:
 			// The prefix is the more selective key.
 			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
+				tb.addPrefix(p, cand{pat: pi, exact: l.exact})
 			}
 		case usefulPrefix && (l.exact || pre >= len(l.factor)):
 			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
+				tb.addPrefix(p, cand{pat: pi, exact: l.exact})
 			}
 		case len(l.factor) >= 3:
-			factors = append(factors, l.factor)
+			// Any part of a required literal is required too: the
+			// automaton's table grows with the bytes it holds, and a
+			// factor's first dozen bytes select about as well.
+			factors = append(factors, l.factor[:min(len(l.factor), maxFactor)])
 			factorPats = append(factorPats, pi)
 		case usefulPrefix:
 			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
+				tb.addPrefix(p, cand{pat: pi, exact: l.exact})
 			}
 		default:
 			ix.scan = append(ix.scan, pi)
@@ -128,6 +167,7 @@ func buildIndex(pats []entry, lits []literals) *index {
 	if len(factors) > 0 {
 		ix.ac = newAutomaton(factors, factorPats)
 	}
+	ix.flatten(tb)
 	return ix
 }
 
@@ -150,19 +190,20 @@ func (ix *index) lookup(dst []Hit, id string) []Hit {
 	}
 	n := int32(0)
 	for i := 0; ; i++ {
-		node := &ix.trie[n]
-		for _, c := range node.cands {
+		node, end := ix.trie[n], ix.trie[n+1]
+		for _, c := range ix.cands[node.cands:end.cands] {
 			add(c.pat, c.exact)
 		}
-		if i == len(id) || len(node.keys) == 0 {
+		keys := ix.keys[node.edges:end.edges]
+		if i == len(id) || len(keys) == 0 {
 			break
 		}
 		b := id[i]
-		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= b })
-		if j == len(node.keys) || node.keys[j] != b {
+		j := sort.Search(len(keys), func(k int) bool { return keys[k] >= b })
+		if j == len(keys) || keys[j] != b {
 			break
 		}
-		n = node.next[j]
+		n = ix.next[int(node.edges)+j]
 	}
 	if ix.ac != nil {
 		ix.ac.each(id, func(pi int32) { add(pi, false) })
