@@ -75,3 +75,26 @@ func TestIdleASesCostNoGoroutines(t *testing.T) {
 		t.Error("a stopped sender has a live state")
 	}
 }
+
+// TestStopAfterClose: stopping an AS of closed Queues returns at once (its
+// sender is stopped for good) instead of waiting for a sender that is gone.
+func TestStopAfterClose(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	as := newFakeAS(t, nil)
+	key := h.start(as, "a")
+	h.close()
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		done <- h.q.Stop(ctx, key)
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Stop after Close: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stop after Close hangs")
+	}
+}

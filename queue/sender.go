@@ -112,6 +112,11 @@ func (s *slot) start(as AS) {
 func (s *slot) halt() func(context.Context) error {
 	ch := make(chan struct{})
 	s.mu.Lock()
+	if s.finished {
+		// Closed: stopped for good.
+		s.mu.Unlock()
+		return func(context.Context) error { return nil }
+	}
 	s.waiters = append(s.waiters, ch)
 	s.inbox = append(s.inbox, core.Stop{})
 	s.scheduleLocked()
