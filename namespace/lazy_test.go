@@ -2,6 +2,7 @@ package namespace
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
 	"testing"
 )
@@ -50,4 +51,39 @@ func TestRegexCompiledOnDemand(t *testing.T) {
 	if n := compiled(); n == 0 || n > 4 {
 		t.Errorf("%d lookups compiled %d regexes; want only the few they ran", len(ids), n)
 	}
+}
+
+// TestMatcherMemory: a matcher holds well under a kilobyte per pattern of a
+// large host's usual mix (prefix, suffix and alternation namespaces, aliases
+// and rooms with a server name); compiled programs alone took about 2 KiB.
+func TestMatcherMemory(t *testing.T) {
+	const ases = 2000
+	var pats []Pattern
+	for i := 0; i < ases; i++ {
+		pats = append(pats,
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@_as%d_.*`, i), Exclusive: true},
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@.*:as%d-n1\.bridge\.example\.org`, i)},
+			Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`@(tg|sig)%d_n2_.*`, i), Exclusive: true},
+			Pattern{Kind: Aliases, Owner: i, Regex: fmt.Sprintf(`#_as%d_.*:bench\.example\.org`, i), Exclusive: true},
+			Pattern{Kind: Rooms, Owner: i, Regex: fmt.Sprintf(`!_as%d_.*:bench\.example\.org`, i)})
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	m, err := Compile(pats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	per := float64(after.HeapAlloc-before.HeapAlloc) / float64(len(pats))
+	if per > 500 {
+		t.Errorf("the matcher holds %.0f bytes per pattern; want at most 500", per)
+	} else {
+		t.Logf("%.0f bytes per pattern", per)
+	}
+	if hits := m.Match(Users, "@g1:as7-n1.bridge.example.org"); len(hits) != 1 || hits[0].Owner != 7 {
+		t.Errorf("hits %v, want AS 7's", hits)
+	}
+	runtime.KeepAlive(m)
 }
