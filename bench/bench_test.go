@@ -57,6 +57,7 @@ func TestRunSmall(t *testing.T) {
 		{FigStored, false, false},
 		{FigBacklogged, false, false},
 		{FigRSS, false, false},
+		{FigGoroutines, false, false},
 	}
 	for _, tt := range tests {
 		f, ok := rep.Figure(tt.name)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -87,6 +88,7 @@ const (
 	FigStored     = "stored per event after Submit"
 	FigBacklogged = "stored per backlogged event"
 	FigRSS        = "peak RSS"
+	FigGoroutines = "goroutines with every AS idle"
 )
 
 // Progress is told what the run is doing; done of total steps.
@@ -133,6 +135,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	rep.Figures = append(rep.Figures, dec)
 
 	var rss float64 // the highest peak of the asdispatch phases
+	var goroutines float64
 	var submit, e2e, p50, p99, pmax, stored, limInsert, limPut, base []float64
 	for round := 0; round < cfg.Rounds; round++ {
 		next(fmt.Sprintf("end to end, round %d", round+1))
@@ -142,6 +145,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 			return nil, fmt.Errorf("bench: end to end: %w", err)
 		}
 		rss = max(rss, peakRSS())
+		goroutines = max(goroutines, float64(r.goroutines))
 		submit, e2e = append(submit, r.submitRate), append(e2e, r.e2eRate)
 		p50, p99, pmax = append(p50, r.p50), append(p99, r.p99), append(pmax, r.max)
 		stored = append(stored, r.bytesPerEvent)
@@ -235,7 +239,9 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		Figure{Name: FigStored, Unit: "bytes/event", Value: median(stored), LowerIsBetter: true,
 			Note: fmt.Sprintf("%d-byte events, deliveries still in flight; %s; the empty store with its ASes not counted", cfg.EventSize, storeMeasure(cfg.Store))},
 		Figure{Name: FigRSS, Unit: "MiB", Value: rss / (1 << 20), LowerIsBetter: true,
-			Note: "highest of the end-to-end, half-load and catch-up phases; the process includes the AS servers"})
+			Note: "highest of the end-to-end, half-load and catch-up phases; the process includes the AS servers"},
+		Figure{Name: FigGoroutines, Unit: "goroutines", Value: goroutines, LowerIsBetter: true,
+			Note: "added by the dispatcher once started, before any event; the AS servers' not counted"})
 	return rep, nil
 }
 
@@ -347,6 +353,24 @@ func dirSize(dir string) int64 {
 
 type e2eResult struct {
 	submitRate, e2eRate, p50, p99, max, bytesPerEvent float64
+	// goroutines is how many the dispatchers added once started, every AS
+	// idle (the AS servers' own not counted).
+	goroutines int
+}
+
+// settledGoroutines returns the goroutine count once it stops changing
+// for a quarter second (senders finish starting up), or after 60 s.
+func settledGoroutines() int {
+	n, stable := runtime.NumGoroutine(), 0
+	for deadline := time.Now().Add(60 * time.Second); stable < 12 && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		if m := runtime.NumGoroutine(); m != n {
+			n, stable = m, 0
+		} else {
+			stable++
+		}
+	}
+	return n
 }
 
 // endToEnd submits cfg.Events generated events from 8 writers, each owning
@@ -367,6 +391,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 	defer env.close()
 	srv.reset()
 	st := newState(cfg)
+	before := settledGoroutines()
 	ds := make([]*dispatcher.Dispatcher, max(instances, 1))
 	for i := range ds {
 		d, err := openDispatcher(ctx, cfg, set, env, st, fmt.Sprintf("bench-%d", i))
@@ -376,6 +401,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 		defer d.Close(context.Background())
 		ds[i] = d
 	}
+	goroutines := settledGoroutines() - before
 	empty := env.size(ctx) // the registered ASes, before any event
 	const writers, batch = 8, 50
 	wants := make([][]int64, writers)
@@ -437,6 +463,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 		p99:           ms(0.99),
 		max:           ms(1),
 		bytesPerEvent: float64(stored) / float64(cfg.Events),
+		goroutines:    goroutines,
 	}, nil
 }
 

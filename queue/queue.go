@@ -80,7 +80,8 @@ type Queues struct {
 	mu     sync.Mutex
 	slots  map[txnstore.ASKey]*slot
 	closed bool
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup // the scheduler's workers
+	sched  *sched
 
 	// scratch is OnCommit's per-slot grouping, in the order slots are
 	// first met; OnCommit runs on the store's single committing goroutine.
@@ -151,7 +152,7 @@ func New(store txnstore.Store, opts Options) *Queues {
 	if client == nil {
 		client = asapi.New(asapi.Options{Logger: opts.Logger})
 	}
-	return &Queues{
+	q := &Queues{
 		store:      store,
 		opts:       opts,
 		leaser:     leaser,
@@ -164,6 +165,8 @@ func New(store txnstore.Store, opts Options) *Queues {
 		slots:      make(map[txnstore.ASKey]*slot),
 		scratch:    make(map[*slot][]txnstore.Item),
 	}
+	q.sched = newSched(&q.wg)
+	return q
 }
 
 // Schedule is the exponential backoff schedule (doubling from initial,
@@ -243,8 +246,6 @@ func (q *Queues) Start(as AS) {
 	if s == nil {
 		s = newSlot(q, as)
 		q.slots[as.Key] = s
-		q.wg.Add(1)
-		go s.run()
 	}
 	s.start(as)
 }
@@ -313,22 +314,21 @@ func (q *Queues) Close(ctx context.Context) error {
 		slots = append(slots, s)
 	}
 	q.mu.Unlock()
-	var errs []error
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for _, s := range slots {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := s.halt()(ctx); err != nil {
-				mu.Lock()
-				errs = append(errs, err)
-				mu.Unlock()
-			}
-			s.quit()
-		}()
+	// Every stop is ordered before any is waited for: they run together.
+	waits := make([]func(context.Context) error, len(slots))
+	for i, s := range slots {
+		waits[i] = s.halt()
 	}
-	wg.Wait()
+	var errs []error
+	for _, wait := range waits {
+		if err := wait(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, s := range slots {
+		s.quit()
+	}
+	q.sched.close()
 	q.wg.Wait()
 	return errors.Join(errs...)
 }

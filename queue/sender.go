@@ -14,9 +14,10 @@ import (
 	"github.com/asdispatch/asdispatch/txnstore"
 )
 
-// slot drives one AS's machine: one goroutine feeds it inputs and carries
-// out what it asks for. Store calls and the send run in short-lived
-// goroutines that post their results back; the machine decides everything
+// slot is one AS's machine and what drives it. Idle, it is only this
+// struct: the Queues' scheduler steps it on a worker when it has inputs or
+// a deadline passes, and store calls and the send run in short-lived
+// goroutines that post their results back. The machine decides everything
 // else.
 type slot struct {
 	q   *Queues
@@ -31,25 +32,59 @@ type slot struct {
 	// started again).
 	waiters  []chan struct{}
 	quitting bool
-	signal   chan struct{}
-	done     chan struct{}
+	// scheduled: on the ready queue or being stepped; inputs posted
+	// meanwhile are seen before the slot leaves the worker.
+	scheduled bool
+	kicked    bool // step even without inputs (a deadline, a quit)
+	finished  bool // quit: stopped for good, inputs are dropped
+	done      chan struct{}
+
+	// Owned by the scheduler (under its lock).
+	hidx int
+	due  time.Time
+
+	// Owned by the worker stepping the slot.
+	d     *driver
+	batch []core.Input
 }
 
 func newSlot(q *Queues, as AS) *slot {
-	return &slot{q: q, key: as.Key, as: as, signal: make(chan struct{}, 1), done: make(chan struct{})}
+	s := &slot{q: q, key: as.Key, as: as, done: make(chan struct{}), hidx: -1}
+	d := &driver{slot: s, m: core.New(q.coreConfig(as), q.newRand(as.Key))}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	s.d = d
+	return s
 }
 
 func (s *slot) post(in core.Input) {
 	s.mu.Lock()
+	if s.finished {
+		s.mu.Unlock()
+		return
+	}
 	s.inbox = append(s.inbox, in)
-	s.mu.Unlock()
-	s.poke()
+	s.scheduleLocked()
 }
 
-func (s *slot) poke() {
-	select {
-	case s.signal <- struct{}{}:
-	default:
+// kick has the slot stepped even without an input.
+func (s *slot) kick() {
+	s.mu.Lock()
+	if s.finished {
+		s.mu.Unlock()
+		return
+	}
+	s.kicked = true
+	s.scheduleLocked()
+}
+
+// scheduleLocked puts the slot on the ready queue unless it is there or
+// being stepped, and unlocks s.mu.
+func (s *slot) scheduleLocked() {
+	enqueue := !s.scheduled
+	s.scheduled = true
+	s.mu.Unlock()
+	if enqueue {
+		s.q.sched.enqueue(s)
 	}
 }
 
@@ -68,8 +103,7 @@ func (s *slot) start(as AS) {
 	s.as = as
 	s.running = true
 	s.inbox = append(s.inbox, core.Start{Target: machineTarget(as)})
-	s.mu.Unlock()
-	s.poke()
+	s.scheduleLocked()
 }
 
 // halt asks the machine to stop, in order with start, and returns a wait
@@ -78,10 +112,14 @@ func (s *slot) start(as AS) {
 func (s *slot) halt() func(context.Context) error {
 	ch := make(chan struct{})
 	s.mu.Lock()
+	if s.finished {
+		// Closed: stopped for good.
+		s.mu.Unlock()
+		return func(context.Context) error { return nil }
+	}
 	s.waiters = append(s.waiters, ch)
 	s.inbox = append(s.inbox, core.Stop{})
-	s.mu.Unlock()
-	s.poke()
+	s.scheduleLocked()
 	return func(ctx context.Context) error {
 		select {
 		case <-ch:
@@ -94,36 +132,38 @@ func (s *slot) halt() func(context.Context) error {
 	}
 }
 
-// quit ends the slot's goroutine once its machine is stopped.
+// quit retires the slot once its machine is stopped, and waits for its ops
+// in flight to end.
 func (s *slot) quit() {
 	s.mu.Lock()
 	s.quitting = true
 	s.mu.Unlock()
-	s.poke()
+	s.kick()
 	<-s.done
+	s.d.ops.Wait()
 }
 
-// run is the slot's goroutine.
-func (s *slot) run() {
-	defer s.q.wg.Done()
-	defer close(s.done)
-	m := core.New(s.q.coreConfig(s.target()), s.q.newRand(s.key))
-	var ops sync.WaitGroup
-	defer ops.Wait()
-	d := &driver{slot: s, m: m, ops: &ops}
-	d.ctx, d.cancel = context.WithCancel(context.Background())
-	defer func() { d.cancel() }()
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
-	var inbox []core.Input
-	for {
+// step feeds the machine what was posted, carries out its Ready and
+// reschedules it: the scheduler's workers call it, one at a time per slot.
+// Inputs posted meanwhile put it back at the end of the ready queue, so a
+// busy AS does not hold a worker from the others.
+func (s *slot) step() {
+	d, m := s.d, s.d.m
+	{
 		s.mu.Lock()
-		inbox, s.inbox = s.inbox, inbox[:0]
+		if s.finished {
+			s.inbox, s.kicked, s.scheduled = nil, false, false
+			s.mu.Unlock()
+			return
+		}
+		s.batch, s.inbox = s.inbox, s.batch[:0]
+		s.kicked = false
 		quitting := s.quitting
 		s.mu.Unlock()
+
 		now := time.Now()
 		started := false
-		for _, in := range inbox {
+		for _, in := range s.batch {
 			switch in.(type) {
 			case core.Abort:
 				// Abandon the ops in flight; answers still come back.
@@ -136,7 +176,10 @@ func (s *slot) run() {
 			}
 			m.Step(now, in)
 		}
-		clear(inbox)
+		clear(s.batch)
+		if cap(s.batch) > 64 {
+			s.batch = nil // a burst's buffer is not kept while idle
+		}
 		m.Step(now, core.Tick{})
 		r := m.Ready()
 		d.carryOut(r)
@@ -149,29 +192,40 @@ func (s *slot) run() {
 		if stopped || started {
 			release, s.waiters = s.waiters, nil
 		}
+		finish := quitting && stopped
+		if finish {
+			s.finished = true
+		}
 		s.mu.Unlock()
 		for _, ch := range release {
 			close(ch)
 		}
-		if quitting && stopped {
-			return
-		}
-		timer.Stop()
-		if !r.Next.IsZero() {
-			timer.Reset(time.Until(r.Next))
-		}
-		select {
-		case <-s.signal:
-		case <-timer.C:
+		if finish {
+			d.cancel()
+			s.q.sched.setDeadline(s, time.Time{})
+			close(s.done)
+		} else {
+			s.q.sched.setDeadline(s, r.Next)
 		}
 	}
+	s.mu.Lock()
+	if s.finished {
+		s.inbox, s.kicked = nil, false
+	}
+	if len(s.inbox) > 0 || s.kicked {
+		s.mu.Unlock()
+		s.q.sched.enqueue(s)
+		return
+	}
+	s.scheduled = false
+	s.mu.Unlock()
 }
 
 // driver carries out a machine's Ready against the store and the AS.
 type driver struct {
 	*slot
 	m      *core.Sender
-	ops    *sync.WaitGroup
+	ops    sync.WaitGroup
 	ctx    context.Context // ends on Abort
 	cancel context.CancelFunc
 

@@ -216,13 +216,13 @@ type world struct {
 	sendTimeout time.Duration
 	// srnd draws the websocket ASes and their connections, apart from rnd
 	// so the other draws of a seed stay as they were.
-	srnd *rand.Rand
-	f    faults
-	ases        []*simAS
-	reg         map[txnstore.ASKey]*regState
-	procs       []*simProc
-	nextP       int
-	err         error
+	srnd  *rand.Rand
+	f     faults
+	ases  []*simAS
+	reg   map[txnstore.ASKey]*regState
+	procs []*simProc
+	nextP int
+	err   error
 }
 
 type simProc struct {

@@ -258,7 +258,9 @@ const (
 	// CROSS JOIN makes it walk the ASes and search streams by range.
 	gcStreamsSQLite = `DELETE FROM streams WHERE (as_key, last_seq) IN (SELECT s.as_key, s.last_seq FROM appservices a
 		CROSS JOIN streams s ON s.as_key = a.as_key AND s.last_seq <= a.delivered)`
-	gcItems = `DELETE FROM items WHERE seq < COALESCE((SELECT MIN((SELECT s.first_seq FROM streams s WHERE s.as_key = a.as_key
+	// gcStreamsOfAS is gcStreams for one AS (its key twice).
+	gcStreamsOfAS = `DELETE FROM streams WHERE as_key = ? AND last_seq <= (SELECT delivered FROM appservices WHERE as_key = ?)`
+	gcItems       = `DELETE FROM items WHERE seq < COALESCE((SELECT MIN((SELECT s.first_seq FROM streams s WHERE s.as_key = a.as_key
 		ORDER BY s.last_seq LIMIT 1)) FROM appservices a), (SELECT value FROM meta WHERE key = 'next_seq'))`
 )
 

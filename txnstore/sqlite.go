@@ -64,6 +64,13 @@ type SQLite struct {
 	// ambiguous result): OnCommit gets them with the next commit, so the
 	// senders, which learn of new items only from OnCommit, still see them.
 	unannounced []Committed
+	// gcDirty are the ASes whose cursor moved since the last collection
+	// committed: only their stream rows can have become collectable, and
+	// walking every AS per collection cost most of a commit at 10,000
+	// ASes. gcAll: collect for every AS (after opening, and until a
+	// collection commits).
+	gcDirty map[ASKey]struct{}
+	gcAll   bool
 }
 
 // asRow is the writer's cache of an appservices row.
@@ -78,6 +85,7 @@ type stats struct {
 	commits    int64
 	stmtBytes  int // most bytes one statement of several items bound
 	batchBytes int // most bytes one commit wrote
+	gcWalks    int // collections that walked every AS
 }
 
 type op struct {
@@ -130,7 +138,8 @@ func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 	}
 	rdb.SetMaxOpenConns(4)
 	s := &SQLite{opts: opts, hooks: hooks, stmtBytes: defaultStmtBytes, wdb: wdb, rdb: rdb,
-		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}, positions: map[string]int64{}}
+		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}, positions: map[string]int64{},
+		gcDirty: map[ASKey]struct{}{}, gcAll: true}
 	batchBytes := 0
 	if hooks != nil {
 		batchBytes = hooks.BatchBytes
@@ -219,7 +228,7 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 	seq0 := s.nextSeq
 	errs := make([]error, len(ops))
 	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}, posUndo: map[string]int64{}}
-	culprit, landed := -1, false
+	culprit, landed, collected := -1, false, false
 	err := func() error {
 		tx, err := s.wdb.Begin()
 		if err != nil {
@@ -245,12 +254,18 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 				return err
 			}
 		}
+		for k, r := range b.undo {
+			if s.ases[k] != nil && s.ases[k].delivered != r.delivered {
+				s.gcDirty[k] = struct{}{}
+			}
+		}
 		if s.gcDue() {
 			// In the commit, not after it: its own commit would cost another
 			// fsync. A failed commit leaves the garbage for the next one.
-			if _, err := tx.Exec(gcStreamsSQLite); err != nil {
+			if err := s.gcStreams(tx); err != nil {
 				return err
 			}
+			collected = true
 			if _, err := tx.Exec(gcItems); err != nil {
 				return err
 			}
@@ -286,6 +301,10 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 			}
 		}
 		return culprit, err
+	}
+	if collected && !landed {
+		s.gcAll = false
+		clear(s.gcDirty)
 	}
 	s.st.commits++
 	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *op) int { return o.size }))
@@ -351,6 +370,22 @@ func streamsInsert(n int) string {
 // gcDue says whether this commit also deletes the stream rows and items
 // nothing needs any more: every 64th commit, or sooner when the writer is
 // idle, so the cost is spread thin.
+// gcStreams deletes the stream rows the cursors of the ASes in gcDirty
+// (every AS if gcAll) have passed.
+func (s *SQLite) gcStreams(tx *sql.Tx) error {
+	if s.gcAll || len(s.gcDirty) > len(s.ases)/4 {
+		s.st.gcWalks++
+		_, err := tx.Exec(gcStreamsSQLite)
+		return err
+	}
+	for k := range s.gcDirty {
+		if _, err := tx.Exec(gcStreamsOfAS, k, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *SQLite) gcDue() bool {
 	s.sinceGC++
 	if s.sinceGC < 64 && !(s.w.idle() && s.sinceGC > 1) {
