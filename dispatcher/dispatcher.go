@@ -74,6 +74,12 @@ func checkJSON(b []byte) error {
 // never produce one, and matching them would cost more than any real ID.
 var ErrInvalidID = errors.New("identifier longer than Matrix's 255-byte limit")
 
+// ErrAllDevices refuses a to-device message for device "*": only the
+// homeserver knows the user's devices, so it sends one message per device.
+// Passed on as it is, the message would be dropped by the AS (mautrix-go
+// looks for a device of that id).
+var ErrAllDevices = errors.New(`to-device message for device "*": send one per device of the user`)
+
 const maxIDBytes = 255
 
 func checkIDs(ev *Event) error {
@@ -597,6 +603,9 @@ func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) (err 
 	for i := range msgs {
 		if err := checkJSON(msgs[i].JSON); err != nil {
 			return fmt.Errorf("dispatcher: to-device %s: %w", msgs[i].Type, err)
+		}
+		if msgs[i].ToDevice == "*" {
+			return fmt.Errorf("dispatcher: to-device %s to %s: %w", msgs[i].Type, msgs[i].ToUser, ErrAllDevices)
 		}
 		if msgs[i].At != (Position{}) {
 			if ats == nil {

@@ -377,6 +377,9 @@ func TestHostileInput(t *testing.T) {
 	if err := d.SubmitToDevice(ctx, ToDevice{Type: "x", ToUser: "@irc_x:hs", JSON: []byte("nope")}); !errors.Is(err, ErrInvalidJSON) {
 		t.Errorf("to-device: %v", err)
 	}
+	if err := d.SubmitToDevice(ctx, ToDevice{Type: "x", ToUser: "@irc_x:hs", ToDevice: "*", JSON: []byte(`{"to_device_id":"*"}`)}); !errors.Is(err, ErrAllDevices) {
+		t.Errorf("to-device for every device: %v", err)
+	}
 	// The valid ones all arrive (the deep one has no event_id to list).
 	if got := waitGot(t, rec, len(want)+1); !slices.Contains(got, "$huge") || !slices.Contains(got, "$odd/?#%é") {
 		t.Errorf("got %v", got)

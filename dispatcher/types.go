@@ -53,9 +53,12 @@ type Ephemeral struct {
 
 // ToDevice is a to-device message for one device of one user.
 type ToDevice struct {
-	Sender   string
-	Type     string
-	ToUser   string
+	Sender string
+	Type   string
+	ToUser string
+	// ToDevice is one device of ToUser. A message a client sent to "*" is
+	// submitted once per device of the user (the homeserver knows them):
+	// SubmitToDevice refuses "*" with ErrAllDevices.
 	ToDevice string
 	// JSON is the message as it goes into the "to_device" array, including
 	// to_user_id and to_device_id.

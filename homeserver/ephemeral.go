@@ -3,6 +3,7 @@ package homeserver
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"sort"
 	"sync"
 	"time"
@@ -282,8 +283,14 @@ func (s *Server) sendToDevice(r *request, req *struct {
 		devices := req.Messages[u]
 		// "*" is every device of a local user, expanded now: a bridge
 		// reading to_device_id "*" in a transaction drops the message.
-		// A device named beside "*" gets its own content.
-		if content, ok := devices["*"]; ok && s.IsLocalUser(u) {
+		// A device named beside "*" gets its own content. A remote
+		// user's devices are unknown here (the stub federates with
+		// nobody): "*" reaches none of them.
+		if _, ok := devices["*"]; ok && !s.IsLocalUser(u) {
+			devices = maps.Clone(devices)
+			delete(devices, "*")
+		}
+		if content, ok := devices["*"]; ok {
 			all, err := s.st.list(ctx, `SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id`, u)
 			if err != nil {
 				return nil, err
