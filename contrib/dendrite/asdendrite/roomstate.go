@@ -6,7 +6,9 @@ import (
 
 	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
 	"github.com/matrix-org/dendrite/setup/config"
+	"github.com/matrix-org/gomatrixserverlib"
 	"github.com/matrix-org/gomatrixserverlib/spec"
+	"github.com/matrix-org/util"
 )
 
 // roomState answers the dispatcher's questions about a room from Dendrite's
@@ -75,4 +77,24 @@ func (w AliasWatcher) RemoveRoomAlias(ctx context.Context, senderID spec.SenderI
 		w.Invalidate(room.RoomID)
 	}
 	return found, removed, err
+}
+
+// PerformCreateRoom creates the room, then invalidates it: the roomserver
+// sets the room's alias itself once the creation events are in, so the
+// dispatcher may have read the directory before the alias existed.
+func (w AliasWatcher) PerformCreateRoom(ctx context.Context, userID spec.UserID, roomID spec.RoomID, req *roomserverAPI.PerformCreateRoomRequest) (string, *util.JSONResponse) {
+	alias, jerr := w.RoomserverInternalAPI.PerformCreateRoom(ctx, userID, roomID, req)
+	w.Invalidate(roomID.String())
+	return alias, jerr
+}
+
+// PerformRoomUpgrade upgrades the room, moving its aliases to the new room:
+// both rooms are invalidated.
+func (w AliasWatcher) PerformRoomUpgrade(ctx context.Context, roomID string, userID spec.UserID, v gomatrixserverlib.RoomVersion) (string, error) {
+	newRoom, err := w.RoomserverInternalAPI.PerformRoomUpgrade(ctx, roomID, userID, v)
+	w.Invalidate(roomID)
+	if newRoom != "" {
+		w.Invalidate(newRoom)
+	}
+	return newRoom, err
 }
