@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
@@ -38,6 +40,9 @@ type item struct {
 // before the ack replays it.
 func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.JetStream) error {
 	subj := jcfg.Prefixed(jetstream.OutputAppserviceEvent)
+	if err := removeStockConsumers(js, jcfg, a.log); err != nil {
+		return err
+	}
 	return jetstream.JetStreamConsumer(ctx, js, subj, jcfg.Durable(durableName), consumerBatch,
 		func(ctx context.Context, msgs []*nats.Msg) bool { return a.onMessages(ctx, msgs) },
 		nats.DeliverAll(), nats.ManualAck())
@@ -146,4 +151,26 @@ func (a *API) convert(ctx context.Context, msg *nats.Msg) (it item, stateRoom st
 		stateRoom = ce.RoomID
 	}
 	return it, stateRoom, true
+}
+
+// removeStockConsumers deletes the per-AS consumers stock Dendrite left on
+// the stream ("Appservice_<id>Pull"): the stream keeps every message until
+// each consumer has it, so after switching from stock Dendrite they would
+// hold every event on disk forever.
+func removeStockConsumers(js nats.JetStreamContext, jcfg *config.JetStream, log *zap.Logger) error {
+	stream := jcfg.Prefixed(jetstream.OutputAppserviceEvent)
+	prefix := jcfg.Durable("Appservice_")
+	var stale []string
+	for name := range js.ConsumerNames(stream) {
+		if strings.HasPrefix(name, prefix) {
+			stale = append(stale, name)
+		}
+	}
+	for _, name := range stale {
+		if err := js.DeleteConsumer(stream, name); err != nil && !errors.Is(err, nats.ErrConsumerNotFound) {
+			return fmt.Errorf("removing stock Dendrite's consumer %s: %w", name, err)
+		}
+		log.Info("removed stock Dendrite's appservice consumer", zap.String("consumer", name))
+	}
+	return nil
 }
