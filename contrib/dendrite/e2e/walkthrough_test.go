@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -195,4 +196,40 @@ type testLog struct{ t *testing.T }
 func (l testLog) Write(p []byte) (int, error) {
 	l.t.Logf("%s", strings.TrimRight(string(p), "\n"))
 	return len(p), nil
+}
+
+// With Dendrite's metrics endpoint enabled, ours are on it beside Dendrite's.
+func TestMetricsOnDendritesEndpoint(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	bin, err := harness.Build(ctx, harness.AsDispatch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	reg := filepath.Join(dir, "m.yaml")
+	os.WriteFile(reg, []byte("id: m\nurl: null\nas_token: as-m\nhs_token: hs-m\nsender_localpart: mbot\nnamespaces:\n  users: [{exclusive: true, regex: \"@m_.*\"}]\n"), 0o600)
+	cfg, err := harness.WriteConfig(dir, harness.Options{Registrations: []string{reg}, Metrics: true,
+		AsDispatch: "data_dir: " + filepath.Join(dir, "asdispatch") + "\n"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := harness.Start(ctx, bin, cfg, testLog{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hs.Kill()
+	req, _ := http.NewRequest("GET", hs.URL+"/metrics", nil)
+	req.SetBasicAuth("metrics", "metrics")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{"dendrite_up", "asdispatch_queued_deliveries_total"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("/metrics (%d) has no %s", resp.StatusCode, want)
+		}
+	}
 }

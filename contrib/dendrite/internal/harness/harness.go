@@ -190,8 +190,8 @@ type Options struct {
 	// AsDispatch is appended as the config's asdispatch section (YAML,
 	// indented under it), e.g. "appservice:\n  retry_initial: 100ms\n".
 	AsDispatch string
-	// Stderr receives the server's logs (default discarded).
-	Stderr io.Writer
+	// Metrics enables Dendrite's /metrics (basic auth metrics:metrics).
+	Metrics bool
 }
 
 // WriteConfig writes a Dendrite config for a loopback test server in dir:
@@ -223,7 +223,7 @@ func WriteConfig(dir string, o Options) (string, error) {
 	cfg.FederationAPI.KeyPerspectives = config.KeyPerspectives{}
 	cfg.UserAPI.BCryptCost = bcrypt.MinCost
 	cfg.Global.ReportStats.Enabled = false
-	cfg.Global.Metrics.Enabled = false
+	cfg.Global.Metrics.Enabled = o.Metrics
 	cfg.AppServiceAPI.ConfigFiles = o.Registrations
 	y, err := yaml.Marshal(cfg)
 	if err != nil {
