@@ -87,7 +87,17 @@ func Build(ctx context.Context, which Binary) (string, error) {
 	dir := filepath.Join(home, ".cache", "asdispatch")
 	bin := filepath.Join(dir, fmt.Sprintf("%s-%s-%s", which, DendriteVersion, key[:16]))
 	if which == Stock {
-		bin = filepath.Join(dir, fmt.Sprintf("%s-%s-%s", which, DendriteVersion, runtime.Version()))
+		// Stock Dendrite depends only on the module's dependency versions.
+		h := sha256.New()
+		fmt.Fprintln(h, DendriteVersion, runtime.Version())
+		for _, f := range []string{"go.mod", "go.sum"} {
+			b, err := os.ReadFile(filepath.Join(mod, f))
+			if err != nil {
+				return "", err
+			}
+			h.Write(b)
+		}
+		bin = filepath.Join(dir, fmt.Sprintf("%s-%s-%x", which, DendriteVersion, h.Sum(nil)[:8]))
 	}
 	if _, err := os.Stat(bin); err == nil {
 		return bin, nil
