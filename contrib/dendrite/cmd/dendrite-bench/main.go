@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -40,7 +41,18 @@ func main() {
 	which := flag.String("servers", "dendrite,dendrite-asdispatch", "binaries to run, in order")
 	timeout := flag.Duration("timeout", 10*time.Minute, "give up on one run after this long")
 	asJSON := flag.Bool("json", false, "print results as JSON lines")
+	logPath := flag.String("server-log", "", "append the servers' logs to this file")
 	flag.Parse()
+	var logw io.Writer
+	if *logPath != "" {
+		f, err := os.OpenFile(*logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		defer f.Close()
+		logw = f
+	}
 	ctx := context.Background()
 	var results []result
 	for r := 0; r < *rounds; r++ {
@@ -50,7 +62,7 @@ func main() {
 				fmt.Fprintln(os.Stderr, err)
 				os.Exit(1)
 			}
-			res, err := fanout(ctx, name, bin, *ases, *events, *senders, *timeout)
+			res, err := fanout(ctx, name, bin, *ases, *events, *senders, *timeout, logw)
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 				os.Exit(1)
@@ -142,7 +154,7 @@ func (s *sink) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Write([]byte("{}"))
 }
 
-func fanout(ctx context.Context, name, bin string, ases, events, senders int, timeout time.Duration) (result, error) {
+func fanout(ctx context.Context, name, bin string, ases, events, senders int, timeout time.Duration, logw io.Writer) (result, error) {
 	res := result{Server: name, ASes: ases, Events: events}
 	dir, err := os.MkdirTemp("", "dendrite-bench-")
 	if err != nil {
@@ -171,7 +183,7 @@ func fanout(ctx context.Context, name, bin string, ases, events, senders int, ti
 		return res, err
 	}
 	t0 := time.Now()
-	hs, err := harness.Start(ctx, bin, cfg, nil)
+	hs, err := harness.Start(ctx, bin, cfg, logw)
 	if err != nil {
 		return res, err
 	}
