@@ -40,11 +40,10 @@ type Config struct {
 
 // API implements Dendrite's AppServiceInternalAPI with asdispatch.
 type API struct {
-	d       *dispatcher.Dispatcher
-	q       *queries.Service
-	log     *zap.Logger
-	rsAPI   roomserverAPI.AppserviceRoomserverAPI
-	servers *config.Global
+	d     *dispatcher.Dispatcher
+	q     *queries.Service
+	log   *zap.Logger
+	rsAPI roomserverAPI.AppserviceRoomserverAPI
 }
 
 var _ appserviceAPI.AppServiceInternalAPI = (*API)(nil)
@@ -69,7 +68,7 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	a := &API{log: log, rsAPI: cfg.RSAPI, servers: &cfg.Dendrite.Global}
+	a := &API{log: log, rsAPI: cfg.RSAPI}
 	st := cfg.Settings.AppService
 	client := asapi.New(asapi.Options{QueryTimeout: st.QueryTimeout, Logger: log})
 	dcfg := dispatcher.Config{
