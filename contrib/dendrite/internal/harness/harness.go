@@ -115,7 +115,17 @@ func Build(ctx context.Context, which Binary) (string, error) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, out)
 	}
-	return bin, os.Rename(tmp, bin)
+	if err := os.Rename(tmp, bin); err != nil {
+		return "", err
+	}
+	// Older builds of the same binary are of no use any more (64 MB each).
+	old, _ := filepath.Glob(filepath.Join(dir, fmt.Sprintf("%s-%s-*", which, DendriteVersion)))
+	for _, o := range old {
+		if o != bin && !strings.Contains(filepath.Base(o), ".tmp") {
+			_ = os.Remove(o)
+		}
+	}
+	return bin, nil
 }
 
 // sourceKey hashes what the asdispatch binary is built from.
