@@ -148,6 +148,9 @@ const maxErrorBody = 512
 
 // PutTransaction sends one transaction: PUT /_matrix/app/v1/transactions/{txnID}
 // with body exactly as given.
+// TxnTimeout is how long PutTransaction waits for the AS.
+func (c *Client) TxnTimeout() time.Duration { return c.opts.TxnTimeout }
+
 func (c *Client) PutTransaction(ctx context.Context, t Target, txnID string, body []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.TxnTimeout)
 	defer cancel()

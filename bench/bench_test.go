@@ -26,9 +26,18 @@ func TestRunSmall(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts servers and databases")
 	}
-	rep, err := Run(context.Background(), tiny(), nil)
+	var last, total int
+	rep, err := Run(context.Background(), tiny(), func(_ string, done, n int) {
+		if done != last+1 || (total != 0 && n != total) {
+			t.Errorf("progress %d/%d after %d/%d", done, n, last, total)
+		}
+		last, total = done, n
+	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if last != total { // a bar that never ends
+		t.Errorf("progress ended at %d/%d", last, total)
 	}
 	for _, f := range rep.Figures {
 		if f.Value <= 0 {
@@ -77,6 +86,8 @@ func TestDecisionsFollowState(t *testing.T) {
 		{"prefix,suffix,alternation", 10, 1},
 		{"noliteral", 7, 0.3},
 		{"suffix,noliteral", 20, 0.1},
+		{"casefold", 7, 0.3},
+		{"prefix,casefold,noliteral", 20, 0.1},
 		{"alternation", 1, 1},
 	}
 	for _, tt := range tests {

@@ -86,5 +86,5 @@ func decisionsFigure(ctx context.Context, cfg *Config, set *registry.Set, pats [
 		return Figure{}, fmt.Errorf("baseline decisions: %w", err)
 	}
 	return Figure{Name: FigDecisions, Unit: "decisions/s", Value: rate, Baseline: base,
-		Note: fmt.Sprintf("%.0f%% membership and %.0f%% alias changes", 100*cfg.Churn, 100*cfg.AliasChurn)}, nil
+		Note: fmt.Sprintf("%s membership and %s alias changes", formatShare(cfg.Churn), formatShare(cfg.AliasChurn))}, nil
 }

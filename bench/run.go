@@ -113,7 +113,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		return nil, fmt.Errorf("bench: registrations: %w", err)
 	}
 	rep := &Report{Config: cfg}
-	steps := 4 + 3*cfg.Rounds + len(cfg.Processes)
+	steps := 3 + 3*cfg.Rounds + len(cfg.Processes) // matcher, decisions, done; end to end, limit, baseline a round
 	if !cfg.SkipHalfLoad {
 		steps++
 	}
@@ -194,7 +194,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		}
 		rss = max(rss, peakRSS())
 		rep.Figures = append(rep.Figures,
-			Figure{Name: FigHalfRate, Unit: "events/s", Value: r.e2eRate, Note: fmt.Sprintf("paced at %.0f events/s", rate)},
+			Figure{Name: FigHalfRate, Unit: "events/s", Value: r.e2eRate, Note: "paced at " + FormatNumber(rate) + " events/s"},
 			Figure{Name: FigHalfP50, Unit: "ms", Value: r.p50},
 			Figure{Name: FigHalfP99, Unit: "ms", Value: r.p99},
 			Figure{Name: FigHalfMax, Unit: "ms", Value: r.max})
@@ -218,11 +218,11 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 			return nil, fmt.Errorf("bench: catch-up limit: %w", err)
 		}
 		f := Figure{Name: FigCatchup, Unit: "s", Value: c.drain.Seconds(), LowerIsBetter: true,
-			Note: fmt.Sprintf("%d events; %.0f events/s", cfg.CatchupEvents, float64(cfg.CatchupEvents)/c.drain.Seconds())}
+			Note: fmt.Sprintf("%d events; %s events/s", cfg.CatchupEvents, FormatNumber(float64(cfg.CatchupEvents)/c.drain.Seconds()))}
 		scale := float64(cfg.CatchupEvents) / float64(n)
 		f.Baseline, f.Limit = b.Seconds()*scale, lim.Seconds()*scale
 		if n < cfg.CatchupEvents {
-			f.Note += fmt.Sprintf("; baseline and limit (sequential raw PUTs) extrapolated linearly from %d events (%.2f s, %.2f s)", n, b.Seconds(), lim.Seconds())
+			f.Note += fmt.Sprintf("; baseline and limit (sequential raw PUTs) extrapolated linearly from %d events (%s s, %s s)", n, FormatNumber(b.Seconds()), FormatNumber(lim.Seconds()))
 		} else {
 			f.Note += "; limit: the same transactions as raw PUTs, one at a time"
 		}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -92,46 +91,39 @@ func (r *SweepResult) WriteTable(w io.Writer) {
 		return
 	}
 	fmt.Fprintf(w, "sweep: each event reaches at most %d ASes; past 1,000 ASes events are cut in proportion\n\n", sweepDeliveries)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprint(tw, "figure\t")
+	tw := newTable(w)
+	cells := []string{"figure", "unit"}
 	for _, rep := range r.Reports {
-		fmt.Fprintf(tw, "%d ASes\t", rep.Config.ASes)
+		cells = append(cells, fmt.Sprintf("%d ASes", rep.Config.ASes))
 	}
-	fmt.Fprintln(tw)
-	fmt.Fprint(tw, "(interest, events, catch-up events)\t")
-	for _, rep := range r.Reports {
-		c := rep.Config
-		fmt.Fprintf(tw, "%.1f%%, %d, %d\t", 100*c.Interest, c.Events, max(0, c.CatchupEvents))
+	row(tw, cells...)
+	for _, p := range []struct {
+		name, unit string
+		value      func(c Config) string
+	}{
+		{"interest", "%", func(c Config) string { return FormatRatio(100*c.Interest, "") }},
+		{"events a round", "events", func(c Config) string { return FormatNumber(float64(c.Events)) }},
+		{"catch-up backlog", "events", func(c Config) string { return FormatNumber(float64(max(0, c.CatchupEvents))) }},
+	} {
+		cells = []string{p.name, p.unit}
+		for _, rep := range r.Reports {
+			cells = append(cells, p.value(rep.Config))
+		}
+		row(tw, cells...)
 	}
-	fmt.Fprintln(tw)
 	for _, f := range r.Reports[0].Figures {
-		fmt.Fprintf(tw, "%s (%s)\t", f.Name, f.Unit)
+		cells = []string{f.Name, f.Unit}
 		for _, rep := range r.Reports {
 			g, _ := rep.Figure(f.Name)
 			cell := FormatNumber(g.Value)
 			if v := g.VsBaseline(); v != 0 {
-				cell += fmt.Sprintf(" (%.1fx)", v)
+				cell += " (" + FormatRatio(v, "x") + ")"
 			}
-			fmt.Fprintf(tw, "%s\t", cell)
+			cells = append(cells, cell)
 		}
-		fmt.Fprintln(tw)
+		row(tw, cells...)
 	}
 	tw.Flush()
-}
-
-// FormatNumber writes a figure for a table: "-" for none, k and M for
-// large ones.
-func FormatNumber(v float64) string {
-	switch {
-	case v == 0:
-		return "-"
-	case v >= 1e6:
-		return fmt.Sprintf("%.2f M", v/1e6)
-	case v >= 1e4:
-		return fmt.Sprintf("%.1f k", v/1e3)
-	default:
-		return fmt.Sprintf("%.2f", v)
-	}
 }
 
 // panel is one plot of the sweep: figures (or their ratio to the baseline)

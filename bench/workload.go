@@ -72,7 +72,8 @@ const (
 	MixPrefix      = "prefix"      // @_as7_.*: a literal prefix
 	MixSuffix      = "suffix"      // @.*:as7\.bridge\.example\.org: a literal server suffix
 	MixAlternation = "alternation" // @(tg|sig)7_.*
-	MixNoLiteral   = "noliteral"   // (?i)@_bot7_.*: no literal the index can use
+	MixCasefold    = "casefold"    // (?i)@_bot7_.* or @(?i:_bot)7_.*: keyed on its folded literal
+	MixNoLiteral   = "noliteral"   // @(?:_bot7_|\d+_bot7_).*: no literal the index can use
 )
 
 // ParseMix parses a comma-separated list of namespace kinds.
@@ -81,10 +82,10 @@ func ParseMix(s string) ([]string, error) {
 	for _, k := range strings.Split(s, ",") {
 		k = strings.TrimSpace(k)
 		switch k {
-		case MixPrefix, MixSuffix, MixAlternation, MixNoLiteral:
+		case MixPrefix, MixSuffix, MixAlternation, MixCasefold, MixNoLiteral:
 			out = append(out, k)
 		default:
-			return nil, fmt.Errorf("unknown namespace kind %q (want %s, %s, %s or %s)", k, MixPrefix, MixSuffix, MixAlternation, MixNoLiteral)
+			return nil, fmt.Errorf("unknown namespace kind %q (want %s, %s, %s, %s or %s)", k, MixPrefix, MixSuffix, MixAlternation, MixCasefold, MixNoLiteral)
 		}
 	}
 	return out, nil
@@ -144,8 +145,14 @@ func (c *Config) userRegex(i, j int) (regex string, exclusive bool) {
 		return fmt.Sprintf(`@.*:as%d%s\.bridge\.example\.org`, i, n), false
 	case MixAlternation:
 		return fmt.Sprintf(`@(tg|sig)%d_%s.*`, i, n), true
-	case MixNoLiteral:
+	case MixCasefold:
+		if i%2 == 1 { // a scoped flag
+			return fmt.Sprintf(`@(?i:_bot)%d_%s.*`, i, n), false
+		}
 		return fmt.Sprintf(`(?i)@_bot%d_%s.*`, i, n), false
+	case MixNoLiteral:
+		// The literal is only in one branch of an alternation.
+		return fmt.Sprintf(`@(?:_bot%d_%s|\d+_bot%d_%s).*`, i, n, i, n), false
 	default:
 		return fmt.Sprintf(`@_as%d_%s.*`, i, n), true
 	}
@@ -158,8 +165,10 @@ func (c *Config) ghost(i, r int) string {
 		return fmt.Sprintf("@g%d:as%d.bridge.example.org", r, i)
 	case MixAlternation:
 		return fmt.Sprintf("@tg%d_g%d:%s", i, r, server)
-	case MixNoLiteral:
+	case MixCasefold:
 		return fmt.Sprintf("@_BOT%d_g%d:%s", i, r, server)
+	case MixNoLiteral:
+		return fmt.Sprintf("@_bot%d_g%d:%s", i, r, server)
 	default:
 		return fmt.Sprintf("@_as%d_g%d:%s", i, r, server)
 	}

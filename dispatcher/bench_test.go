@@ -92,7 +92,20 @@ func BenchmarkDecide(b *testing.B) {
 // BenchmarkSubmit measures durable Submit with 10 ASes each interested in
 // every event, while their senders deliver to a real HTTP AS on 127.0.0.1.
 // Compare with txnstore's BenchmarkRawInsert (the same bytes, no dispatch).
+// positions=on hands each event over with its position, each writer on a
+// stream of its own (as a sharded homeserver's event persisters); the two
+// runs of one invocation compare their cost.
 func BenchmarkSubmit(b *testing.B) {
+	for _, positions := range []bool{false, true} {
+		name := "positions=off"
+		if positions {
+			name = "positions=on"
+		}
+		b.Run(name, func(b *testing.B) { benchSubmit(b, positions) })
+	}
+}
+
+func benchSubmit(b *testing.B, positions bool) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Write([]byte("{}"))
@@ -125,12 +138,16 @@ func BenchmarkSubmit(b *testing.B) {
 		go func() {
 			defer wg.Done()
 			evs := make([]Event, batch)
+			stream := fmt.Sprintf("events/w%d", w)
 			for done := 0; done < per; done += batch {
 				n := min(batch, per-done)
 				for i := range evs[:n] {
 					id := fmt.Sprintf("$w%d_%d", w, done+i)
 					evs[i] = Event{ID: id, RoomID: fmt.Sprintf("!r%d:hs", i%20), Type: "m.room.message", Sender: "@irc_x:hs",
 						JSON: []byte(`{"event_id":"` + id + `","type":"m.room.message","content":{"body":"` + body + `"}}`)}
+					if positions {
+						evs[i].At = Position{Stream: stream, Pos: int64(done + i + 1)}
+					}
 				}
 				if err := d.Submit(context.Background(), evs[:n]...); err != nil {
 					b.Error(err)

@@ -93,11 +93,13 @@ type Status struct {
 
 // view is everything derived from one registration Set.
 type view struct {
-	set   *registry.Set
-	keys  []txnstore.ASKey // by AS index
-	push  []bool           // the AS has a URL
-	eph   []bool           // the AS receives ephemeral events and to-device messages
-	rooms *rooms
+	set  *registry.Set
+	keys []txnstore.ASKey // by AS index
+	push []bool           // the AS has a URL
+	eph  []bool           // the AS receives ephemeral events and to-device messages
+	// msc3202 marks ASes that get device lists and key counts.
+	msc3202 []bool
+	rooms   *rooms
 }
 
 // Dispatcher is safe for concurrent use.
@@ -112,6 +114,8 @@ type Dispatcher struct {
 	reloadMu sync.Mutex
 	// locks serializes the calls on one room, across reloads.
 	locks *roomLocks
+	// streams holds the homeserver streams handed over with positions.
+	streams streamTable
 	// scratch recycles Interested's buffers, called once per event.
 	scratch sync.Pool
 }
@@ -177,11 +181,12 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	defer d.reloadMu.Unlock()
 	all := set.All()
 	v := &view{
-		set:   set,
-		keys:  make([]txnstore.ASKey, len(all)),
-		push:  make([]bool, len(all)),
-		eph:   make([]bool, len(all)),
-		rooms: newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
+		set:     set,
+		keys:    make([]txnstore.ASKey, len(all)),
+		push:    make([]bool, len(all)),
+		eph:     make([]bool, len(all)),
+		msc3202: make([]bool, len(all)),
+		rooms:   newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
 	}
 	for i, as := range all {
 		key, err := d.store.EnsureAS(ctx, as.ID)
@@ -191,6 +196,7 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		v.keys[i] = key
 		v.push[i] = as.HasURL
 		v.eph[i] = as.ReceiveEphemeral
+		v.msc3202[i] = as.MSC3202
 	}
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
@@ -204,12 +210,14 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 				id := old.set.All()[i].ID
 				d.log.Warn("appservice removed from the registrations; its queue is kept, paused",
 					zap.String("appservice", id))
-				// A send in flight may take a transaction timeout to end:
-				// do not hold the reload for it.
+				// The stop is ordered now, before a later Reload's Start;
+				// a send in flight may take a transaction timeout to end:
+				// do not hold the reload for it (Close waits for it).
+				wait := d.queues.Halt(key)
 				go func() {
 					ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 					defer cancel()
-					if err := d.queues.Stop(ctx, key); err != nil {
+					if err := wait(ctx); err != nil {
 						d.log.Warn("stopping a removed appservice's sender abandoned its send in flight",
 							zap.String("appservice", id), zap.Error(err))
 					}
@@ -220,7 +228,10 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	return nil
 }
 
-func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+// format is the body layout of an AS: ephemeral events under the stable
+// key, or under the unstable one only for an AS registered with an unstable
+// flag, as Synapse does.
+func format(as *registry.AppService) queue.Format {
 	var f queue.Format
 	if as.ReceiveEphemeral {
 		if as.EphemeralUnstable {
@@ -229,6 +240,17 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 			f |= queue.EphemeralStable
 		}
 	}
+	return f
+}
+
+// Fields lists the transaction body keys the AS gets as registered (each
+// only in a transaction with items for it).
+func Fields(as *registry.AppService) []string {
+	return queue.Fields(format(as), as.ReceiveEphemeral, as.MSC3202)
+}
+
+func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
+	f := format(as)
 	t := asapi.Target{ID: as.ID, HSToken: as.HSToken, ASToken: as.ASToken, Legacy: as.Legacy}
 	if as.HasURL {
 		t.URL = as.URL
@@ -240,6 +262,14 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 // the events are durably queued for all of them. Events of one room must be
 // submitted in their order; concurrent calls share commits.
 //
+// Events with a position (Event.At) at or below their stream's stored
+// position are skipped: they were handed over before. The stream's
+// position moves to the call's highest in the commit of its events, so a
+// homeserver that replays its log after Position hands each event over
+// once. Hand each stream over from one writer, in order, one call at a
+// time: calls on one stream take turns, and an event a concurrent call
+// overtook is queued without its position (at least once) rather than lost.
+//
 // A call is all or nothing: every event is checked before any is decided,
 // each event is decided with its room's interest as the call's earlier
 // events leave it (a message after a join sees the join), and the room
@@ -247,16 +277,47 @@ func queueAS(as *registry.AppService, key txnstore.ASKey) queue.AS {
 // The call holds its rooms until then, so another call's events of those
 // rooms are decided after and committed after its own: calls on different
 // rooms share commits, calls on one room take turns.
-func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
+func (d *Dispatcher) Submit(ctx context.Context, events ...Event) (err error) {
 	if d.closed.Load() {
 		return ErrClosed
 	}
+	var ats []Position
 	for i := range events {
 		if err := checkJSON(events[i].JSON); err != nil {
 			return fmt.Errorf("dispatcher: event %.100s: %w", events[i].ID, err)
 		}
 		if err := checkIDs(&events[i]); err != nil {
 			return fmt.Errorf("dispatcher: event %.100s: %w", events[i].ID, err)
+		}
+		if events[i].At != (Position{}) {
+			if ats == nil {
+				ats = make([]Position, len(events))
+			}
+			ats[i] = events[i].At
+		}
+	}
+	ho, err := d.handOver(ctx, ats)
+	if err != nil {
+		return err
+	}
+	defer func() { ho.end(err) }()
+	if ho != nil {
+		kept := events[:0:0]
+		for i := range events {
+			if !ho.skipped(i) {
+				kept = append(kept, events[i])
+			}
+		}
+		if len(kept) < len(events) {
+			// Only what is new: a replayed event must not change its
+			// room's interest again.
+			keep := make([]Position, 0, len(kept))
+			for i := range events {
+				if !ho.skipped(i) {
+					keep = append(keep, ho.keep[i])
+				}
+			}
+			events, ho.keep = kept, keep
 		}
 	}
 	v := d.view.Load()
@@ -277,8 +338,9 @@ func (d *Dispatcher) Submit(ctx context.Context, events ...Event) error {
 			j, _ := slices.BinarySearchFunc(held, events[i].RoomID, func(h heldRoom, id string) int { return strings.Compare(h.id, id) })
 			h = &held[j]
 		}
-		if targets := d.interest(v, &events[i], h, &sc); len(targets) > 0 {
-			entries = append(entries, txnstore.Entry{Kind: txnstore.KindEvent, Data: events[i].JSON, Targets: targets})
+		targets := d.interest(v, &events[i], h, &sc)
+		if e := ho.entry(i, txnstore.Entry{Kind: txnstore.KindEvent, Data: events[i].JSON, Targets: targets}); len(targets) > 0 || e.Stream != "" {
+			entries = append(entries, e)
 		}
 	}
 	if err := d.append(ctx, entries); err != nil {
@@ -325,16 +387,22 @@ func (d *Dispatcher) append(ctx context.Context, entries []txnstore.Entry) error
 		return fmt.Errorf("dispatcher: queue: %w", err)
 	}
 	if d.cfg.Metrics != nil {
-		deliveries := 0
+		items, deliveries := 0, 0
 		for _, e := range entries {
-			deliveries += len(e.Targets)
+			if len(e.Targets) > 0 {
+				items++
+				deliveries += len(e.Targets)
+			}
 		}
-		d.cfg.Metrics.Submitted(kindName[entries[0].Kind], len(entries), deliveries)
+		if items > 0 {
+			d.cfg.Metrics.Submitted(kindName[entries[0].Kind], items, deliveries)
+		}
 	}
 	return nil
 }
 
-var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device"}
+var kindName = map[txnstore.Kind]string{txnstore.KindEvent: "event", txnstore.KindEphemeral: "ephemeral", txnstore.KindToDevice: "to_device",
+	txnstore.KindDeviceList: "device_list", txnstore.KindKeyCounts: "key_counts"}
 
 // scratch holds buffers reused across the events of one call.
 type scratch struct {
@@ -437,17 +505,34 @@ next:
 // (receive_ephemeral): typing and receipts to ASes interested in the room,
 // private receipts only to ASes whose users namespace covers the user,
 // presence to ASes interested in the user or in one of its rooms.
-func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) error {
+func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) (err error) {
 	if d.closed.Load() {
 		return ErrClosed
 	}
+	var ats []Position
+	for i := range evs {
+		if err := checkJSON(evs[i].JSON); err != nil {
+			return fmt.Errorf("dispatcher: ephemeral %s: %w", evs[i].Type, err)
+		}
+		if evs[i].At != (Position{}) {
+			if ats == nil {
+				ats = make([]Position, len(evs))
+			}
+			ats[i] = evs[i].At
+		}
+	}
+	ho, err := d.handOver(ctx, ats)
+	if err != nil {
+		return err
+	}
+	defer func() { ho.end(err) }()
 	v := d.view.Load()
 	var sc scratch
 	entries := make([]txnstore.Entry, 0, len(evs))
 	for i := range evs {
 		e := &evs[i]
-		if err := checkJSON(e.JSON); err != nil {
-			return fmt.Errorf("dispatcher: ephemeral %s: %w", e.Type, err)
+		if ho.skipped(i) {
+			continue
 		}
 		sc.idx = sc.idx[:0]
 		sc.hits = sc.hits[:0]
@@ -471,31 +556,63 @@ func (d *Dispatcher) SubmitEphemeral(ctx context.Context, evs ...Ephemeral) erro
 				v.rooms.release(&h)
 			}
 		}
-		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
-			entries = append(entries, txnstore.Entry{Kind: txnstore.KindEphemeral, Data: e.JSON, Targets: t})
+		t := v.targets(sc.idx, v.push, v.eph)
+		if en := ho.entry(i, txnstore.Entry{Kind: txnstore.KindEphemeral, Data: e.JSON, Targets: t}); len(t) > 0 || en.Stream != "" {
+			entries = append(entries, en)
 		}
 	}
 	return d.append(ctx, entries)
 }
 
+// handOver is begin for a call that may have no positions (ats nil).
+func (d *Dispatcher) handOver(ctx context.Context, ats []Position) (*handover, error) {
+	if ats == nil {
+		return nil, nil
+	}
+	ho, err := d.begin(ctx, ats)
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: %w", err)
+	}
+	return ho, nil
+}
+
 // SubmitToDevice queues to-device messages for the ASes that asked for
-// ephemeral data and whose users namespace covers the recipient.
-func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) error {
+// ephemeral data and whose users namespace covers the recipient. Messages
+// with a position are skipped at or below their stream's, as in Submit.
+func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) (err error) {
 	if d.closed.Load() {
 		return ErrClosed
 	}
-	v := d.view.Load()
-	var sc scratch
-	entries := make([]txnstore.Entry, 0, len(msgs))
+	var ats []Position
 	for i := range msgs {
 		if err := checkJSON(msgs[i].JSON); err != nil {
 			return fmt.Errorf("dispatcher: to-device %s: %w", msgs[i].Type, err)
 		}
+		if msgs[i].At != (Position{}) {
+			if ats == nil {
+				ats = make([]Position, len(msgs))
+			}
+			ats[i] = msgs[i].At
+		}
+	}
+	ho, err := d.handOver(ctx, ats)
+	if err != nil {
+		return err
+	}
+	defer func() { ho.end(err) }()
+	v := d.view.Load()
+	var sc scratch
+	entries := make([]txnstore.Entry, 0, len(msgs))
+	for i := range msgs {
+		if ho.skipped(i) {
+			continue
+		}
 		sc.hits = v.set.UsersInterested(sc.hits[:0], msgs[i].ToUser)
 		sc.idx = sc.idx[:0]
 		sc.owners()
-		if t := v.targets(sc.idx, v.push, v.eph); len(t) > 0 {
-			entries = append(entries, txnstore.Entry{Kind: txnstore.KindToDevice, Data: msgs[i].JSON, Targets: t})
+		t := v.targets(sc.idx, v.push, v.eph)
+		if en := ho.entry(i, txnstore.Entry{Kind: txnstore.KindToDevice, Data: msgs[i].JSON, Targets: t}); len(t) > 0 || en.Stream != "" {
+			entries = append(entries, en)
 		}
 	}
 	return d.append(ctx, entries)

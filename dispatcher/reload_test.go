@@ -122,6 +122,7 @@ func TestReload(t *testing.T) {
 	}
 	d.Submit(ctx, msg("$4"))
 	waitIDs(t, other, []string{"$4"})
+	waitIDs(t, newAS, []string{"$2", "$3", "$4"}) // before it starts refusing
 
 	// Removed while it has a backlog: the queue stays on disk, paused;
 	// back: it resumes with it.

@@ -24,6 +24,10 @@ type Event struct {
 	Membership string
 	// JSON is the event in client format.
 	JSON []byte
+	// At is the event's position in the homeserver's event stream (its
+	// stream ordering): replayed events at or below the stream's position
+	// are skipped. The zero Position hands the event over without one.
+	At Position
 }
 
 // Ephemeral is an ephemeral event (EDU): m.typing, m.receipt or m.presence.
@@ -42,6 +46,9 @@ type Ephemeral struct {
 	Rooms []string
 	// JSON is the EDU as it goes into the "ephemeral" array.
 	JSON []byte
+	// At is the EDU's position in its stream (receipts, typing,
+	// presence), as Event.At.
+	At Position
 }
 
 // ToDevice is a to-device message for one device of one user.
@@ -53,6 +60,9 @@ type ToDevice struct {
 	// JSON is the message as it goes into the "to_device" array, including
 	// to_user_id and to_device_id.
 	JSON []byte
+	// At is the message's position in the to-device stream, as Event.At;
+	// the messages of one send may share one.
+	At Position
 }
 
 // RoomState is what the dispatcher asks the homeserver about a room it has

@@ -6,6 +6,7 @@ replace github.com/asdispatch/asdispatch => ../
 
 require (
 	github.com/asdispatch/asdispatch v0.0.0-00010101000000-000000000000
+	gopkg.in/yaml.v3 v3.0.1
 	maunium.net/go/mautrix v0.32.0
 )
 
@@ -31,5 +32,4 @@ require (
 	golang.org/x/sync v0.25.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
 	golang.org/x/text v0.43.0 // indirect
-	gopkg.in/yaml.v3 v3.0.1 // indirect
 )

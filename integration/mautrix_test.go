@@ -30,7 +30,7 @@ type bridgeQueries struct {
 
 func (q *bridgeQueries) QueryAlias(alias id.RoomAlias) bool {
 	q.aliases.Add(1)
-	_, err := q.as.BotIntent().CreateRoom(context.Background(), &mautrix.ReqCreateRoom{RoomAliasName: strings.TrimPrefix(strings.SplitN(string(alias), ":", 2)[0], "#")})
+	_, err := q.as.BotIntent().CreateRoom(context.Background(), &mautrix.ReqCreateRoom{RoomAliasName: strings.TrimPrefix(strings.SplitN(string(alias), ":", 2)[0], "#"), Preset: "public_chat"})
 	return err == nil
 }
 
@@ -128,7 +128,7 @@ func TestMautrixBridge(t *testing.T) {
 	if err := ghost.EnsureRegistered(ctx); err != nil {
 		t.Fatal(err)
 	}
-	room, err := ghost.CreateRoom(ctx, &mautrix.ReqCreateRoom{RoomAliasName: "mx_chan", Name: "bridged"})
+	room, err := ghost.CreateRoom(ctx, &mautrix.ReqCreateRoom{RoomAliasName: "mx_chan", Name: "bridged", Preset: "public_chat"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,13 @@ func TestMautrixBridge(t *testing.T) {
 	if q.aliases.Load() == 0 {
 		t.Error("mautrix was not asked about #mx_lazy")
 	}
-	if _, err := alice.InviteUser(ctx, room.RoomID, &mautrix.ReqInviteUser{UserID: "@mx_new:localhost"}); err != nil {
+	// Alice invites into her own room: in the ghost's public room she is
+	// below the invite level, as she would be on Synapse.
+	own, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := alice.InviteUser(ctx, own.RoomID, &mautrix.ReqInviteUser{UserID: "@mx_new:localhost"}); err != nil {
 		t.Fatalf("invite of a lazily created user: %v", err)
 	}
 	if q.users.Load() == 0 {

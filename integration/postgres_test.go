@@ -99,9 +99,10 @@ func (a *recordingAS) delivered() []string {
 // TestMultiProcessPostgres runs three serve processes on one PostgreSQL
 // database with two ASes, submits messages through all three, kills the
 // process sending for the first AS with SIGKILL midway, and checks that
-// every acknowledged message reaches each interested AS once (a retry
-// repeats its txn id and body), in each process's order, and that the
-// sending moved to a survivor.
+// the sending moved to a survivor and, once the killed process is back
+// (a 200 means "in that process's log": it hands over on restart what it
+// had not), that every acknowledged message reaches each interested AS
+// once (a retry repeats its txn id and body), in each process's order.
 //
 // The stub homeserver's own state (users, rooms) is per process, so each
 // process gets its own user and room; the ASes are interested by sender.
@@ -129,23 +130,24 @@ func TestMultiProcessPostgres(t *testing.T) {
 
 	const procs = 3
 	type proc struct {
-		url   string
-		pid   int
-		kill  func()
-		token string
-		room  string
+		url    string
+		config string
+		pid    int
+		kill   func()
+		token  string
+		room   string
 	}
 	ps := make([]*proc, procs)
 	for i := range ps {
 		config := filepath.Join(dir, fmt.Sprintf("hs%d.yaml", i))
 		cfg := fmt.Sprintf("server_name: localhost\nlisten: 127.0.0.1:0\ndata_dir: %s\napp_service_config_files:\n  - %s\n  - %s\n"+
-			"appservice:\n  retry_initial: 100ms\ndatabase:\n  backend: postgres\n  dsn: %q\n  lease_ttl: 2s\n",
+			"appservice:\n  retry_initial: 100ms\n  txn_timeout: 3s\ndatabase:\n  backend: postgres\n  dsn: %q\n  lease_ttl: 2s\n",
 			filepath.Join(dir, fmt.Sprintf("data%d", i)), regs[0], regs[1], dsn)
 		if err := os.WriteFile(config, []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		addr, cmd := startServe(t, bin, config)
-		p := &proc{url: addr, pid: cmd.Process.Pid, kill: func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() }}
+		p := &proc{url: addr, config: config, pid: cmd.Process.Pid, kill: func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() }}
 		p.token = call(t, "POST", addr+"/_matrix/client/v3/register", "", map[string]any{"username": fmt.Sprintf("u%d", i), "password": "pw"})["access_token"].(string)
 		p.room = call(t, "POST", addr+"/_matrix/client/v3/createRoom", p.token, map[string]any{"name": "r"})["room_id"].(string)
 		ps[i] = p
@@ -218,6 +220,17 @@ func TestMultiProcessPostgres(t *testing.T) {
 	default:
 		t.Fatal("the victim was never killed")
 	}
+	// Once a survivor sends for AS all, the victim comes back and hands
+	// over what its log has and the dispatcher does not.
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if pid := owner("all"); pid != 0 && pid != ps[victim].pid {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no survivor took over AS all")
+		}
+	}
+	startServe(t, bin, ps[victim].config)
 
 	wants := map[*recordingAS]map[int]bool{all: {0: true, 1: true, 2: true}, even: {0: true, 2: true}}
 	for as, from := range wants {

@@ -35,7 +35,15 @@ func buildBinary(t *testing.T) string {
 // prints.
 func startServe(t *testing.T, bin, config string) (string, *exec.Cmd) {
 	t.Helper()
-	cmd := exec.Command(bin, "serve", "--config", config)
+	hs, _, cmd := startServeAdmin(t, bin, config)
+	return hs, cmd
+}
+
+// startServeAdmin is startServe that also returns the admin listener's URL
+// (the operator endpoints and /metrics).
+func startServeAdmin(t *testing.T, bin, config string) (hs, admin string, cmd *exec.Cmd) {
+	t.Helper()
+	cmd = exec.Command(bin, "serve", "--config", config)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -46,21 +54,26 @@ func startServe(t *testing.T, bin, config string) (string, *exec.Cmd) {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	lines := bufio.NewScanner(stdout)
-	addr := make(chan string, 1)
+	addr, adminAddr := make(chan string, 1), make(chan string, 1)
 	go func() {
 		for lines.Scan() {
 			if a, ok := strings.CutPrefix(lines.Text(), "listening on "); ok {
 				addr <- a
+			} else if a, ok := strings.CutPrefix(lines.Text(), "admin listening on "); ok {
+				adminAddr <- a
 			}
 		}
 	}()
-	select {
-	case a := <-addr:
-		return a, cmd
-	case <-time.After(30 * time.Second):
-		t.Fatal("serve did not print its listening line")
+	timeout := time.After(30 * time.Second)
+	for hs == "" || admin == "" {
+		select {
+		case hs = <-addr:
+		case admin = <-adminAddr:
+		case <-timeout:
+			t.Fatal("serve did not print its listening lines")
+		}
 	}
-	return "", nil
+	return hs, admin, cmd
 }
 
 func call(t *testing.T, method, u, token string, body any) map[string]any {
@@ -120,7 +133,7 @@ func TestSeedWalkthrough(t *testing.T) {
 			mu.Lock()
 			u := hsURL
 			mu.Unlock()
-			call(t, "POST", u+"/_matrix/client/v3/createRoom", "as-logging", map[string]any{"room_alias_name": local})
+			call(t, "POST", u+"/_matrix/client/v3/createRoom", "as-logging", map[string]any{"room_alias_name": local, "preset": "public_chat"})
 			w.Write([]byte("{}"))
 		default:
 			w.WriteHeader(404)
@@ -144,7 +157,7 @@ namespaces:
 	config := filepath.Join(dir, "homeserver.yaml")
 	os.WriteFile(config, []byte(fmt.Sprintf("server_name: localhost\nlisten: 127.0.0.1:0\ndata_dir: %s\napp_service_config_files:\n  - %s\nappservice:\n  retry_initial: 100ms\n", filepath.Join(dir, "data"), reg)), 0o600)
 
-	addr, cmd := startServe(t, bin, config)
+	addr, admin, cmd := startServeAdmin(t, bin, config)
 	hs := addr
 	mu.Lock()
 	hsURL = hs
@@ -169,7 +182,7 @@ namespaces:
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	status := call(t, "GET", hs+"/_asdispatch/v1/appservices", "", nil)
+	status := call(t, "GET", admin+"/_asdispatch/v1/appservices", "", nil)
 	if s := fmt.Sprint(status); !strings.Contains(s, "something-good") || strings.Contains(s, "hs-logging") {
 		t.Errorf("admin status %s", s)
 	}

@@ -87,7 +87,10 @@ func newAutomaton(lits []string, pats []int32) *automaton {
 
 // each calls fn for the patterns of every literal occurring in s (a pattern
 // once per occurrence; callers deduplicate).
-func (a *automaton) each(s string, fn func(int32)) {
+func (a *automaton) each(s string, fn func(int32)) { acEach(a, s, fn) }
+
+// acEach is each over a string or the bytes of a folded ID.
+func acEach[S ~string | ~[]byte](a *automaton, s S, fn func(int32)) {
 	st := int32(0)
 	for i := 0; i < len(s); i++ {
 		st = a.delta[st*int32(a.classes)+int32(a.class[s[i]])]

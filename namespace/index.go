@@ -23,12 +23,20 @@ type cand struct {
 // prefix trie and once through an Aho-Corasick automaton of required
 // factors; only the few patterns reached there, plus those with no literal
 // to index, run a regex. Its cost grows with the ID and the matches, not
-// with the number of patterns.
+// with the number of patterns. Case-insensitive patterns have keys of their
+// own, looked up in the case-folded ID, so the usual (case-sensitive)
+// lookup folds nothing.
 type index struct {
-	pats []entry
+	pats  []entry
+	exact keySet  // looked up in the ID as it is
+	fold  *keySet // case-folded keys, looked up in foldKey(ID); nil if none
+	scan  []int32 // patterns with no literal worth indexing
+}
+
+// keySet is a prefix trie and a factor automaton over one form of the ID.
+type keySet struct {
 	trie []trieNode
 	ac   *automaton
-	scan []int32 // patterns with no literal worth indexing
 }
 
 type trieNode struct {
@@ -37,18 +45,21 @@ type trieNode struct {
 	cands []cand
 }
 
-func (ix *index) addPrefix(p string, c cand) {
+func (ks *keySet) addPrefix(p string, c cand) {
+	if len(ks.trie) == 0 {
+		ks.trie = []trieNode{{}}
+	}
 	n := int32(0)
 	for i := 0; i < len(p); i++ {
-		node := &ix.trie[n]
+		node := &ks.trie[n]
 		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= p[i] })
 		if j < len(node.keys) && node.keys[j] == p[i] {
 			n = node.next[j]
 			continue
 		}
-		ix.trie = append(ix.trie, trieNode{})
-		child := int32(len(ix.trie) - 1)
-		node = &ix.trie[n] // append may have moved it
+		ks.trie = append(ks.trie, trieNode{})
+		child := int32(len(ks.trie) - 1)
+		node = &ks.trie[n] // append may have moved it
 		node.keys = append(node.keys, 0)
 		node.next = append(node.next, 0)
 		copy(node.keys[j+1:], node.keys[j:])
@@ -56,7 +67,7 @@ func (ix *index) addPrefix(p string, c cand) {
 		node.keys[j], node.next[j] = p[i], child
 		n = child
 	}
-	ix.trie[n].cands = append(ix.trie[n].cands, c)
+	ks.trie[n].cands = append(ks.trie[n].cands, c)
 }
 
 // minUseful is how long a literal must be (beyond an ID's sigil) to be worth
@@ -64,12 +75,35 @@ func (ix *index) addPrefix(p string, c cand) {
 const minUseful = 2
 
 func buildIndex(pats []entry, lits []literals) *index {
-	ix := &index{pats: pats, trie: []trieNode{{}}}
+	ix := &index{pats: pats}
+	var exact, folded []int32
+	for i := range lits {
+		switch {
+		case !lits[i].useful():
+			ix.scan = append(ix.scan, int32(i))
+		case lits[i].folded:
+			folded = append(folded, int32(i))
+		default:
+			exact = append(exact, int32(i))
+		}
+	}
+	ix.exact.build(lits, exact)
+	if len(folded) > 0 {
+		ix.fold = &keySet{}
+		ix.fold.build(lits, folded)
+	}
+	return ix
+}
+
+// build keys each of the patterns which (all useful) on its prefixes or its
+// factor, whichever selects more.
+func (ks *keySet) build(lits []literals, which []int32) {
 	// How many patterns share each literal: a literal every AS has (a
 	// server name like ":example.org") selects nothing, however long.
 	factorShare := map[string]int{}
 	prefixShare := map[string]int{}
-	for _, l := range lits {
+	for _, pi := range which {
+		l := &lits[pi]
 		factorShare[l.factor]++
 		for _, p := range l.prefixes {
 			prefixShare[p]++
@@ -77,39 +111,57 @@ func buildIndex(pats []entry, lits []literals) *index {
 	}
 	var factors []string
 	var factorPats []int32
-	for i, l := range lits {
-		pi := int32(i)
+	for _, pi := range which {
+		l := &lits[pi]
 		pre := shortest(l.prefixes)
-		usefulPrefix := pre >= minUseful && !sigilOnly(l.prefixes)
+		useful := usefulPrefix(l.prefixes)
 		prefixShared := 0
 		for _, p := range l.prefixes {
 			prefixShared = max(prefixShared, prefixShare[p])
 		}
 		switch {
-		case usefulPrefix && len(l.factor) >= 3 && prefixShared < factorShare[l.factor]:
+		case useful && len(l.factor) >= minFactor && prefixShared < factorShare[l.factor],
 			// The prefix is the more selective key.
+			useful && (l.exact || pre >= len(l.factor)),
+			useful && len(l.factor) < minFactor:
 			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
-			}
-		case usefulPrefix && (l.exact || pre >= len(l.factor)):
-			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
-			}
-		case len(l.factor) >= 3:
-			factors = append(factors, l.factor)
-			factorPats = append(factorPats, pi)
-		case usefulPrefix:
-			for _, p := range l.prefixes {
-				ix.addPrefix(p, cand{pat: pi, exact: l.exact})
+				ks.addPrefix(p, cand{pat: pi, exact: l.exact})
 			}
 		default:
-			ix.scan = append(ix.scan, pi)
+			factors = append(factors, l.factor)
+			factorPats = append(factorPats, pi)
 		}
 	}
-	if len(factors) > 0 {
-		ix.ac = newAutomaton(factors, factorPats)
+	if len(ks.trie) == 0 {
+		ks.trie = []trieNode{{}}
 	}
-	return ix
+	if len(factors) > 0 {
+		ks.ac = newAutomaton(factors, factorPats)
+	}
+}
+
+// each calls fn for the patterns whose keys occur in s: prefixes s starts
+// with, factors anywhere in it (a pattern once per occurrence).
+func each[S ~string | ~[]byte](ks *keySet, s S, fn func(pat int32, exact bool)) {
+	n := int32(0)
+	for i := 0; ; i++ {
+		node := &ks.trie[n]
+		for _, c := range node.cands {
+			fn(c.pat, c.exact)
+		}
+		if i == len(s) || len(node.keys) == 0 {
+			break
+		}
+		b := s[i]
+		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= b })
+		if j == len(node.keys) || node.keys[j] != b {
+			break
+		}
+		n = node.next[j]
+	}
+	if ks.ac != nil {
+		acEach(ks.ac, s, func(pi int32) { fn(pi, false) })
+	}
 }
 
 // lookup appends the hits for id to dst (deduplicated per owner, sorted).
@@ -129,24 +181,10 @@ func (ix *index) lookup(dst []Hit, id string) []Hit {
 			dst = append(dst, Hit{Owner: e.owner, Exclusive: e.exclusive})
 		}
 	}
-	n := int32(0)
-	for i := 0; ; i++ {
-		node := &ix.trie[n]
-		for _, c := range node.cands {
-			add(c.pat, c.exact)
-		}
-		if i == len(id) || len(node.keys) == 0 {
-			break
-		}
-		b := id[i]
-		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= b })
-		if j == len(node.keys) || node.keys[j] != b {
-			break
-		}
-		n = node.next[j]
-	}
-	if ix.ac != nil {
-		ix.ac.each(id, func(pi int32) { add(pi, false) })
+	each(&ix.exact, id, add)
+	if ix.fold != nil {
+		var buf [256]byte // a Matrix ID's most; a longer one allocates
+		each(ix.fold, foldKey(buf[:0], id), add)
 	}
 	for _, pi := range ix.scan {
 		add(pi, false)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"regexp/syntax"
 	"slices"
 	"strings"
 	"testing"
@@ -99,10 +100,13 @@ func TestCompileErrors(t *testing.T) {
 // randomPatterns makes the mixes the index has to get right: prefixes,
 // suffix-like factors, alternations, classes, anchors, case folding.
 func randomPattern(r *rand.Rand) string {
-	words := []string{"a", "ab", "irc", "tg", "x_y", "é", "."}
+	words := []string{"a", "ab", "irc", "tg", "x_y", "é", ".", "Bot", "k", "s", "ſ", "\u212a", "ß", "ω", "µ", "\ufffd"}
 	w := func() string { return words[r.Intn(len(words))] }
-	if r.Intn(3) == 0 {
+	switch r.Intn(6) {
+	case 0, 1:
 		return randomTricky(r, w)
+	case 2:
+		return randomFolded(r, w)
 	}
 	switch r.Intn(10) {
 	case 0:
@@ -150,8 +154,33 @@ func randomTricky(r *rand.Rand, w func() string) string {
 	return b.String()
 }
 
+// randomFolded builds case-insensitive patterns, whole or scoped, keyed on
+// their folded literals: prefixes, factors, classes, and words whose fold
+// orbit mixes UTF-8 lengths (k and the Kelvin sign, s and ſ, ß and ẞ).
+func randomFolded(r *rand.Rand, w func() string) string {
+	switch r.Intn(8) {
+	case 0:
+		return "(?i)@" + w() + w() + "_.*"
+	case 1:
+		return "@(?i:" + w() + w() + ")_.*"
+	case 2:
+		return "@(?i:" + w() + ")" + w() + ".*:hs"
+	case 3:
+		return ".*(?i:" + w() + w() + w() + ")"
+	case 4:
+		return "(?i)@.*_" + w() + w() + "$"
+	case 5:
+		return "(?i)@[ab" + w() + "]" + w() + w()
+	case 6:
+		return "(?i)(@" + w() + "|#" + w() + ")" + w() + "_"
+	default:
+		return "@(?i)" + w() + "(?-i:" + w() + ")" + w()
+	}
+}
+
 func randomID(r *rand.Rand) string {
-	parts := []string{"@", "#", "a", "ab", "irc", "tg", "_", "x_y", "é", ":hs", ".org", "1", "IRC", "\n", "A"}
+	parts := []string{"@", "#", "a", "ab", "irc", "tg", "_", "x_y", "é", ":hs", ".org", "1", "IRC", "\n", "A",
+		"Tg", "BOT", "bot", "K", "k", "\u212a", "s", "S", "ſ", "ß", "ẞ", "ω", "Ω", "\u2126", "µ", "Μ", "É", "\xff", "\ufffd", "\xc3"}
 	var b strings.Builder
 	for n := r.Intn(8); n >= 0; n-- {
 		b.WriteString(parts[r.Intn(len(parts))])
@@ -206,6 +235,10 @@ func FuzzMatcherMatchesPlain(f *testing.F) {
 		{`@a(^b)`, "@ab:hs"}, {`@bridge_(^x|y).*`, "@bridge_x1:hs"}, {`#irc_(^chan)`, "#irc_chan:hs"},
 		{`@a(\Ab)`, "@ab"}, {`@a(?m:^b)`, "@a\nb"}, {`@a\n(?m:^b)`, "@a\nb"}, {`@a(\bb)`, "@ab"},
 		{`@a(\Bb)`, "@ab"}, {`@a($|b)`, "@ab"}, {`(^@a|^@b)c`, "@bc"}, {`@a(|^)b`, "@ab"}, {`@(?i:A)b`, "@ab"},
+		// Case folding, and orbits whose runes differ in UTF-8 length.
+		{`(?i)@irc_.*`, "@IRC_1:hs"}, {`@(?i:tg)_.*`, "@tG_1:hs"}, {`(?i)@kelvin`, "@\u212aelvin"},
+		{`(?i)@\x{212a}x`, "@kx"}, {`(?i)@sig`, "@\u017fig"}, {`(?i)@ß_`, "@\u1e9e_"}, {`(?i)@ω`, "@\u2126"},
+		{`.*(?i:bridge)`, "@x_BRIDGE"}, {`@\x{fffd}x`, "@\xffx"}, {`(?i)@\x{fffd}ab`, "@\xc3AB"},
 	} {
 		f.Add(int64(4), c.id, c.pattern)
 	}
@@ -243,6 +276,99 @@ func TestAnchorInsideGroup(t *testing.T) {
 		if l := analyze(re); !l.exact || !slices.Contains(l.prefixes, "@irc_") {
 			t.Errorf("analyze(%q) = %+v, want the exact prefix @irc_", re, l)
 		}
+	}
+}
+
+// TestCaseInsensitiveIndexed: (?i) patterns, whole or scoped, are keyed on
+// their case-folded literals, and the folded lookup finds every ID Go's
+// regexp matches, Unicode simple folds included.
+func TestCaseInsensitiveIndexed(t *testing.T) {
+	tests := []struct {
+		regex string
+		key   string // the prefix or factor the pattern is keyed on, before folding
+		exact bool   // a key found is a match: no regex runs
+		ids   []string
+	}{
+		{`(?i)@irc_.*`, "@irc_", true, []string{"@irc_a:hs", "@IRC_b:hs", "@IrC_c:hs", "@x_irc_1:hs", "@irk_1:hs"}},
+		{`@(?i:tg)_.*`, "@tg_", true, []string{"@tg_1:hs", "@TG_1:hs", "@tG_1:hs", "@TG-1:hs", "#tg_1:hs"}},
+		{`(?i)@[ab]c_`, "@ac_", true, []string{"@Ac_1", "@bC_1", "@cc_1"}},
+		// 'k' matches U+212A KELVIN SIGN (3 bytes), 's' U+017F LONG S (2 bytes).
+		{`(?i)@kelvin_`, "@kelvin_", true, []string{"@\u212Aelvin_1", "@kelvin_1", "@KELVIN_1", "@\u212A", "@elvin_1"}},
+		{`(?i)@\x{212A}x_`, "@kx_", true, []string{"@kx_1", "@Kx_1", "@\u212AX_1", "@x_1"}},
+		{`(?i)@sig_`, "@sig_", true, []string{"@\u017Fig_1", "@SIG_1", "@\u017Fi"}},
+		// ß and U+1E9E: 2 and 3 bytes; no full folding to "ss".
+		{`(?i)@straße_`, "@straße_", true, []string{"@STRA\u1E9EE_1", "@strasse_1", "@STRAßE_1", "@straße_1"}},
+		// ω, Ω and U+2126 OHM SIGN; å, Å and U+212B ANGSTROM SIGN; µ (U+00B5), μ and Μ.
+		{`(?i)@ωmega_`, "@ωmega_", true, []string{"@\u2126mega_1", "@ΩMEGA_1", "@ωmega_1", "@wmega_1"}},
+		{`(?i)@åsa_`, "@åsa_", true, []string{"@\u212Bsa_1", "@Åsa_1", "@asa_1"}},
+		{`(?i)@\x{b5}_`, "@µ_", true, []string{"@μ_1", "@Μ_1", "@\u00B5_1", "@m_1"}},
+		{`@.*(?i:_bot_bridge)`, "_bot_bridge", false, []string{"@x_BOT_Bridge:hs", "@x_bot_bridge", "@_bot_brid"}},
+		// The folded prefix is longer than the case-sensitive factor "17_"
+		// (which hundreds of ASes' IDs hold).
+		{`@(?i:_bot)17_.*`, "@_bot17_", true, []string{"@_BOT17_g1", "@_bot117_g1", "@_as17_g1", "@_BOT17-"}},
+		// A case-sensitive literal or class that folding widens: keyed, not exact.
+		{`@(?i:xy)k_`, "@xyk_", false, []string{"@XYk_1", "@xyK_1", "@xy\u212a_1"}},
+		{`@(?i:xy)[ab]_`, "@xya_", false, []string{"@XYa_1", "@xyA_1", "@xyb_"}},
+		{`(?i:@[ab])|@[cd]`, "@a", false, []string{"@A", "@c", "@C"}},
+		{`(?i)@[ab]|@[cd]`, "@c", true, []string{"@A", "@c", "@C", "@e"}}, // (?i) holds in both branches
+	}
+	for _, tt := range tests {
+		l := analyze(tt.regex)
+		key := foldString(tt.key)
+		if !l.folded || (!slices.Contains(l.prefixes, key) && l.factor != key) || l.exact != tt.exact {
+			t.Errorf("analyze(%q) = %+v, want keyed on %q, exact %v", tt.regex, l, key, tt.exact)
+		}
+		var pats []Pattern
+		for i := range 50 { // others' patterns around it
+			pats = append(pats, Pattern{Kind: Users, Owner: i, Regex: fmt.Sprintf(`(?i)@other%d_.*`, i)})
+		}
+		pats = append(pats, Pattern{Kind: Users, Owner: 50, Regex: tt.regex, Exclusive: true})
+		m, err := Compile(pats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ix := m.kinds[Users]; len(ix.scan) != 0 || ix.fold == nil {
+			t.Errorf("%q: %d patterns scanned, fold keys %v; want none scanned", tt.regex, len(ix.scan), ix.fold != nil)
+		}
+		checkAgainstPlain(t, pats, tt.ids)
+	}
+}
+
+func foldString(s string) string { return string(foldKey(nil, s)) }
+
+// TestFoldKey: the ID's fold is the fold regexp/syntax gives a (?i)
+// literal, and never longer than the ID.
+func TestFoldKey(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"@irc_Bob:HS", "@IRC_BOB:HS"},
+		{"k\u212AK", "KKK"},
+		{"s\u017FS", "SSS"},
+		{"ω\u2126Ω", "ΩΩΩ"},
+		{"ß\u1E9E", "ßß"},
+		{"é\xff\uFFFD", "É\xff\uFFFD"}, // an invalid byte is kept apart from U+FFFD
+	}
+	for _, tt := range tests {
+		if got := foldString(tt.in); got != tt.want || len(got) > len(tt.in) {
+			t.Errorf("foldKey(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+	for _, r := range []rune{'a', 'K', '\u212A', '\u017F', 'ß', '\u1E9E', 'Ω', '\u2126', 'µ', 'ǅ', 'é'} {
+		re, err := syntax.Parse("(?i)"+string(r), syntax.Perl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if re.Op != syntax.OpLiteral || foldRune(r) != re.Rune[0] {
+			t.Errorf("foldRune(%q) = %q, regexp/syntax folds it to %v", r, foldRune(r), re)
+		}
+	}
+}
+
+// TestReplacementCharNotKey: a literal U+FFFD matches any invalid UTF-8
+// byte of the ID, so it is never part of a key.
+func TestReplacementCharNotKey(t *testing.T) {
+	ids := []string{"@\xffx_1", "@y:\xfexyz", "@\xc3AB_", "@\xffxy", "@a\x80bcd", "@\uFFFDx_"}
+	for _, re := range []string{"@\uFFFDx_", "@.*:\uFFFDxyz", "(?i)@\uFFFDab_", "@[\uFFFD]xy", "@a\uFFFDbcd"} {
+		checkAgainstPlain(t, []Pattern{{Kind: Users, Owner: 1, Regex: re}}, ids)
 	}
 }
 
@@ -310,6 +436,56 @@ func BenchmarkMatch(b *testing.B) {
 	}
 }
 
+// benchCasefoldPatterns is the usual mix plus, per AS, a case-insensitive
+// pattern: whole-pattern (?i) for even ASes, a scoped (?i:...) for odd ones.
+func benchCasefoldPatterns(n int) []Pattern {
+	pats := benchPatterns(n)
+	for i := 0; i < n; i++ {
+		re := fmt.Sprintf(`(?i)@_bot%d_.*`, i)
+		if i%2 == 1 {
+			re = fmt.Sprintf(`@(?i:_bot)%d_.*`, i)
+		}
+		pats = append(pats, Pattern{Kind: Users, Owner: i, Regex: re})
+	}
+	return pats
+}
+
+// benchCasefoldIDs adds ghosts of the case-insensitive namespaces, in
+// other cases than the pattern's, to the usual IDs.
+func benchCasefoldIDs(n int) []string {
+	ids := benchIDs(n)
+	for i := range ids {
+		switch i % 8 {
+		case 1:
+			ids[i] = fmt.Sprintf("@_BOT%d_user%d:example.org", i%n, i)
+		case 5:
+			ids[i] = fmt.Sprintf("@_Bot%d_user%d:example.org", i%n, i)
+		}
+	}
+	return ids
+}
+
+// BenchmarkMatchCasefold is BenchmarkMatch with a quarter of the patterns
+// case-insensitive.
+func BenchmarkMatchCasefold(b *testing.B) {
+	for _, n := range []int{10, 100, 1000, 10000} {
+		pats, ids := benchCasefoldPatterns(n), benchCasefoldIDs(n)
+		b.Run(fmt.Sprintf("ases=%d/indexed", n), func(b *testing.B) {
+			m, err := Compile(pats)
+			if err != nil {
+				b.Fatal(err)
+			}
+			buf := make([]Hit, 0, 16)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				buf = m.AppendMatch(buf[:0], Users, ids[i%len(ids)])
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "lookups/s")
+		})
+	}
+}
+
 func BenchmarkCompile(b *testing.B) {
 	pats := benchPatterns(10000)
 	for i := 0; i < b.N; i++ {
@@ -369,12 +545,12 @@ func TestSharedFactorNotIndexed(t *testing.T) {
 		t.Fatal(err)
 	}
 	ix := m.kinds[Rooms]
-	if ix.ac == nil || len(ix.scan) != 0 {
-		t.Fatalf("want one factor in the automaton and nothing scanned, got ac=%v scan=%d", ix.ac != nil, len(ix.scan))
+	if ix.exact.ac == nil || len(ix.scan) != 0 {
+		t.Fatalf("want one factor in the automaton and nothing scanned, got ac=%v scan=%d", ix.exact.ac != nil, len(ix.scan))
 	}
 	for id, want := range map[string]int{"!_as7_abc:example.org": 0, "!x:bridge.example.org": 1} {
 		n := 0
-		ix.ac.each(id, func(int32) { n++ })
+		ix.exact.ac.each(id, func(int32) { n++ })
 		if n != want {
 			t.Errorf("the automaton reports %d patterns for %s, want %d (the shared suffix must not be a key)", n, id, want)
 		}

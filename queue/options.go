@@ -21,8 +21,9 @@ type Options struct {
 	RetryInitial time.Duration
 	RetryMax     time.Duration
 	// MaxEvents, MaxEphemeral and MaxToDevice cap the items of each kind in
-	// one transaction (default 100 each); MaxBytes caps the body size
-	// (default 4 MiB).
+	// one transaction (default 100 each); MaxEphemeral also caps the device
+	// list items and, apart, the key counts items (MSC3202), counted before
+	// they are coalesced. MaxBytes caps the body size (default 4 MiB).
 	MaxEvents    int
 	MaxEphemeral int
 	MaxToDevice  int

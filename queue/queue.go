@@ -1,28 +1,51 @@
 package queue
 
 import (
-	"context"
-	"crypto/rand"
+	crand "crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math"
+	"math/rand/v2"
 	"os"
 	"sync"
 	"time"
 
+	"context"
+
+	"github.com/cenkalti/backoff/v4"
 	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/asapi"
+	"github.com/asdispatch/asdispatch/queue/internal/core"
 	"github.com/asdispatch/asdispatch/txnstore"
 )
+
+// Format says how a transaction body is laid out for one AS. It is stored
+// with each frozen transaction so that a body rebuilt after a restart is laid
+// out exactly as the first one, whatever the registration says by then.
+type Format = core.Format
+
+// Format bits.
+const (
+	// EphemeralStable puts ephemeral items under "ephemeral" (Matrix v1.13).
+	EphemeralStable = core.EphemeralStable
+	// EphemeralUnstable puts them under "de.sorunome.msc2409.ephemeral" too,
+	// for ASes registered with an unstable flag (matrix-appservice-node reads
+	// only that key).
+	EphemeralUnstable = core.EphemeralUnstable
+)
+
+// maxPDUBytes is Matrix's limit on an event's size.
+const maxPDUBytes = core.MaxPDUBytes
 
 // AS describes one application service to its sender.
 type AS struct {
 	ID  string
 	Key txnstore.ASKey
 	// Target is where transactions go; an empty Target.URL is `url: null`:
-	// nothing is sent and pending transactions count as delivered.
+	// nothing is sent and the backlog stays paused, kept for when a URL
+	// comes back.
 	Target asapi.Target
 	Format Format
 }
@@ -38,7 +61,9 @@ type Live struct {
 	InFlight int64
 }
 
-// Queues runs one sender per application service on top of a store.
+// Queues runs one sender per application service on top of a store. Each
+// AS has one slot for the life of the Queues: its sender machine and the
+// goroutine that drives it, so one AS never has two senders.
 type Queues struct {
 	store  txnstore.Store
 	opts   Options
@@ -49,14 +74,18 @@ type Queues struct {
 	leaser txnstore.Leaser
 	owner  string
 
-	mu       sync.Mutex
-	senders  map[txnstore.ASKey]*sender
-	stopping map[txnstore.ASKey]*sender
-	closed   bool
+	retry, storeRetry []time.Duration
+	seed              uint64
 
-	// scratch is OnCommit's per-sender grouping; OnCommit runs on the
-	// store's single committing goroutine.
-	scratch map[*sender][]txnstore.Item
+	mu     sync.Mutex
+	slots  map[txnstore.ASKey]*slot
+	closed bool
+	wg     sync.WaitGroup
+
+	// scratch is OnCommit's per-slot grouping, in the order slots are
+	// first met; OnCommit runs on the store's single committing goroutine.
+	scratch map[*slot][]txnstore.Item
+	order   []*slot
 }
 
 const (
@@ -64,12 +93,15 @@ const (
 	defaultRetryMax     = 512 * time.Second
 	defaultMaxItems     = 100
 	defaultMaxBytes     = 4 << 20
-	// pipelineDepth is how many transactions a sender freezes ahead of the
-	// one in flight: enough to keep one commit in flight while the AS works.
+	// pipelineDepth is how many transactions a sender freezes ahead, the
+	// one in flight included: enough to keep one commit in flight while
+	// the AS works.
 	pipelineDepth = 4
-	// memLimit bounds the items a sender keeps in memory; past it, the
-	// sender reads its backlog from the store instead.
+	// memLimit bounds the items a sender keeps in memory (and memBytes
+	// times MaxBytes their size); past it, the sender reads its backlog
+	// from the store instead.
 	memLimit = 20000
+	memBytes = 8
 
 	defaultLeaseTTL     = 10 * time.Second
 	defaultPollInterval = 200 * time.Millisecond
@@ -104,12 +136,12 @@ func New(store txnstore.Store, opts Options) *Queues {
 	if opts.PollInterval <= 0 {
 		opts.PollInterval = defaultPollInterval
 	}
+	var rb [8]byte
+	_, _ = crand.Read(rb[:])
 	owner := opts.Owner
 	if owner == "" {
 		host, _ := os.Hostname()
-		b := make([]byte, 4)
-		_, _ = rand.Read(b)
-		owner = fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b))
+		owner = fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(rb[:4]))
 	}
 	var leaser txnstore.Leaser
 	if l, ok := store.(txnstore.Leaser); ok && l.Shared() {
@@ -120,15 +152,59 @@ func New(store txnstore.Store, opts Options) *Queues {
 		client = asapi.New(asapi.Options{Logger: opts.Logger})
 	}
 	return &Queues{
-		store:    store,
-		opts:     opts,
-		leaser:   leaser,
-		owner:    owner,
-		client:   client,
-		log:      opts.Logger,
-		senders:  make(map[txnstore.ASKey]*sender),
-		stopping: make(map[txnstore.ASKey]*sender),
-		scratch:  make(map[*sender][]txnstore.Item),
+		store:      store,
+		opts:       opts,
+		leaser:     leaser,
+		owner:      owner,
+		client:     client,
+		log:        opts.Logger,
+		retry:      Schedule(opts.RetryInitial, opts.RetryMax),
+		storeRetry: Schedule(50*time.Millisecond, 5*time.Second),
+		seed:       binary.LittleEndian.Uint64(rb[:]),
+		slots:      make(map[txnstore.ASKey]*slot),
+		scratch:    make(map[*slot][]txnstore.Item),
+	}
+}
+
+// Schedule is the exponential backoff schedule (doubling from initial,
+// capped at max) the senders jitter, as cenkalti/backoff computes it.
+func Schedule(initial, max time.Duration) []time.Duration {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = initial
+	b.MaxInterval = max
+	b.Multiplier = 2
+	b.RandomizationFactor = 0 // the machine jitters, from its own source
+	b.MaxElapsedTime = 0
+	b.Reset()
+	var out []time.Duration
+	for len(out) < 64 {
+		d := b.NextBackOff()
+		out = append(out, d)
+		if d >= max {
+			break
+		}
+	}
+	return out
+}
+
+// coreConfig is the machine's configuration for one AS.
+func (q *Queues) coreConfig(as AS) core.Config {
+	ttl := q.opts.LeaseTTL
+	return core.Config{
+		Key: as.Key, ID: as.ID,
+		Limits:       core.Limits{Events: q.opts.MaxEvents, Ephemeral: q.opts.MaxEphemeral, ToDevice: q.opts.MaxToDevice, Bytes: q.opts.MaxBytes},
+		Retry:        q.retry,
+		RetryMax:     q.opts.RetryMax,
+		StoreRetry:   q.storeRetry,
+		Shared:       q.leaser != nil,
+		LeaseTTL:     ttl,
+		AcquireEvery: min(ttl/5, time.Second),
+		PollInterval: q.opts.PollInterval,
+		SendTimeout:  q.client.TxnTimeout(),
+		Depth:        pipelineDepth,
+		MemItems:     memLimit,
+		MemBytes:     memBytes * q.opts.MaxBytes,
+		Log:          q.log.With(zap.String("appservice", as.ID)),
 	}
 }
 
@@ -138,18 +214,21 @@ func (q *Queues) OnCommit(committed []txnstore.Committed) {
 	q.mu.Lock()
 	for _, c := range committed {
 		for _, k := range c.Targets {
-			if s := q.senders[k]; s != nil {
+			if s := q.slots[k]; s != nil {
+				if len(q.scratch[s]) == 0 {
+					q.order = append(q.order, s)
+				}
 				q.scratch[s] = append(q.scratch[s], c.Item)
 			}
 		}
 	}
 	q.mu.Unlock()
-	for s, items := range q.scratch {
-		if len(items) > 0 {
-			s.push(items)
-			q.scratch[s] = items[:0]
-		}
+	for _, s := range q.order {
+		items := q.scratch[s]
+		s.post(core.Committed{Items: append([]txnstore.Item(nil), items...)})
+		q.scratch[s] = items[:0]
 	}
+	q.order = q.order[:0]
 }
 
 // Start starts the sender of as, or updates a running one (a changed URL,
@@ -160,39 +239,33 @@ func (q *Queues) Start(as AS) {
 	if q.closed {
 		return
 	}
-	if s := q.senders[as.Key]; s != nil {
-		s.as.Store(&as)
-		s.poke(s.wake)
-		return
+	s := q.slots[as.Key]
+	if s == nil {
+		s = newSlot(q, as)
+		q.slots[as.Key] = s
+		q.wg.Add(1)
+		go s.run()
 	}
-	s := newSender(q, as)
-	// A sender of the same AS that is still stopping must finish first: one
-	// transaction in flight per AS, and one writer of its frozen set.
-	s.predecessor = q.stopping[as.Key]
-	q.senders[as.Key] = s
-	go s.run()
+	s.start(as)
 }
 
 // Stop stops the sender of key, leaving its queue in the store. A send in
 // flight finishes or is abandoned by ctx; its transaction stays frozen.
 func (q *Queues) Stop(ctx context.Context, key txnstore.ASKey) error {
+	return q.Halt(key)(ctx)
+}
+
+// Halt is Stop in two steps: the stop is ordered now, before any later
+// Start of the same AS, and wait waits for it. A Start before the stop
+// completes resumes the same sender: an AS never has two.
+func (q *Queues) Halt(key txnstore.ASKey) (wait func(context.Context) error) {
 	q.mu.Lock()
-	s := q.senders[key]
-	delete(q.senders, key)
-	if s != nil {
-		q.stopping[key] = s
-	}
+	s := q.slots[key]
 	q.mu.Unlock()
 	if s == nil {
-		return nil
+		return func(context.Context) error { return nil }
 	}
-	err := s.stop(ctx)
-	q.mu.Lock()
-	if q.stopping[key] == s {
-		delete(q.stopping, key)
-	}
-	q.mu.Unlock()
-	return err
+	return s.halt()
 }
 
 // Wake makes the sender of the AS with this id retry at once, if it is
@@ -200,9 +273,9 @@ func (q *Queues) Stop(ctx context.Context, key txnstore.ASKey) error {
 func (q *Queues) Wake(id string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for _, s := range q.senders {
-		if s.as.Load().ID == id {
-			s.poke(s.wake)
+	for _, s := range q.slots {
+		if s.target().ID == id {
+			s.post(core.Wake{})
 		}
 	}
 }
@@ -212,58 +285,57 @@ func (q *Queues) Wake(id string) {
 // than the store.
 func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 	q.mu.Lock()
-	s := q.senders[key]
+	s := q.slots[key]
 	q.mu.Unlock()
-	if s == nil || (q.leaser != nil && !s.leading.Load()) {
+	if s == nil {
 		return Live{}, false
 	}
-	s.liveMu.Lock()
-	defer s.liveMu.Unlock()
-	return s.live, true
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.running || !s.live.Leading {
+		return Live{}, false
+	}
+	l := s.live
+	return Live{Up: l.Up, Failures: l.Failures, LastSuccess: l.LastSuccess, LastError: l.LastError,
+		NextRetry: l.NextRetry, InFlight: l.InFlight}, true
 }
 
-// Close stops every sender: no new transaction is started, sends in flight
-// finish unless ctx ends first. Their transactions stay frozen in the store
-// either way and are resent with the same id after a restart.
+// Close stops every sender, those a Reload is still stopping included: no
+// new transaction is started, sends in flight finish unless ctx ends first.
+// Their transactions stay frozen in the store either way and are resent
+// with the same id after a restart. When Close returns, no sender touches
+// the store any more.
 func (q *Queues) Close(ctx context.Context) error {
 	q.mu.Lock()
 	q.closed = true
-	senders := make([]*sender, 0, len(q.senders))
-	for k, s := range q.senders {
-		senders = append(senders, s)
-		delete(q.senders, k)
+	slots := make([]*slot, 0, len(q.slots))
+	for _, s := range q.slots {
+		slots = append(slots, s)
 	}
 	q.mu.Unlock()
 	var errs []error
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	for _, s := range senders {
+	for _, s := range slots {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := s.stop(ctx); err != nil {
+			if err := s.halt()(ctx); err != nil {
 				mu.Lock()
 				errs = append(errs, err)
 				mu.Unlock()
 			}
+			s.quit()
 		}()
 	}
 	wg.Wait()
+	q.wg.Wait()
 	return errors.Join(errs...)
-}
-
-// acquireEvery is how often a process that does not send for an AS tries
-// to take its lease: a dead owner is replaced within ttl plus this.
-func (q *Queues) acquireEvery() time.Duration {
-	return min(q.opts.LeaseTTL/5, time.Second)
 }
 
 // Owner is the name this process holds sender leases under.
 func (q *Queues) Owner() string { return q.owner }
 
-func (q *Queues) limits() limits {
-	return limits{events: q.opts.MaxEvents, ephemeral: q.opts.MaxEphemeral, toDevice: q.opts.MaxToDevice, bytes: q.opts.MaxBytes}
+func (q *Queues) newRand(key txnstore.ASKey) *rand.Rand {
+	return rand.New(rand.NewPCG(q.seed, uint64(key)))
 }
-
-// unknown marks a sender's memory as not known to be complete.
-const unknown = math.MaxInt64

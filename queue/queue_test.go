@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -31,7 +32,9 @@ type fakeAS struct {
 	reqs    []attempt
 	respond func(n int, a attempt) int
 	delay   time.Duration // before each answer
-	got     chan struct{}
+	// hold, if set, runs in the handler of every request before it answers.
+	hold func()
+	got  chan struct{}
 }
 
 type attempt struct {
@@ -54,9 +57,16 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	id := strings.TrimPrefix(r.URL.Path, "/_matrix/app/v1/transactions/")
 	a := attempt{id: id, body: body, auth: r.Header.Get("Authorization"), ctype: r.Header.Get("Content-Type"), eph: map[string]int{}}
-	var parsed map[string][]json.RawMessage
-	if err := json.Unmarshal(body, &parsed); err != nil {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil {
 		f.t.Errorf("body is not JSON: %v: %s", err, body)
+	}
+	parsed := map[string][]json.RawMessage{}
+	for k, v := range fields {
+		var arr []json.RawMessage
+		if json.Unmarshal(v, &arr) == nil { // the MSC3202 fields are objects
+			parsed[k] = arr
+		}
 	}
 	for _, e := range parsed["events"] {
 		var ev struct {
@@ -77,6 +87,9 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 	f.reqs = append(f.reqs, a)
 	respond := f.respond
 	f.mu.Unlock()
+	if f.hold != nil {
+		f.hold()
+	}
 	code := http.StatusOK
 	if respond != nil {
 		code = respond(n, a)
@@ -364,27 +377,44 @@ func TestTxnIDsNeverRepeatAcrossRestarts(t *testing.T) {
 	}
 }
 
-func TestNullURLCountsAsDelivered(t *testing.T) {
+// TestNullURLKeepsBacklogPaused: an AS changed to `url: null` keeps its
+// backlog, paused (never counted as delivered), and resumes with it when a
+// URL comes back. Regression test for issue 13 ("also fix": url null).
+func TestNullURLKeepsBacklogPaused(t *testing.T) {
 	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
 	defer h.close()
-	key, err := h.store.EnsureAS(context.Background(), "nourl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.q.Start(AS{ID: "nourl", Key: key})
+	as := newFakeAS(t, func(int, attempt) int { return http.StatusServiceUnavailable })
+	key := h.start(as, "a")
 	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{key}, "a", "b")
-	waitFor(t, "nothing pending", func() bool {
+	waitFor(t, "a first attempt", func() bool { return len(as.attempts()) > 0 })
+	h.q.Start(AS{ID: "a", Key: key}) // url: null
+	time.Sleep(50 * time.Millisecond)
+	n := len(as.attempts())
+	time.Sleep(100 * time.Millisecond)
+	if m := len(as.attempts()); m != n {
+		t.Errorf("%d attempts to an AS without a url", m-n)
+	}
+	pending := func() (int64, int) {
 		sts, err := h.store.Statuses(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, s := range sts {
 			if s.Key == key {
-				return s.PendingItems == 0 && s.PendingTxns == 0 && s.Delivered > 0
+				return s.PendingItems, s.PendingTxns
 			}
 		}
-		return false
-	})
+		return -1, -1
+	}
+	if items, _ := pending(); items != 2 {
+		t.Fatalf("url null: %d items pending, want the 2 kept", items)
+	}
+	as.mu.Lock()
+	as.respond = nil
+	as.mu.Unlock()
+	h.start(as, "a")
+	waitFor(t, "the backlog after the url came back", func() bool { return equal(as.delivered(), []string{"a", "b"}) })
+	waitFor(t, "nothing pending", func() bool { items, txns := pending(); return items == 0 && txns == 0 })
 }
 
 func TestTooLargeSplits(t *testing.T) {
@@ -542,5 +572,86 @@ func TestTrickleIsBatched(t *testing.T) {
 		t.Errorf("60 events trickling in at 2 ms to an AS taking 20 ms came in %d transactions; want them batched", n)
 	} else {
 		t.Logf("60 events in %d transactions", n)
+	}
+}
+
+// TestRestartKeepsMSC3202BodyBytes: a transaction holding device lists and
+// key counts, coalesced when the body is built, is rebuilt after a restart
+// byte for byte (the AS took the body, the answer was lost).
+func TestRestartKeepsMSC3202BodyBytes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "q.db")
+	release := make(chan struct{})
+	hang := newFakeAS(t, func(n int, _ attempt) int {
+		if n == 0 {
+			<-release
+		}
+		return http.StatusOK
+	})
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	h := newHarness(t, path, Options{})
+	key, err := h.store.EnsureAS(context.Background(), "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []txnstore.Entry
+	add := func(k txnstore.Kind, data []byte) {
+		entries = append(entries, txnstore.Entry{Kind: k, Data: data, Targets: []txnstore.ASKey{key}})
+	}
+	for i := 0; i < 20; i++ {
+		add(txnstore.KindEvent, event(fmt.Sprint("e", i)))
+		add(txnstore.KindToDevice, []byte(fmt.Sprintf(`{"type":"m.room.encrypted","sender":"@x:hs","to_user_id":"@a_%d:hs","to_device_id":"D","content":{}}`, i)))
+		add(txnstore.KindDeviceList, DeviceListData(fmt.Sprintf("@u%d:hs", i%7), i%3 == 0))
+		add(txnstore.KindKeyCounts, KeyCountsData(fmt.Sprintf("@a_%d:hs", i%5), fmt.Sprint("DEV", i%2), map[string]int{"signed_curve25519": i, "curve25519": 1}, []string{"signed_curve25519"}[:i%2]))
+	}
+	if _, err := h.store.Append(context.Background(), entries); err != nil {
+		t.Fatal(err)
+	}
+	as := hang.target("a")
+	as.Key, as.Format = key, EphemeralStable
+	h.q.Start(as)
+	waitFor(t, "first attempt", func() bool { return len(hang.attempts()) == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	_ = h.q.Close(ctx)
+	cancel()
+	if err := h.store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+
+	h2 := newHarness(t, path, Options{})
+	defer h2.close()
+	h2.q.Start(as)
+	waitFor(t, "resend", func() bool { return len(hang.attempts()) >= 2 })
+	at := hang.attempts()
+	if at[1].id != at[0].id || !bytes.Equal(at[1].body, at[0].body) {
+		t.Fatalf("after restart sent txn %s %s, want txn %s with identical body %s", at[1].id, at[1].body, at[0].id, at[0].body)
+	}
+	var body struct {
+		ToDevice    []json.RawMessage                    `json:"de.sorunome.msc2409.to_device"`
+		DeviceLists struct{ Changed, Left []string }     `json:"org.matrix.msc3202.device_lists"`
+		OTK         map[string]map[string]map[string]int `json:"org.matrix.msc3202.device_one_time_keys_count"`
+		Fallback    map[string]map[string][]string       `json:"org.matrix.msc3202.device_unused_fallback_key_types"`
+	}
+	if err := json.Unmarshal(at[0].body, &body); err != nil {
+		t.Fatal(err)
+	}
+	// u0..u6, latest of each: item 14..19 → i%3==0 for i=15,18 (u1, u4).
+	wantChanged := []string{"@u0:hs", "@u2:hs", "@u3:hs", "@u5:hs", "@u6:hs"}
+	if len(body.ToDevice) != 20 || !slices.Equal(body.DeviceLists.Changed, wantChanged) ||
+		!slices.Equal(body.DeviceLists.Left, []string{"@u1:hs", "@u4:hs"}) {
+		t.Errorf("to-device %d, device lists %+v", len(body.ToDevice), body.DeviceLists)
+	}
+	// @a_4 DEV1: i = 9 (last with i%5==4 and i%2==1 is 19).
+	if got := body.OTK["@a_4:hs"]["DEV1"]["signed_curve25519"]; got != 19 || len(body.OTK) != 5 {
+		t.Errorf("counts %v, want the latest per device", body.OTK)
+	}
+	if got := body.Fallback["@a_4:hs"]["DEV1"]; !slices.Equal(got, []string{"signed_curve25519"}) {
+		t.Errorf("fallback types %v", body.Fallback)
 	}
 }

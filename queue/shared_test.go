@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/txnstore"
 	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
@@ -32,8 +33,10 @@ func TestSharedStoreLeases(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { s.Close() })
+		// The lease outlasts a transaction's timeout while there is one
+		// to send: keep both short for a quick takeover.
 		q = New(s, Options{RetryInitial: 20 * time.Millisecond, LeaseTTL: ttl, PollInterval: 30 * time.Millisecond,
-			Owner: fmt.Sprintf("p%d", i), Logger: zaptest.NewLogger(t)})
+			Owner: fmt.Sprintf("p%d", i), Logger: zaptest.NewLogger(t), Client: asapi.New(asapi.Options{TxnTimeout: ttl})})
 		stores[i], qs[i] = s, q
 		if key, err = s.EnsureAS(ctx, "a"); err != nil {
 			t.Fatal(err)
@@ -119,7 +122,7 @@ func TestSharedStoreLeases(t *testing.T) {
 	// Restart the first; then the owner loses its database (as a process
 	// that hangs or dies would): the first takes over after the ttl.
 	qs[first] = New(stores[first], Options{RetryInitial: 20 * time.Millisecond, LeaseTTL: ttl, PollInterval: 30 * time.Millisecond,
-		Owner: fmt.Sprintf("p%d", first), Logger: zaptest.NewLogger(t)})
+		Owner: fmt.Sprintf("p%d", first), Logger: zaptest.NewLogger(t), Client: asapi.New(asapi.Options{TxnTimeout: ttl})})
 	target := as.target("a")
 	target.Key = key
 	qs[first].Start(target)

@@ -579,11 +579,13 @@ func testReadByteBudget(t *testing.T, be backend) {
 		want     int
 	}{
 		{"no byte limit", a, 10, 0, 10},
-		{"bytes bind first", a, 10, 250, 2},
+		{"bytes bind first", a, 10, 250, 3},
 		{"exact fit", a, 10, 300, 3},
+		{"just under", a, 10, 299, 3},
+		{"just over", a, 10, 301, 4},
 		{"items bind first", a, 2, 1000, 2},
 		{"one item over the budget", a, 10, 50, 1},
-		{"sparse", b, 10, 350, 3},
+		{"sparse", b, 10, 350, 4},
 		{"sparse, no limit", b, 10, 0, 8},
 	}
 	for _, tt := range tests {

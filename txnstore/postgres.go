@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -59,10 +61,15 @@ type pgBatch struct {
 	appends []*pgAppend
 	newIDs  map[string]ASKey
 	known   []ASKey
+	// positions are the streams' positions as the batch leaves them,
+	// read (and row-locked) at their first use in the batch.
+	positions map[string]int64
+	moved     map[string]bool
 }
 
 type pgAppend struct {
 	entries []Entry
+	live    []bool // entries above their stream's position
 	seqs    []int64
 }
 
@@ -184,7 +191,7 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), commitTimeout)
 	defer cancel()
 	errs := make([]error, len(ops))
-	b := &pgBatch{now: time.Now().UnixMilli(), newIDs: map[string]ASKey{}}
+	b := &pgBatch{now: time.Now().UnixMilli(), newIDs: map[string]ASKey{}, positions: map[string]int64{}, moved: map[string]bool{}}
 	var committed []Committed
 	culprit, landed := -1, false
 	err := func() error {
@@ -201,6 +208,14 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 					continue
 				}
 				culprit = i
+				return err
+			}
+		}
+		if len(b.moved) > 0 {
+			// In a fixed order: two commits of one process never wait
+			// for each other, but another process may write these rows.
+			streams := slices.Sorted(maps.Keys(b.moved))
+			if err := writePositions(ctx, tx, postgresSQL, b.positions, streams); err != nil {
 				return err
 			}
 		}
@@ -250,8 +265,8 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 func (s *Postgres) flushAppends(ctx context.Context, tx *sql.Tx, b *pgBatch) ([]Committed, error) {
 	n := 0
 	for _, a := range b.appends {
-		for _, e := range a.entries {
-			if len(e.Targets) > 0 {
+		for i, e := range a.entries {
+			if len(e.Targets) > 0 && a.live[i] {
 				n++
 			}
 		}
@@ -271,7 +286,7 @@ func (s *Postgres) flushAppends(ctx context.Context, tx *sql.Tx, b *pgBatch) ([]
 	var order []ASKey
 	for _, a := range b.appends {
 		for i, e := range a.entries {
-			if len(e.Targets) == 0 {
+			if len(e.Targets) == 0 || !a.live[i] {
 				continue
 			}
 			seq := next
@@ -403,7 +418,10 @@ func (s *Postgres) EnsureAS(ctx context.Context, id string) (ASKey, error) {
 
 // Append implements Store.
 func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error) {
-	a := &pgAppend{entries: entries, seqs: make([]int64, len(entries))}
+	if err := checkPositions(entries); err != nil {
+		return nil, err
+	}
+	a := &pgAppend{entries: entries, live: make([]bool, len(entries)), seqs: make([]int64, len(entries))}
 	size := 0
 	for _, e := range entries {
 		size += len(e.Data)
@@ -420,6 +438,24 @@ func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error)
 				}
 			}
 		}
+		clear(a.seqs) // of an attempt that failed
+		err := admit(entries, a.live, func(st string) (int64, error) {
+			if p, ok := b.positions[st]; ok {
+				return p, nil
+			}
+			// The row lock makes a second writer of the stream (there
+			// should be none) wait for this commit and then see it.
+			var p int64
+			err := tx.QueryRowContext(ctx, `SELECT pos FROM positions WHERE stream = $1 FOR UPDATE`, st).Scan(&p)
+			if errors.Is(err, sql.ErrNoRows) {
+				err = nil
+			}
+			b.positions[st] = p
+			return p, err
+		}, func(st string, p int64) { b.positions[st], b.moved[st] = p, true })
+		if err != nil {
+			return err
+		}
 		b.appends = append(b.appends, a)
 		return nil
 	})
@@ -427,6 +463,11 @@ func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error)
 		return nil, err
 	}
 	return a.seqs, nil
+}
+
+// Position implements Store.
+func (s *Postgres) Position(ctx context.Context, stream string) (int64, error) {
+	return readPosition(ctx, s.db, postgresSQL, stream)
 }
 
 // Read implements Store.

@@ -81,6 +81,9 @@ var migrations = []string{
 	// first id that replaced it, until the cursor passes it: a Complete of
 	// an id whose row is gone then means it was completed before.
 	`ALTER TABLE txns ADD COLUMN replaced_by INTEGER NOT NULL DEFAULT 0;`,
+	// The highest position of each homeserver stream handed over, written
+	// in the commit of the items it covers.
+	`CREATE TABLE positions (stream TEXT PRIMARY KEY, pos INTEGER NOT NULL);`,
 }
 
 // migrate brings the schema up to date inside tx, then removes frozen
@@ -127,6 +130,119 @@ func migrateTo(ctx context.Context, tx *sql.Tx, d *dialect, n int) error {
 		}
 	}
 	return nil
+}
+
+// maxStreamName bounds a stream name: it names a homeserver stream (and
+// maybe its writer), never data.
+const maxStreamName = 255
+
+// streamAt is one stream's position, found by a linear search: a call
+// names one stream or a few, and maps cost more than they save then.
+type streamAt struct {
+	stream   string
+	pos, end int64
+}
+
+func findStream(sts []streamAt, stream string) int {
+	for i := range sts {
+		if sts[i].stream == stream {
+			return i
+		}
+	}
+	return -1
+}
+
+// checkPositions validates the positions of an Append's entries.
+func checkPositions(entries []Entry) error {
+	var last []streamAt
+	for _, e := range entries {
+		if e.Stream == "" {
+			if e.Pos != 0 {
+				return fmt.Errorf("%w: position %d without a stream", ErrBadPosition, e.Pos)
+			}
+			continue
+		}
+		i := findStream(last, e.Stream)
+		if i < 0 {
+			if len(e.Stream) > maxStreamName || !utf8.ValidString(e.Stream) || strings.IndexByte(e.Stream, 0) >= 0 {
+				return fmt.Errorf("%w: stream name %.40q", ErrBadPosition, e.Stream)
+			}
+			last = append(last, streamAt{stream: e.Stream})
+			i = len(last) - 1
+		}
+		if e.Pos <= 0 {
+			return fmt.Errorf("%w: %s at %d, not above 0", ErrBadPosition, e.Stream, e.Pos)
+		}
+		if e.Pos < last[i].pos {
+			return fmt.Errorf("%w: %s goes down from %d to %d", ErrBadPosition, e.Stream, last[i].pos, e.Pos)
+		}
+		last[i].pos = e.Pos
+	}
+	return nil
+}
+
+// admit decides which entries of one Append are new: those without a
+// stream, and those above their stream's position cur reports. It sets
+// live[i] and calls moved with each stream's highest new position. Every
+// entry of a call is compared with the position as the call found it, so
+// entries sharing a position go in or are skipped together.
+func admit(entries []Entry, live []bool, cur func(stream string) (int64, error), moved func(stream string, pos int64)) error {
+	var sts []streamAt // pos: as the call found it; end: the highest new
+	for i, e := range entries {
+		if e.Stream == "" {
+			live[i] = true
+			continue
+		}
+		j := findStream(sts, e.Stream)
+		if j < 0 {
+			p, err := cur(e.Stream)
+			if err != nil {
+				return err
+			}
+			sts = append(sts, streamAt{stream: e.Stream, pos: p, end: p})
+			j = len(sts) - 1
+		}
+		live[i] = e.Pos > sts[j].pos
+		sts[j].end = max(sts[j].end, e.Pos)
+	}
+	for _, st := range sts {
+		if st.end > st.pos {
+			moved(st.stream, st.end)
+		}
+	}
+	return nil
+}
+
+// writePositions moves the stored positions up to those of pos, in one
+// statement: a commit of many writers' appends touches many streams.
+func writePositions(ctx context.Context, tx *sql.Tx, d *dialect, pos map[string]int64, streams []string) error {
+	for len(streams) > 0 {
+		chunk := streams[:min(len(streams), 256)]
+		streams = streams[len(chunk):]
+		args := make([]any, 0, 2*len(chunk))
+		for _, st := range chunk {
+			args = append(args, st, pos[st])
+		}
+		q := `INSERT INTO positions (stream, pos) VALUES ` + strings.TrimSuffix(strings.Repeat("(?, ?), ", len(chunk)), ", ") + `
+			ON CONFLICT (stream) DO UPDATE SET pos = CASE WHEN excluded.pos > positions.pos THEN excluded.pos ELSE positions.pos END`
+		if _, err := tx.ExecContext(ctx, d.q(q), args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readPosition implements Store.Position.
+func readPosition(ctx context.Context, db *sql.DB, d *dialect, stream string) (int64, error) {
+	var p int64
+	err := db.QueryRowContext(ctx, d.q(`SELECT pos FROM positions WHERE stream = ?`), stream).Scan(&p)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("txnstore: position: %w", err)
+	}
+	return p, nil
 }
 
 // Garbage collection: stream rows every cursor has passed, then items no
@@ -235,9 +351,11 @@ func readStream(ctx context.Context, db *sql.DB, d *dialect, as ASKey, after int
 	return readItems(ctx, db, d, want)
 }
 
-// withinBudget returns the longest prefix of want (at least one seq) whose
-// items' data add up to at most maxBytes. It reads only the lengths, which
-// neither backend needs to load the data for.
+// withinBudget returns the shortest prefix of want whose items' data reach
+// maxBytes (all of want if they never do). Including the item that crosses
+// the budget lets a reader tell a read cut for bytes (at least maxBytes) from
+// the end of the stream (less). It reads only the lengths, which neither
+// backend needs to load the data for.
 func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, maxBytes int) ([]int64, error) {
 	size := make(map[int64]int, len(want))
 	err := queryWant(ctx, db, d, want, "length(data)", func(rows *sql.Rows) error {
@@ -258,8 +376,8 @@ func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, max
 	total := 0
 	for i, q := range want {
 		total += size[q]
-		if i > 0 && total > maxBytes {
-			return want[:i], nil
+		if total >= maxBytes {
+			return want[:i+1], nil
 		}
 	}
 	return want, nil

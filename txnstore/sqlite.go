@@ -5,7 +5,9 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -24,6 +26,10 @@ var (
 	ErrOutOfOrder = errors.New("txnstore: an earlier transaction is not completed")
 	// ErrBodyConflict refuses a SaveBody of other bytes than those saved.
 	ErrBodyConflict = errors.New("txnstore: transaction already has another body")
+	// ErrBadPosition refuses an Append whose positions are not valid: a
+	// stream name empty (with a Pos), longer than 255 bytes or not UTF-8,
+	// a Pos not above 0, or one stream's positions going down in the call.
+	ErrBadPosition = errors.New("txnstore: bad stream position")
 )
 
 // callError marks an error found before an op wrote anything: it fails
@@ -48,10 +54,16 @@ type SQLite struct {
 
 	// Owned by the writer goroutine.
 	nextSeq int64
-	ases    map[ASKey]*asRow
-	ids     map[string]ASKey
-	st      stats
-	sinceGC int
+	// positions caches the positions table: one process owns the file.
+	positions map[string]int64
+	ases      map[ASKey]*asRow
+	ids       map[string]ASKey
+	st        stats
+	sinceGC   int
+	// unannounced are the items of commits that landed but failed (an
+	// ambiguous result): OnCommit gets them with the next commit, so the
+	// senders, which learn of new items only from OnCommit, still see them.
+	unannounced []Committed
 }
 
 // asRow is the writer's cache of an appservices row.
@@ -85,6 +97,9 @@ type batch struct {
 	// undo restores the writer's caches if the commit fails.
 	undo   map[ASKey]asRow
 	newIDs []string
+	// posUndo holds each stream's position before the batch moved it
+	// (-1: it had none); its keys are the positions to write.
+	posUndo map[string]int64
 }
 
 // touch returns the cached row of as, saving it for undo first.
@@ -115,7 +130,7 @@ func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 	}
 	rdb.SetMaxOpenConns(4)
 	s := &SQLite{opts: opts, hooks: hooks, stmtBytes: defaultStmtBytes, wdb: wdb, rdb: rdb,
-		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}}
+		ases: map[ASKey]*asRow{}, ids: map[string]ASKey{}, positions: map[string]int64{}}
 	batchBytes := 0
 	if hooks != nil {
 		batchBytes = hooks.BatchBytes
@@ -164,6 +179,22 @@ func (s *SQLite) migrate(ctx context.Context) error {
 	if err := rows.Err(); err != nil {
 		return err
 	}
+	prows, err := tx.QueryContext(ctx, `SELECT stream, pos FROM positions`)
+	if err != nil {
+		return err
+	}
+	defer prows.Close()
+	for prows.Next() {
+		var st string
+		var p int64
+		if err := prows.Scan(&st, &p); err != nil {
+			return err
+		}
+		s.positions[st] = p
+	}
+	if err := prows.Err(); err != nil {
+		return err
+	}
 	return tx.Commit()
 }
 
@@ -187,7 +218,7 @@ func (s *SQLite) commit(ops []*op) {
 func (s *SQLite) attempt(ops []*op) (int, error) {
 	seq0 := s.nextSeq
 	errs := make([]error, len(ops))
-	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}}
+	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}, posUndo: map[string]int64{}}
 	culprit, landed := -1, false
 	err := func() error {
 		tx, err := s.wdb.Begin()
@@ -208,6 +239,11 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 		}
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
+		}
+		if len(b.posUndo) > 0 {
+			if err := writePositions(context.Background(), tx, sqliteSQL, s.positions, slices.Collect(maps.Keys(b.posUndo))); err != nil {
+				return err
+			}
 		}
 		if s.gcDue() {
 			// In the commit, not after it: its own commit would cost another
@@ -242,15 +278,28 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 			delete(s.ases, s.ids[id])
 			delete(s.ids, id)
 		}
+		for st, p := range b.posUndo {
+			if p < 0 {
+				delete(s.positions, st)
+			} else {
+				s.positions[st] = p
+			}
+		}
 		return culprit, err
 	}
 	s.st.commits++
 	s.st.batchBytes = max(s.st.batchBytes, batchSize(ops, func(o *op) int { return o.size }))
 	if err != nil {
+		s.unannounced = append(s.unannounced, b.committed...)
 		return -1, err
 	}
-	if len(b.committed) > 0 && s.opts.OnCommit != nil {
-		s.opts.OnCommit(b.committed)
+	committed := b.committed
+	if len(s.unannounced) > 0 {
+		committed = append(s.unannounced, committed...)
+		s.unannounced = nil
+	}
+	if len(committed) > 0 && s.opts.OnCommit != nil {
+		s.opts.OnCommit(committed)
 	}
 	for i, o := range ops {
 		o.done <- errs[i]
@@ -343,7 +392,11 @@ var insertMany = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + str
 
 // Append implements Store.
 func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
+	if err := checkPositions(entries); err != nil {
+		return nil, err
+	}
 	seqs := make([]int64, len(entries))
+	live := make([]bool, len(entries))
 	size := 0
 	for _, e := range entries {
 		size += len(e.Data)
@@ -356,6 +409,17 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 				}
 			}
 		}
+		clear(seqs) // of an attempt that failed
+		_ = admit(entries, live, func(st string) (int64, error) { return s.positions[st], nil }, func(st string, p int64) {
+			if _, saved := b.posUndo[st]; !saved {
+				old, ok := s.positions[st]
+				if !ok {
+					old = -1
+				}
+				b.posUndo[st] = old
+			}
+			s.positions[st] = p
+		})
 		args := make([]any, 0, 4*rowsPerInsert)
 		n, bound := 0, 0
 		// A statement takes up to rowsPerInsert rows and, past one row,
@@ -376,7 +440,7 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 			return err
 		}
 		for i, e := range entries {
-			if len(e.Targets) == 0 {
+			if len(e.Targets) == 0 || !live[i] {
 				continue
 			}
 			if n > 0 && bound+len(e.Data) > s.stmtBytes {
@@ -405,6 +469,11 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 		return nil, err
 	}
 	return seqs, nil
+}
+
+// Position implements Store.
+func (s *SQLite) Position(ctx context.Context, stream string) (int64, error) {
+	return readPosition(ctx, s.rdb, sqliteSQL, stream)
 }
 
 // Read implements Store.

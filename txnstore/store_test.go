@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/asdispatch/asdispatch/internal/storehook"
@@ -367,25 +368,50 @@ func testFailedOpFailsAloneAndStatus(t *testing.T, be backend) {
 	}
 }
 
+// BenchmarkAppend measures durable appends of 8 writers; positions=on
+// gives each writer a stream of its own and each entry its position, to
+// compare the cost of positions in one run.
 func BenchmarkAppend(b *testing.B) {
-	s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
-	targets := make([]ASKey, 10)
-	for i := range targets {
-		targets[i] = ensure(b, s, fmt.Sprintf("as%d", i))
-	}
-	data := make([]byte, 500)
-	benchWriters(b, func(n int) error {
-		es := make([]Entry, n)
-		for i := range es {
-			es[i] = Entry{Kind: KindEvent, Data: data, Targets: targets}
+	for _, positions := range []bool{false, true} {
+		name := "positions=off"
+		if positions {
+			name = "positions=on"
 		}
-		_, err := s.Append(context.Background(), es)
-		return err
-	})
+		b.Run(name, func(b *testing.B) {
+			s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			targets := make([]ASKey, 10)
+			for i := range targets {
+				targets[i] = ensure(b, s, fmt.Sprintf("as%d", i))
+			}
+			data := make([]byte, 500)
+			var writer atomic.Int64
+			next := sync.Pool{New: func() any { w := writer.Add(1); return &streamPos{name: fmt.Sprintf("events/w%d", w)} }}
+			benchWriters(b, func(n int) error {
+				sp := next.Get().(*streamPos)
+				defer next.Put(sp)
+				es := make([]Entry, n)
+				for i := range es {
+					es[i] = Entry{Kind: KindEvent, Data: data, Targets: targets}
+					if positions {
+						sp.pos++
+						es[i].Stream, es[i].Pos = sp.name, sp.pos
+					}
+				}
+				_, err := s.Append(context.Background(), es)
+				return err
+			})
+		})
+	}
+}
+
+// streamPos is one benchmark writer's stream.
+type streamPos struct {
+	name string
+	pos  int64
 }
 
 // BenchmarkRawInsert is the limit Append is measured against: the same

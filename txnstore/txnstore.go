@@ -1,5 +1,6 @@
 // Package txnstore is the durable state of the dispatcher: every item
-// (event, ephemeral event, to-device message) stored once, one ordered
+// (event, ephemeral event, to-device message, device list change, key
+// counts) stored once, one ordered
 // stream per application service referencing it, the transactions frozen for
 // each AS, and each AS's delivery state.
 //
@@ -29,6 +30,12 @@ const (
 	KindEvent     Kind = 1 // "events": PDUs in client format
 	KindEphemeral Kind = 2 // "ephemeral": typing, receipts, presence
 	KindToDevice  Kind = 3 // "to_device": to-device messages
+	// KindDeviceList is one user's device list news (MSC3202 "changed" or
+	// "left"); a body carries each user once, as the latest item says.
+	KindDeviceList Kind = 4
+	// KindKeyCounts is one device's one-time key counts and unused
+	// fallback key types (MSC3202); a body carries the latest per device.
+	KindKeyCounts Kind = 5
 )
 
 // ASKey is the store's compact, stable number for an application service id.
@@ -50,6 +57,13 @@ type Entry struct {
 	// Targets are the ASes whose streams get the item, sorted ascending,
 	// without duplicates. An entry without targets is not stored.
 	Targets []ASKey
+	// Stream and Pos, when Stream is set, place the entry in one of the
+	// homeserver's streams (see Store.Position): an entry at or below the
+	// stream's stored position is skipped, and the position moves to the
+	// highest Pos of the commit, in the commit, targets or not. Pos is
+	// above 0 and does not decrease along one stream's entries of a call.
+	Stream string
+	Pos    int64
 }
 
 // Committed is an entry as committed: its seq and targets. It is what
@@ -129,13 +143,21 @@ type Store interface {
 
 	// Append durably stores the entries and appends each to its targets'
 	// streams, in order. It returns the seq assigned to each entry (0 for an
-	// entry without targets). After an ambiguous failure the entries may be
-	// stored: repeating the call stores them again (at least once).
+	// entry without targets or skipped for its position). After an
+	// ambiguous failure the entries may be stored: repeating the call
+	// stores again those without a position (at least once) and skips
+	// those with one (exactly once).
 	Append(ctx context.Context, entries []Entry) ([]int64, error)
 
+	// Position returns the highest position of stream that an Append
+	// recorded, 0 if none did.
+	Position(ctx context.Context, stream string) (int64, error)
+
 	// Read returns as's stream items with seq > after, oldest first: at most
-	// maxItems, and, if maxBytes > 0, no more than fit in maxBytes of Data,
-	// except that the first item is returned whatever its size.
+	// maxItems, and, if maxBytes > 0, it stops at the item whose Data brings
+	// the total to maxBytes or over (that item included). So a read that
+	// returns fewer than maxItems items holding under maxBytes reached the
+	// end of the stream.
 	Read(ctx context.Context, as ASKey, after int64, maxItems, maxBytes int) ([]Item, error)
 
 	// Delivered returns as's cursor: every item up to it was acknowledged.

@@ -8,7 +8,8 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"text/tabwriter"
+
+	"golang.org/x/term"
 
 	"github.com/asdispatch/asdispatch/bench"
 )
@@ -27,7 +28,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.MaxEventsPerTxn, "max-events-per-txn", 100, "events per transaction")
 	fs.IntVar(&cfg.MaxTxnBytes, "max-txn-bytes", 4<<20, "bytes per transaction")
 	fs.IntVar(&cfg.Namespaces, "namespaces", 3, "users regexes per AS (plus one aliases and one rooms regex)")
-	mix := fs.String("mix", "prefix,suffix,alternation", "kinds of the users regexes, in turn: prefix, suffix, alternation, noliteral")
+	mix := fs.String("mix", "prefix,suffix,alternation", "kinds of the users regexes, in turn: prefix, suffix, alternation, casefold, noliteral")
 	fs.Float64Var(&cfg.Churn, "churn", 0.05, "share of events that are a ghost joining or leaving (negative: none)")
 	fs.Float64Var(&cfg.AliasChurn, "alias-churn", 0.01, "share of events that move the room's alias (negative: none)")
 	fs.IntVar(&cfg.CatchupEvents, "catchup-events", 100000, "backlog of one AS while it is down (negative: skip catch-up)")
@@ -65,14 +66,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		}
 		procs = append(procs, n)
 	}
-	progress := func(stage string, done, total int) {
-		const width = 30
-		n := width * done / total
-		fmt.Fprintf(stderr, "\r[%s%s] %d/%d %-50s", strings.Repeat("#", n), strings.Repeat(".", width-n), done, total, stage)
-		if done == total {
-			fmt.Fprintln(stderr)
-		}
-	}
+	progress := newProgress(stderr)
 	if *sweep != "" && len(backends) > 1 {
 		fmt.Fprintln(stderr, "asdispatch bench: --sweep runs one --store at a time")
 		return 2
@@ -84,11 +78,10 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "asdispatch bench: --sweep: %v\n", err)
 			return 2
 		}
-		res, err := bench.RunSweep(context.Background(), cfg, sw, func(stage string, done, total int) {
-			progress(stage, done, total)
-		})
+		res, err := bench.RunSweep(context.Background(), cfg, sw, progress.update)
+		progress.end()
 		if err != nil {
-			fmt.Fprintf(stderr, "\nasdispatch bench: %v\n", err)
+			fmt.Fprintf(stderr, "asdispatch bench: %v\n", err)
 			return 1
 		}
 		if *plot != "" {
@@ -114,9 +107,10 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		if b == bench.StorePostgres {
 			c.Processes = procs
 		}
-		rep, err := bench.Run(context.Background(), c, progress)
+		rep, err := bench.Run(context.Background(), c, progress.update)
+		progress.end()
 		if err != nil {
-			fmt.Fprintf(stderr, "\nasdispatch bench: %s: %v\n", b, err)
+			fmt.Fprintf(stderr, "asdispatch bench: %s: %v\n", b, err)
 			return 1
 		}
 		reps = append(reps, rep)
@@ -133,64 +127,13 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 		if i > 0 {
 			fmt.Fprintln(stdout)
 		}
-		printReport(stdout, rep)
+		rep.WriteTable(stdout)
 	}
 	if len(reps) > 1 {
-		printSideBySide(stdout, reps)
+		fmt.Fprintln(stdout)
+		bench.WriteSideBySide(stdout, reps)
 	}
 	return 0
-}
-
-// printSideBySide puts each figure of every store in one row.
-func printSideBySide(w io.Writer, reps []*bench.Report) {
-	fmt.Fprintln(w, "\nside by side (same run, same workload):")
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprint(tw, "figure\t")
-	for _, r := range reps {
-		fmt.Fprintf(tw, "%s\t", r.Config.Store)
-	}
-	fmt.Fprintln(tw)
-	seen := map[string]bool{}
-	for _, r := range reps {
-		for _, f := range r.Figures {
-			if seen[f.Name] {
-				continue
-			}
-			seen[f.Name] = true
-			fmt.Fprintf(tw, "%s (%s)\t", f.Name, f.Unit)
-			for _, o := range reps {
-				g, _ := o.Figure(f.Name)
-				fmt.Fprintf(tw, "%s\t", bench.FormatNumber(g.Value))
-			}
-			fmt.Fprintln(tw)
-		}
-	}
-	tw.Flush()
-}
-
-// printReport prints one report as a table with its notes.
-func printReport(stdout io.Writer, rep *bench.Report) {
-	c := rep.Config
-	fmt.Fprintf(stdout, "store %s; %d ASes (%d users regexes each: %s), %d rooms, interest %.1f%%, %.0f%% membership and %.0f%% alias changes, %d-byte events, %d events a round, median of %d rounds\n\n",
-		c.Store, c.ASes, c.Namespaces, strings.Join(c.Mix, ","), c.Rooms, c.Interest*100, c.Churn*100, c.AliasChurn*100, c.EventSize, c.Events, c.Rounds)
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "figure\tasdispatch\tbaseline\tlimit\tvs baseline\tof limit\t")
-	var notes []string
-	for _, f := range rep.Figures {
-		name := f.Name
-		if f.Note != "" {
-			notes = append(notes, fmt.Sprintf("[%d] %s: %s", len(notes)+1, f.Name, f.Note))
-			name += fmt.Sprintf(" [%d]", len(notes))
-		}
-		fmt.Fprintf(tw, "%s (%s)\t%s\t%s\t%s\t%s\t%s\t\n", name, f.Unit, bench.FormatNumber(f.Value), bench.FormatNumber(f.Baseline), bench.FormatNumber(f.Limit), ratio(f.VsBaseline(), "x"), ratio(100*f.OfLimit(), "%"))
-	}
-	tw.Flush()
-	if len(notes) > 0 {
-		fmt.Fprintln(stdout)
-		for _, n := range notes {
-			fmt.Fprintln(stdout, n)
-		}
-	}
 }
 
 func printJSON(w io.Writer, v any) {
@@ -199,9 +142,40 @@ func printJSON(w io.Writer, v any) {
 	enc.Encode(v)
 }
 
-func ratio(v float64, unit string) string {
-	if v == 0 {
-		return "-"
+// progress shows how far the bench is: a bar redrawn in place on a
+// terminal, else one line per stage, so a pipe or a CI log gets no
+// carriage returns.
+type progress struct {
+	w    io.Writer
+	tty  bool
+	open bool // a bar is drawn and its line not ended
+}
+
+// newProgress writes to w, drawing a bar when w is a terminal.
+func newProgress(w io.Writer) *progress {
+	f, ok := w.(interface{ Fd() uintptr })
+	return &progress{w: w, tty: ok && term.IsTerminal(int(f.Fd()))}
+}
+
+func (p *progress) update(stage string, done, total int) {
+	if !p.tty {
+		fmt.Fprintf(p.w, "asdispatch bench: [%d/%d] %s\n", done, total, stage)
+		return
 	}
-	return fmt.Sprintf("%.1f%s", v, unit)
+	const width = 30
+	n := width * done / max(total, 1)
+	fmt.Fprintf(p.w, "\r[%s%s] %d/%d %-50s", strings.Repeat("#", n), strings.Repeat(".", width-n), done, total, stage)
+	p.open = true
+	if done == total {
+		p.end()
+	}
+}
+
+// end ends the bar's line, if one is drawn, before anything else is
+// written.
+func (p *progress) end() {
+	if p.open {
+		fmt.Fprintln(p.w)
+		p.open = false
+	}
 }

@@ -4,7 +4,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 
+	"github.com/asdispatch/asdispatch/dispatcher"
 	"github.com/asdispatch/asdispatch/registry"
 )
 
@@ -49,6 +51,12 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 		}
 		if as.ReceiveEphemeral {
 			fmt.Fprintln(stdout, "  receives ephemeral events and to-device messages")
+		}
+		if as.MSC3202 {
+			fmt.Fprintln(stdout, "  receives device lists and one-time key counts (MSC3202)")
+		}
+		if as.HasURL {
+			fmt.Fprintf(stdout, "  transaction fields: %s\n", strings.Join(dispatcher.Fields(as), ", "))
 		}
 		if !as.RateLimited {
 			fmt.Fprintln(stdout, "  not rate limited")

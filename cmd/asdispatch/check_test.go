@@ -17,7 +17,10 @@ func TestCheck(t *testing.T) {
 		wantCode int
 		wantOut  []string
 	}{
-		{"examples", []string{"check", "../../examples"}, 0, []string{"3 application services OK", "@logging:localhost", "#logged_.*"}},
+		{"examples", []string{"check", "../../examples"}, 0, []string{"3 application services OK", "@logging:localhost", "#logged_.*",
+			"transaction fields: events, ephemeral, de.sorunome.msc2409.to_device\n",
+			"transaction fields: events\n",
+			"transaction fields: events, de.sorunome.msc2409.ephemeral, de.sorunome.msc2409.to_device, org.matrix.msc3202.device_lists, org.matrix.msc3202.device_one_time_keys_count, org.matrix.msc3202.device_one_time_key_counts, org.matrix.msc3202.device_unused_fallback_key_types\n"}},
 		{"bad file", []string{"check", bad}, 1, []string{"bad.yaml:1: id:", "bad.yaml:8: namespaces.users[0].regex: ", "lookaround", "exclusive: required"}},
 		{"missing", []string{"check", filepath.Join(bad, "nope.yaml")}, 1, []string{"no such file"}},
 		{"no args", []string{"check"}, 2, []string{"usage"}},

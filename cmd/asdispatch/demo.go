@@ -84,7 +84,7 @@ func (a *loggingAS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		a.mu.Lock()
 		hs := a.hsURL
 		a.mu.Unlock()
-		_, err := call(http.MethodPost, hs+"/_matrix/client/v3/createRoom", a.asToken, map[string]any{"room_alias_name": localpart})
+		_, err := call(http.MethodPost, hs+"/_matrix/client/v3/createRoom", a.asToken, map[string]any{"room_alias_name": localpart, "preset": "public_chat"})
 		if err != nil {
 			fmt.Fprintf(a.out, "    [AS] creating %s failed: %v\n", alias, err)
 			w.WriteHeader(http.StatusInternalServerError)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"errors"
 	"flag"
 	"fmt"
@@ -10,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -35,7 +38,16 @@ type serveConfig struct {
 	DataDir               string      `yaml:"data_dir"`
 	AppServiceConfigFiles configFiles `yaml:"app_service_config_files"`
 	LogLevel              string      `yaml:"log_level"`
-	Database              struct {
+	// AdminListen is where the operator endpoints (/_asdispatch/v1/...)
+	// and /metrics are served, apart from the client API (default
+	// 127.0.0.1:0: loopback, a free port, printed at start).
+	AdminListen string `yaml:"admin_listen"`
+	// AdminToken, if set, must be sent as "Authorization: Bearer <token>"
+	// to every admin endpoint and /metrics. Never logged.
+	AdminToken string `yaml:"admin_token"`
+	// MaxUploadBytes bounds a media upload (default 50 MiB).
+	MaxUploadBytes int64 `yaml:"max_upload_bytes"`
+	Database       struct {
 		// Backend is sqlite (default: dispatcher.db in data_dir) or
 		// postgres: one database several serve processes share.
 		Backend string `yaml:"backend"`
@@ -52,6 +64,9 @@ type serveConfig struct {
 		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
 		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
 		QueryTimeout    time.Duration `yaml:"query_timeout"`
+		// TxnTimeout bounds one transaction (default 90s; mautrix-go
+		// handles a transaction before it answers).
+		TxnTimeout time.Duration `yaml:"txn_timeout"`
 	} `yaml:"appservice"`
 }
 
@@ -110,7 +125,7 @@ func reload(ctx context.Context, cfg serveConfig, hs *homeserver.Server, log *za
 		log.Error("reload refused: the registrations are invalid; the running set stays", zap.Error(err))
 		return
 	}
-	if err := hs.Dispatcher().Reload(ctx, set); err != nil {
+	if err := hs.Reload(ctx, set); err != nil {
 		log.Error("reload failed", zap.Error(err))
 		return
 	}
@@ -121,10 +136,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfgPath := fs.String("config", "", "homeserver.yaml")
-	cfg := serveConfig{ServerName: "localhost", Listen: "127.0.0.1:8008", DataDir: "asdispatch-data", LogLevel: "info"}
+	cfg := serveConfig{ServerName: "localhost", Listen: "127.0.0.1:8008", AdminListen: "127.0.0.1:0", DataDir: "asdispatch-data", LogLevel: "info"}
 	var files stringList
 	fs.StringVar(&cfg.ServerName, "server-name", cfg.ServerName, "server_name")
 	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "host:port to listen on (port 0 picks one)")
+	fs.StringVar(&cfg.AdminListen, "admin-listen", cfg.AdminListen, "host:port of the admin endpoints and /metrics")
 	fs.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory of the SQLite files (created if missing)")
 	fs.Var(&files, "appservice", "a registration file or directory (repeatable)")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "debug, info, warn or error")
@@ -170,6 +186,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 
 // storeOpener returns how to open the dispatcher's store: nil for SQLite in
 // data_dir.
+// serveFaults, set only in a binary built with the asdispatch_faults tag
+// (faults.go), installs test fault points from the environment.
+var serveFaults func(*homeserver.Config)
+
 func storeOpener(cfg serveConfig) (func(context.Context, txnstore.Options) (txnstore.Store, error), error) {
 	switch cfg.Database.Backend {
 	case "", "sqlite":
@@ -211,15 +231,21 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	}
 	promReg := prometheus.NewRegistry()
 	promReg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	hs, err := homeserver.New(ctx, homeserver.Config{
+	hcfg := homeserver.Config{
 		ServerName: cfg.ServerName, DataDir: cfg.DataDir, Registry: registry.NewRegistry(set), Logger: log,
-		Metrics:      metrics.New(promReg),
-		QueryTimeout: cfg.AppService.QueryTimeout,
-		OpenStore:    openStore,
+		Metrics:        metrics.New(promReg),
+		MaxUploadBytes: cfg.MaxUploadBytes,
+		QueryTimeout:   cfg.AppService.QueryTimeout,
+		TxnTimeout:     cfg.AppService.TxnTimeout,
+		OpenStore:      openStore,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
 			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,
 			LeaseTTL: cfg.Database.LeaseTTL},
-	})
+	}
+	if serveFaults != nil {
+		serveFaults(&hcfg)
+	}
+	hs, err := homeserver.New(ctx, hcfg)
 	if err != nil {
 		return err
 	}
@@ -228,16 +254,29 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 		hs.Close(context.Background())
 		return err
 	}
+	adminAddr := cfg.AdminListen
+	if adminAddr == "" {
+		adminAddr = "127.0.0.1:0"
+	}
+	adminLn, err := net.Listen("tcp", adminAddr)
+	if err != nil {
+		ln.Close()
+		hs.Close(context.Background())
+		return fmt.Errorf("admin_listen: %w", err)
+	}
 	fmt.Fprintf(stdout, "listening on http://%s\n", ln.Addr())
+	fmt.Fprintf(stdout, "admin listening on http://%s\n", adminLn.Addr())
 	if ready != nil {
 		ready <- ln.Addr().String()
 	}
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(promReg, promhttp.HandlerOpts{}))
-	mux.Handle("/", hs)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 1)
+	admin := http.NewServeMux()
+	admin.Handle("GET /metrics", promhttp.HandlerFor(promReg, promhttp.HandlerOpts{}))
+	admin.Handle("/", hs.AdminHandler())
+	srv := &http.Server{Handler: hs, ReadHeaderTimeout: 10 * time.Second}
+	adminSrv := &http.Server{Handler: requireToken(cfg.AdminToken, admin), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- adminSrv.Serve(adminLn) }()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -255,6 +294,7 @@ loop:
 	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_ = srv.Shutdown(shutdown)
+	_ = adminSrv.Shutdown(shutdown)
 	if cerr := hs.Close(shutdown); cerr != nil && !errors.Is(cerr, context.DeadlineExceeded) {
 		log.Warn("closing the dispatcher: " + cerr.Error())
 	}
@@ -262,4 +302,25 @@ loop:
 		err = nil
 	}
 	return err
+}
+
+// requireToken lets a request through only with "Authorization: Bearer
+// token" (compared in constant time); an empty token lets everything
+// through.
+func requireToken(token string, next http.Handler) http.Handler {
+	if token == "" {
+		return next
+	}
+	want := sha256.Sum256([]byte(token))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		sum := sha256.Sum256([]byte(got))
+		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			fmt.Fprint(w, `{"errcode":"M_UNKNOWN_TOKEN","error":"admin token required"}`)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }

@@ -2,10 +2,15 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"go.uber.org/zap"
 
 	"gopkg.in/yaml.v3"
 )
@@ -36,6 +41,71 @@ func TestStoreOpener(t *testing.T) {
 		}
 		if err != nil || (open == nil) != tt.wantNil {
 			t.Errorf("%q: opener nil = %v, err = %v", tt.yaml, open == nil, err)
+		}
+	}
+}
+
+// TestAdminListener: the admin endpoints and /metrics are served on
+// admin_listen only, behind admin_token; the client listener does not
+// know them.
+func TestAdminListener(t *testing.T) {
+	cfg := serveConfig{ServerName: "hs", Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", AdminToken: "s3cret+/=", DataDir: t.TempDir(), LogLevel: "error"}
+	ctx, cancel := context.WithCancel(context.Background())
+	var out bytes.Buffer
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, cfg, zap.NewNop(), &out, ready) }()
+	var client string
+	select {
+	case client = <-ready:
+	case err := <-done:
+		t.Fatal(err)
+	}
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	var admin string
+	for _, line := range strings.Split(out.String(), "\n") {
+		if a, ok := strings.CutPrefix(line, "admin listening on http://"); ok {
+			admin = a
+		}
+	}
+	if admin == "" || admin == client {
+		t.Fatalf("admin address %q (client %s) in %q", admin, client, out.String())
+	}
+	get := func(addr, path, token string) int {
+		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	tests := []struct {
+		addr, path, token string
+		want              int
+	}{
+		{client, "/_asdispatch/v1/appservices", "", 404},
+		{client, "/_asdispatch/v1/appservices", "s3cret+/=", 404},
+		{client, "/metrics", "", 404},
+		{admin, "/_asdispatch/v1/appservices", "", 401},
+		{admin, "/_asdispatch/v1/appservices", "wrong", 401},
+		{admin, "/metrics", "", 401},
+		{admin, "/_asdispatch/v1/appservices", "s3cret+/=", 200},
+		{admin, "/metrics", "s3cret+/=", 200},
+		{client, "/_matrix/client/versions", "", 200},
+	}
+	for _, tt := range tests {
+		if got := get(tt.addr, tt.path, tt.token); got != tt.want {
+			t.Errorf("GET %s%s (token %q) = %d, want %d", tt.addr, tt.path, tt.token, got, tt.want)
 		}
 	}
 }

@@ -44,7 +44,8 @@ const (
 	Fail
 	// Ambiguous makes the commit and then reports a failure, as a lost
 	// answer to COMMIT or a commit timeout would: everything of it landed,
-	// each of its ops gets ErrInjected, and OnCommit is not called.
+	// each of its ops gets ErrInjected, and OnCommit is not called for it
+	// (SQLite, which knows what landed, passes its items to the next one).
 	Ambiguous
 )
 

@@ -1,4 +1,4 @@
-package queue
+package core
 
 import (
 	"hash/crc32"
@@ -29,6 +29,9 @@ func checksum(body []byte) uint32 { return crc32.Checksum(body, castagnoli) }
 // limits caps one transaction.
 type limits struct {
 	events, ephemeral, toDevice, bytes int
+	// keys caps the device list items and, apart, the key counts items.
+	// They are counted before coalescing, so a body never holds more.
+	keys int
 }
 
 // bodyOverhead bounds the bytes a body adds around its items: the keys,
@@ -44,7 +47,7 @@ func cut(items []txnstore.Item, lim limits, f Format) int {
 	if f&EphemeralStable != 0 && f&EphemeralUnstable != 0 {
 		ephCopies = 2
 	}
-	var nEv, nEph, nTD int
+	var nEv, nEph, nTD, nDL, nKC int
 	size := bodyOverhead
 	for i, it := range items {
 		switch it.Kind {
@@ -53,11 +56,20 @@ func cut(items []txnstore.Item, lim limits, f Format) int {
 			size += (ephCopies - 1) * (len(it.Data) + 1)
 		case txnstore.KindToDevice:
 			nTD++
+		case txnstore.KindDeviceList:
+			nDL++
+		case txnstore.KindKeyCounts:
+			nKC++
+			size += (keyCountsFactor - 1) * (len(it.Data) + 1)
 		default:
 			nEv++
 		}
+		if (it.Kind == txnstore.KindDeviceList || it.Kind == txnstore.KindKeyCounts) && nDL+nKC == 1 {
+			size += msc3202Overhead
+		}
 		size += len(it.Data) + 1
-		if i > 0 && (nEv > lim.events || nEph > lim.ephemeral || nTD > lim.toDevice || size > lim.bytes) {
+		if i > 0 && (nEv > lim.events || nEph > lim.ephemeral || nTD > lim.toDevice ||
+			nDL > lim.keys || nKC > lim.keys || size > lim.bytes) {
 			return i
 		}
 	}
@@ -65,10 +77,12 @@ func cut(items []txnstore.Item, lim limits, f Format) int {
 }
 
 // encode lays items out as a transaction body. It never decodes or
-// re-encodes an item: each item's bytes are copied once into the body.
+// re-encodes an event, ephemeral or to-device item: each one's bytes are
+// copied once into the body. Device list and key counts items are
+// coalesced (keys.go). The body depends only on items and f.
 func encode(items []txnstore.Item, f Format) []byte {
 	size := bodyOverhead
-	var nEph, nTD int
+	var nEph, nTD, nDL, nKC int
 	for _, it := range items {
 		size += len(it.Data) + 1
 		switch it.Kind {
@@ -76,7 +90,15 @@ func encode(items []txnstore.Item, f Format) []byte {
 			nEph++
 		case txnstore.KindToDevice:
 			nTD++
+		case txnstore.KindDeviceList:
+			nDL++
+		case txnstore.KindKeyCounts:
+			nKC++
+			size += (keyCountsFactor - 1) * (len(it.Data) + 1)
 		}
+	}
+	if nDL+nKC > 0 {
+		size += msc3202Overhead
 	}
 	if f&EphemeralStable != 0 && f&EphemeralUnstable != 0 {
 		for _, it := range items {
@@ -104,6 +126,12 @@ func encode(items []txnstore.Item, f Format) []byte {
 		// MSC4203's key as Synapse and mautrix-go spell it today.
 		b = append(b, `,"de.sorunome.msc2409.to_device":`...)
 		b = appendArray(b, items, txnstore.KindToDevice)
+	}
+	if nDL > 0 {
+		b = appendDeviceLists(b, items)
+	}
+	if nKC > 0 {
+		b = appendKeyCounts(b, items)
 	}
 	return append(b, '}')
 }

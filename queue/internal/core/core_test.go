@@ -1,0 +1,178 @@
+package core
+
+import (
+	"go/parser"
+	"go/token"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/asdispatch/asdispatch/txnstore"
+)
+
+// TestNoIO: the machine has no goroutines, clocks, locks or I/O of its own.
+func TestNoIO(t *testing.T) {
+	banned := map[string]bool{"net/http": true, "database/sql": true, "os": true, "sync": true, "sync/atomic": true, "context": true, "math/rand": true}
+	files, _ := filepath.Glob("*.go")
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		src, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		af, err := parser.ParseFile(token.NewFileSet(), f, src, parser.ImportsOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, im := range af.Imports {
+			if p, _ := strconv.Unquote(im.Path.Value); banned[p] {
+				t.Errorf("%s imports %s", f, p)
+			}
+		}
+		for _, bad := range []string{"time.Now(", "time.Since(", "time.Until(", "time.After(", "time.NewTimer(", "go func"} {
+			if strings.Contains(string(src), bad) {
+				t.Errorf("%s uses %s", f, bad)
+			}
+		}
+	}
+}
+
+func testConfig(shared bool) Config {
+	return Config{Key: 1, ID: "a", Limits: Limits{Events: 100, Ephemeral: 100, ToDevice: 100, Bytes: 1 << 20},
+		Retry: []time.Duration{time.Second, 2 * time.Second}, RetryMax: 2 * time.Second,
+		StoreRetry: []time.Duration{10 * time.Millisecond}, Shared: shared, LeaseTTL: 10 * time.Second,
+		AcquireEvery: time.Second, PollInterval: 200 * time.Millisecond, SendTimeout: 4 * time.Second,
+		Depth: 4, MemItems: 1000, MemBytes: 1 << 20}
+}
+
+// TestLeaseCheckedAtSend (issue 13, also fix): on a shared store nothing is
+// sent unless the lease stays valid, by the machine's clock, for the whole
+// send timeout; the send's deadline ends within the lease.
+func TestLeaseCheckedAtSend(t *testing.T) {
+	m := New(testConfig(true), rand.New(rand.NewPCG(1, 2)))
+	t0 := time.Unix(1000, 0)
+	m.Step(t0, Start{Target: Target{HasURL: true}})
+	r := m.Ready()
+	if r.Lease == nil || r.Lease.Kind != Acquire {
+		t.Fatalf("no acquire: %+v", r)
+	}
+	m.Step(t0, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	m.Step(t0, RecoverDone{Tok: r.Recover.Tok, Frozen: []txnstore.Txn{}, Delivered: 0})
+	r = m.Ready()
+	m.Step(t0, ReadDone{Tok: r.Read.Tok, Items: []txnstore.Item{{Seq: 1, Kind: txnstore.KindEvent, Data: []byte(`{}`)}}})
+	r = m.Ready()
+	if r.Freeze == nil {
+		t.Fatalf("no freeze: %+v", r)
+	}
+	// The process stalls past the renewal: by its own clock the lease
+	// (valid until t0+7.5s) no longer covers a 4s send at t0+5s.
+	now := t0.Add(5 * time.Second)
+	m.Step(now, FreezeDone{Tok: r.Freeze.Tok, IDs: []int64{1}})
+	r = m.Ready()
+	if r.Send != nil {
+		t.Fatalf("sent at %v with the lease valid until %v and a %v send timeout", now.Sub(t0), 7500*time.Millisecond, 4*time.Second)
+	}
+	if r.Lease == nil || r.Lease.Kind != Renew {
+		t.Fatalf("no renewal before the send: %+v", r)
+	}
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	if r.Send == nil || r.Send.Deadline.After(now.Add(7500*time.Millisecond)) {
+		t.Fatalf("after renewal: send %+v", r.Send)
+	}
+}
+
+// TestBackoffBounds: waits stay within [Retry[0]/2, RetryMax] and depend
+// only on the attempt and the injected source.
+func TestBackoffBounds(t *testing.T) {
+	cfg := testConfig(false)
+	cfg.Retry = []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}
+	cfg.RetryMax = 8 * time.Second
+	a, b := New(cfg, rand.New(rand.NewPCG(7, 7))), New(cfg, rand.New(rand.NewPCG(7, 7)))
+	for n := 1; n < 40; n++ {
+		wa, wb := a.backoff(cfg.Retry, cfg.RetryMax, n), b.backoff(cfg.Retry, cfg.RetryMax, n)
+		if wa != wb {
+			t.Fatalf("attempt %d: %v and %v from the same seed", n, wa, wb)
+		}
+		if wa < cfg.Retry[0]/2 || wa > cfg.RetryMax {
+			t.Fatalf("attempt %d: wait %v outside [%v, %v]", n, wa, cfg.Retry[0]/2, cfg.RetryMax)
+		}
+	}
+}
+
+// TestLeaseOutlastsSend: with a transaction timeout longer than the lease
+// (90 s against 10 s, as HTTP to mautrix-go on PostgreSQL), the lease is
+// renewed to outlast the whole send before it starts and while it runs, so
+// no other process takes over and resends that id beside it; idle, the
+// renewals go back to the plain lease length.
+func TestLeaseOutlastsSend(t *testing.T) {
+	cfg := testConfig(true)
+	cfg.SendTimeout = 90 * time.Second
+	m := New(cfg, rand.New(rand.NewPCG(1, 2)))
+	t0 := time.Unix(1000, 0)
+	m.Step(t0, Start{Target: Target{HasURL: true}})
+	r := m.Ready()
+	if r.Lease == nil || r.Lease.Kind != Acquire || r.Lease.TTL != cfg.LeaseTTL {
+		t.Fatalf("acquire: %+v", r.Lease)
+	}
+	m.Step(t0, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	m.Step(t0, RecoverDone{Tok: r.Recover.Tok, Frozen: []txnstore.Txn{}, Delivered: 0})
+	r = m.Ready()
+	m.Step(t0, ReadDone{Tok: r.Read.Tok, Items: []txnstore.Item{{Seq: 1, Kind: txnstore.KindEvent, Data: []byte(`{}`)}}})
+	r = m.Ready()
+	m.Step(t0, FreezeDone{Tok: r.Freeze.Tok, IDs: []int64{1}})
+	r = m.Ready()
+	if r.Send != nil {
+		t.Fatalf("sent under a lease valid for 7.5 s with a 90 s timeout")
+	}
+	if r.Lease == nil || r.Lease.Kind != Renew || r.Lease.TTL < cfg.SendTimeout+cfg.LeaseTTL/2 {
+		t.Fatalf("renewal before the send: %+v", r.Lease)
+	}
+	now := t0.Add(time.Second)
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	if r.Send == nil {
+		t.Fatalf("no send after the lease was renewed for it: %+v", r)
+	}
+	if want := now.Add(cfg.SendTimeout); !r.Send.Deadline.Equal(want) {
+		t.Fatalf("deadline %v, want %v", r.Send.Deadline.Sub(t0), want.Sub(t0))
+	}
+	// Renewals while the send runs keep covering it.
+	now = now.Add(cfg.LeaseTTL / 4)
+	m.Step(now, Tick{})
+	r = m.Ready()
+	if r.Lease == nil || r.Lease.Kind != Renew || r.Lease.TTL < cfg.SendTimeout+cfg.LeaseTTL/2 {
+		t.Fatalf("renewal during the send: %+v", r.Lease)
+	}
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	m.Ready()
+	m.Step(now, SendDone{ID: 1, Status: 200})
+	r = m.Ready()
+	for _, w := range r.Writes {
+		m.Step(now, WriteDone{Tok: w.Tok})
+	}
+	// Idle: the next renewal asks for the plain length again.
+	for i := 0; i < 20; i++ {
+		now = now.Add(cfg.LeaseTTL / 4)
+		m.Step(now, Tick{})
+		r = m.Ready()
+		for _, w := range r.Writes {
+			m.Step(now, WriteDone{Tok: w.Tok})
+		}
+		if r.Lease != nil {
+			if r.Lease.Kind == Renew && r.Lease.TTL == cfg.LeaseTTL {
+				return
+			}
+			m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+		}
+	}
+	t.Fatal("idle renewals still ask for a lease outlasting a send")
+}
