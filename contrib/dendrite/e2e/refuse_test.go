@@ -35,7 +35,7 @@ func TestRefusesBadRegistration(t *testing.T) {
 		hs.Kill()
 		t.Fatal("dendrite-asdispatch started with a registration without url")
 	}
-	if s := out.String(); !strings.Contains(s, "asdispatch refuses the registrations") || !strings.Contains(s, "forgot-url.yaml") {
+	if s := out.String(); !strings.Contains(s, "registrations refused") || !strings.Contains(s, "forgot-url.yaml") {
 		t.Errorf("output does not name the problem:\n%s", s)
 	}
 }

@@ -1,272 +1,251 @@
-// Copyright 2017 Vector Creations Ltd
+// Command dendrite-asdispatch runs Dendrite (v0.13.8, linked as a library,
+// Apache-2.0) as a single process with asdispatch serving the application
+// services: every other component is built by Dendrite's own constructors,
+// the appservice one is asdendrite.
 //
-// Licensed under the Apache License, Version 2.0 (the "License");
-// you may not use this file except in compliance with the License.
-// You may obtain a copy of the License at
+// Usage:
 //
-//     http://www.apache.org/licenses/LICENSE-2.0
+//	dendrite-asdispatch -config dendrite.yaml [-http-bind-address :8008]
 //
-// Unless required by applicable law or agreed to in writing, software
-// distributed under the License is distributed on an "AS IS" BASIS,
-// WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-// See the License for the specific language governing permissions and
-// limitations under the License.
-
-// Command dendrite-asdispatch is Dendrite v0.13.8's monolith
-// (cmd/dendrite/main.go, Apache-2.0, copied as is) with one component
-// swapped: asdispatch serves the application services in place of Dendrite's
-// appservice package. Differences from the original are marked "asdispatch:".
+// Dendrite reads the config file as usual; asdispatch reads its own
+// "asdispatch:" section of the same file and re-validates the registration
+// files listed under app_service_api.config_files.
 //
-// This package's import path is under github.com/matrix-org/dendrite only
-// because Go allows Dendrite's internal packages (sqlutil, caching, httputil),
-// which the monolith wiring needs, to be imported from that tree alone.
+// The import path lies under github.com/matrix-org/dendrite because only
+// packages there may import the internal packages (sqlutil, caching,
+// httputil) the components' constructors take.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"io"
+	"os"
 	"time"
 
-	"github.com/getsentry/sentry-go"
-	"github.com/matrix-org/dendrite/internal"
+	"github.com/matrix-org/dendrite/federationapi"
+	dinternal "github.com/matrix-org/dendrite/internal"
 	"github.com/matrix-org/dendrite/internal/caching"
 	"github.com/matrix-org/dendrite/internal/httputil"
 	"github.com/matrix-org/dendrite/internal/sqlutil"
+	"github.com/matrix-org/dendrite/roomserver"
+	rsapi "github.com/matrix-org/dendrite/roomserver/api"
+	"github.com/matrix-org/dendrite/setup"
+	"github.com/matrix-org/dendrite/setup/base"
+	"github.com/matrix-org/dendrite/setup/config"
 	"github.com/matrix-org/dendrite/setup/jetstream"
+	"github.com/matrix-org/dendrite/setup/mscs"
 	"github.com/matrix-org/dendrite/setup/process"
+	"github.com/matrix-org/dendrite/userapi"
+	uapi "github.com/matrix-org/dendrite/userapi/api"
 	"github.com/matrix-org/gomatrixserverlib/fclient"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
+	"go.uber.org/zap"
 
 	"github.com/asdispatch/asdispatch/metrics"
 	"github.com/asdispatch/asdispatch/registry"
 	"github.com/matrix-org/dendrite/contrib/asdispatch/asdendrite"
-	"github.com/matrix-org/dendrite/federationapi"
-	"github.com/matrix-org/dendrite/roomserver"
-	"github.com/matrix-org/dendrite/setup"
-	basepkg "github.com/matrix-org/dendrite/setup/base"
-	"github.com/matrix-org/dendrite/setup/config"
-	"github.com/matrix-org/dendrite/setup/mscs"
-	"github.com/matrix-org/dendrite/userapi"
-	"go.uber.org/zap"
 )
 
-var (
-	unixSocket = flag.String("unix-socket", "",
-		"EXPERIMENTAL(unstable): The HTTP listening unix socket for the server (disables http[s]-bind-address feature)",
-	)
-	unixSocketPermission = flag.String("unix-socket-permission", "755",
-		"EXPERIMENTAL(unstable): The HTTP listening unix socket permission for the server (in chmod format like 755)",
-	)
-	httpBindAddr  = flag.String("http-bind-address", ":8008", "The HTTP listening port for the server")
-	httpsBindAddr = flag.String("https-bind-address", ":8448", "The HTTPS listening port for the server")
-	certFile      = flag.String("tls-cert", "", "The PEM formatted X509 certificate to use for TLS")
-	keyFile       = flag.String("tls-key", "", "The PEM private key to use for TLS")
-)
+// closeTimeout bounds how long the dispatcher may take to flush on shutdown.
+const closeTimeout = 10 * time.Second
 
 func main() {
-	cfg := setup.ParseFlags(true)
-	httpAddr := config.ServerAddress{}
-	httpsAddr := config.ServerAddress{}
-	if *unixSocket == "" {
-		http, err := config.HTTPAddress("http://" + *httpBindAddr)
-		if err != nil {
-			logrus.WithError(err).Fatalf("Failed to parse http address")
-		}
-		httpAddr = http
-		https, err := config.HTTPAddress("https://" + *httpsBindAddr)
-		if err != nil {
-			logrus.WithError(err).Fatalf("Failed to parse https address")
-		}
-		httpsAddr = https
-	} else {
-		socket, err := config.UnixSocketAddress(*unixSocket, *unixSocketPermission)
-		if err != nil {
-			logrus.WithError(err).Fatalf("Failed to parse unix socket")
-		}
-		httpAddr = socket
+	opts, err := parseOptions(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return
 	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dendrite-asdispatch:", err)
+		os.Exit(2)
+	}
+	if opts.version {
+		fmt.Println(dinternal.VersionString())
+		return
+	}
+	if err := run(opts); err != nil {
+		// Dendrite's components log through logrus; our start-up errors
+		// go to the same place so that one log holds both.
+		logrus.Fatalf("dendrite-asdispatch: %s", err)
+	}
+}
 
-	configErrors := &config.ConfigErrors{}
-	cfg.Verify(configErrors)
-	if len(*configErrors) > 0 {
-		for _, err := range *configErrors {
-			logrus.Errorf("Configuration error: %s", err)
-		}
-		logrus.Fatalf("Failed to start due to configuration errors")
+// options are the command line; everything else comes from the config file.
+type options struct {
+	configPath       string
+	listen           config.ServerAddress
+	openRegistration bool
+	version          bool
+}
+
+func parseOptions(args []string, out io.Writer) (options, error) {
+	fs := flag.NewFlagSet("dendrite-asdispatch", flag.ContinueOnError)
+	fs.SetOutput(out)
+	var o options
+	fs.StringVar(&o.configPath, "config", "dendrite.yaml", "Dendrite config file, with an optional asdispatch: section")
+	listen := fs.String("http-bind-address", ":8008", "host:port the client, federation and admin APIs listen on (plain HTTP)")
+	fs.BoolVar(&o.openRegistration, "really-enable-open-registration", false, "allow registration without a captcha or token (tests only)")
+	fs.BoolVar(&o.version, "version", false, "print Dendrite's version and exit")
+	if err := fs.Parse(args); err != nil {
+		return o, err
 	}
-	// asdispatch: our registry validates the same registration files and
-	// refuses to start on what Dendrite let through; our settings come from
-	// the asdispatch section of the same config file.
-	regSet, regWarnings, err := asdendrite.LoadRegistrations(cfg)
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if o.configPath == "" {
+		return o, errors.New("-config is empty")
+	}
+	addr, err := config.HTTPAddress("http://" + *listen)
 	if err != nil {
-		logrus.Fatalf("asdispatch refuses the registrations: %s", err)
+		return o, fmt.Errorf("-http-bind-address %q: %w", *listen, err)
 	}
-	for _, w := range regWarnings {
-		logrus.Warnf("asdispatch: registration: %s", w)
-	}
-	asSettings, err := asdendrite.LoadSettings(flag.Lookup("config").Value.String())
+	o.listen = addr
+	return o, nil
+}
+
+// loadConfig reads and checks Dendrite's config, then our view of the same
+// file: the registrations as asdispatch's registry sees them and the
+// asdispatch section.
+func loadConfig(o options) (*config.Dendrite, *registry.Set, asdendrite.Settings, error) {
+	cfg, err := config.Load(o.configPath)
 	if err != nil {
-		logrus.Fatal(err)
+		return nil, nil, asdendrite.Settings{}, fmt.Errorf("config %s: %w", o.configPath, err)
 	}
+	if o.openRegistration {
+		cfg.ClientAPI.OpenRegistrationWithoutVerificationEnabled = true
+	}
+	var problems config.ConfigErrors
+	cfg.Verify(&problems)
+	if len(problems) > 0 {
+		return nil, nil, asdendrite.Settings{}, fmt.Errorf("config %s: %d problem(s): %v", o.configPath, len(problems), []string(problems))
+	}
+	regs, warnings, err := asdendrite.LoadRegistrations(cfg)
+	if err != nil {
+		return nil, nil, asdendrite.Settings{}, fmt.Errorf("registrations refused: %w", err)
+	}
+	for _, w := range warnings {
+		logrus.Warnf("asdispatch registration warning: %s", w)
+	}
+	settings, err := asdendrite.LoadSettings(o.configPath)
+	if err != nil {
+		return nil, nil, asdendrite.Settings{}, err
+	}
+	return cfg, regs, settings, nil
+}
+
+func run(o options) error {
+	cfg, regs, settings, err := loadConfig(o)
+	if err != nil {
+		return err
+	}
+	dinternal.SetupStdLogging()
+	dinternal.SetupHookLogging(cfg.Logging)
+	base.PlatformSanityChecks() // raises the file-descriptor limit
+	logrus.Infof("dendrite-asdispatch: Dendrite %s", dinternal.VersionString())
+
 	zlog, err := zap.NewProduction()
 	if err != nil {
-		logrus.Fatal(err)
+		return fmt.Errorf("zap logger: %w", err)
 	}
-	processCtx := process.NewProcessContext()
+	defer zlog.Sync() //nolint:errcheck // stderr may not sync
 
-	internal.SetupStdLogging()
-	internal.SetupHookLogging(cfg.Logging)
-	internal.SetupPprof()
-
-	basepkg.PlatformSanityChecks()
-
-	logrus.Infof("Dendrite version %s", internal.VersionString())
-	if !cfg.ClientAPI.RegistrationDisabled && cfg.ClientAPI.OpenRegistrationWithoutVerificationEnabled {
-		logrus.Warn("Open registration is enabled")
+	pctx := process.NewProcessContext()
+	if err := assemble(pctx, cfg, regs, settings, zlog, o.listen); err != nil {
+		return err
 	}
+	// Blocks until SIGINT/SIGTERM, then stops every component that
+	// registered with pctx, ours included.
+	base.WaitForShutdown(pctx)
+	return nil
+}
 
-	// create DNS cache
-	var dnsCache *fclient.DNSCache
-	if cfg.Global.DNSCache.Enabled {
-		dnsCache = fclient.NewDNSCache(
-			cfg.Global.DNSCache.CacheSize,
-			cfg.Global.DNSCache.CacheLifetime,
-		)
-		logrus.Infof(
-			"DNS cache enabled (size %d, lifetime %s)",
-			cfg.Global.DNSCache.CacheSize,
-			cfg.Global.DNSCache.CacheLifetime,
-		)
+// assemble builds Dendrite's components in dependency order, with asdendrite
+// as the appservice API, and starts serving HTTP in the background.
+func assemble(pctx *process.ProcessContext, cfg *config.Dendrite, regs *registry.Set, settings asdendrite.Settings, zlog *zap.Logger, listen config.ServerAddress) error {
+	var dns *fclient.DNSCache
+	if c := cfg.Global.DNSCache; c.Enabled {
+		dns = fclient.NewDNSCache(c.CacheSize, c.CacheLifetime)
 	}
-
-	// setup tracing
-	closer, err := cfg.SetupTracing()
-	if err != nil {
-		logrus.WithError(err).Panicf("failed to start opentracing")
-	}
-	defer closer.Close() // nolint: errcheck
-
-	// setup sentry
-	if cfg.Global.Sentry.Enabled {
-		logrus.Info("Setting up Sentry for debugging...")
-		err = sentry.Init(sentry.ClientOptions{
-			Dsn:              cfg.Global.Sentry.DSN,
-			Environment:      cfg.Global.Sentry.Environment,
-			Debug:            true,
-			ServerName:       string(cfg.Global.ServerName),
-			Release:          "dendrite@" + internal.VersionString(),
-			AttachStacktrace: true,
-		})
-		if err != nil {
-			logrus.WithError(err).Panic("failed to start Sentry")
-		}
-		go func() {
-			processCtx.ComponentStarted()
-			<-processCtx.WaitForShutdown()
-			if !sentry.Flush(time.Second * 5) {
-				logrus.Warnf("failed to flush all Sentry events!")
-			}
-			processCtx.ComponentFinished()
-		}()
-	}
-
-	federationClient := basepkg.CreateFederationClient(cfg, dnsCache)
-	httpClient := basepkg.CreateClient(cfg, dnsCache)
-
-	// prepare required dependencies
-	cm := sqlutil.NewConnectionManager(processCtx, cfg.Global.DatabaseOptions)
-	routers := httputil.NewRouters()
-
+	fedClient := base.CreateFederationClient(cfg, dns)
+	conns := sqlutil.NewConnectionManager(pctx, cfg.Global.DatabaseOptions)
 	caches := caching.NewRistrettoCache(cfg.Global.Cache.EstimatedMaxSize, cfg.Global.Cache.MaxAge, caching.EnableMetrics)
-	natsInstance := jetstream.NATSInstance{}
-	rsAPI := roomserver.NewInternalAPI(processCtx, cfg, cm, &natsInstance, caches, caching.EnableMetrics)
-	fsAPI := federationapi.NewInternalAPI(
-		processCtx, cfg, cm, &natsInstance, federationClient, rsAPI, caches, nil, false,
-	)
+	nats := &jetstream.NATSInstance{}
 
-	keyRing := fsAPI.KeyRing()
+	rs := roomserver.NewInternalAPI(pctx, cfg, conns, nats, caches, caching.EnableMetrics)
+	fed := federationapi.NewInternalAPI(pctx, cfg, conns, nats, fedClient, rs, caches, nil, false)
+	rs.SetFederationAPI(fed, fed.KeyRing())
+	users := userapi.NewInternalAPI(pctx, cfg, conns, nats, rs, fedClient, caching.EnableMetrics, fed.IsBlacklistedOrBackingOff)
 
-	// The underlying roomserver implementation needs to be able to call the fedsender.
-	// This is different to rsAPI which can be the http client which doesn't need this
-	// dependency. Other components also need updating after their dependencies are up.
-	rsAPI.SetFederationAPI(fsAPI, keyRing)
-
-	userAPI := userapi.NewInternalAPI(processCtx, cfg, cm, &natsInstance, rsAPI, federationClient, caching.EnableMetrics, fsAPI.IsBlacklistedOrBackingOff)
-	// asdispatch: in place of appservice.NewInternalAPI.
-	var asMetrics *metrics.Metrics
-	if cfg.Global.Metrics.Enabled {
-		asMetrics = metrics.New(prometheus.DefaultRegisterer)
+	as, err := startAppservices(pctx, cfg, nats, regs, settings, zlog, users, rs)
+	if err != nil {
+		return err
 	}
-	asAPI, err := asdendrite.New(processCtx.Context(), asdendrite.Config{
-		Dendrite: cfg, Settings: asSettings, Registry: registry.NewRegistry(regSet),
-		UserAPI: userAPI, RSAPI: rsAPI, Logger: zlog, Metrics: asMetrics,
+	rs.SetAppserviceAPI(as)
+	rs.SetUserAPI(users)
+
+	m := setup.Monolith{
+		Config:        cfg,
+		Client:        base.CreateClient(cfg, dns),
+		FedClient:     fedClient,
+		KeyRing:       fed.KeyRing(),
+		AppserviceAPI: as,
+		FederationAPI: fed,
+		// The client API changes aliases and creates rooms through this
+		// value: wrapping it lets asdispatch drop its cached interest.
+		RoomserverAPI: asdendrite.AliasWatcher{RoomserverInternalAPI: rs, Invalidate: as.Dispatcher().InvalidateRoom},
+		UserAPI:       users,
+	}
+	routers := httputil.NewRouters()
+	m.AddAllPublicRoutes(pctx, cfg, routers, conns, nats, caches, caching.EnableMetrics)
+	if len(cfg.MSCs.MSCs) > 0 {
+		if err := mscs.Enable(cfg, conns, routers, &m, caches); err != nil {
+			return fmt.Errorf("experimental MSCs %v: %w", cfg.MSCs.MSCs, err)
+		}
+	}
+	// Stock Dendrite's liveness metric, so that its dashboards and alerts
+	// keep working with this binary.
+	up := prometheus.NewCounter(prometheus.CounterOpts{Name: "dendrite_up",
+		ConstLabels: prometheus.Labels{"version": dinternal.VersionString()}})
+	up.Inc()
+	if err := prometheus.DefaultRegisterer.Register(up); err != nil {
+		return fmt.Errorf("metric dendrite_up: %w", err)
+	}
+	go base.SetupAndServeHTTP(pctx, cfg, routers, listen, nil, nil)
+	return nil
+}
+
+// startAppservices is the one component that differs from stock Dendrite:
+// asdispatch's dispatcher fed by one JetStream consumer, closed when
+// Dendrite shuts down.
+func startAppservices(pctx *process.ProcessContext, cfg *config.Dendrite, nats *jetstream.NATSInstance, regs *registry.Set, settings asdendrite.Settings, zlog *zap.Logger, users uapi.AppserviceUserAPI, rs rsapi.AppserviceRoomserverAPI) (*asdendrite.API, error) {
+	var mx *metrics.Metrics
+	if cfg.Global.Metrics.Enabled {
+		// Dendrite serves prometheus.DefaultRegisterer on /metrics.
+		mx = metrics.New(prometheus.DefaultRegisterer)
+	}
+	as, err := asdendrite.New(pctx.Context(), asdendrite.Config{
+		Dendrite: cfg, Settings: settings, Registry: registry.NewRegistry(regs),
+		UserAPI: users, RSAPI: rs, Logger: zlog, Metrics: mx,
 	})
 	if err != nil {
-		logrus.WithError(err).Fatal("failed to start asdispatch")
+		return nil, err
 	}
-	js, _ := natsInstance.Prepare(processCtx, &cfg.Global.JetStream)
-	if err := asAPI.Start(processCtx.Context(), js, &cfg.Global.JetStream); err != nil {
-		logrus.WithError(err).Fatal("failed to start the asdispatch roomserver consumer")
+	js, _ := nats.Prepare(pctx, &cfg.Global.JetStream)
+	if err := as.Start(pctx.Context(), js, &cfg.Global.JetStream); err != nil {
+		return nil, fmt.Errorf("asdispatch consumer: %w", err)
 	}
-	processCtx.ComponentStarted()
+	pctx.ComponentStarted()
 	go func() {
-		defer processCtx.ComponentFinished()
-		<-processCtx.WaitForShutdown()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer pctx.ComponentFinished()
+		<-pctx.WaitForShutdown()
+		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
 		defer cancel()
-		if err := asAPI.Close(ctx); err != nil {
+		if err := as.Close(ctx); err != nil {
 			zlog.Error("asdispatch close", zap.Error(err))
 		}
 	}()
-
-	rsAPI.SetAppserviceAPI(asAPI)
-	rsAPI.SetUserAPI(userAPI)
-
-	monolith := setup.Monolith{
-		Config:    cfg,
-		Client:    httpClient,
-		FedClient: federationClient,
-		KeyRing:   keyRing,
-
-		AppserviceAPI: asAPI,
-		// always use the concrete impl here even in -http mode because adding public routes
-		// must be done on the concrete impl not an HTTP client else fedapi will call itself
-		FederationAPI: fsAPI,
-		// asdispatch: alias changes through the client API invalidate the
-		// room's interest.
-		RoomserverAPI: asdendrite.AliasWatcher{RoomserverInternalAPI: rsAPI, Invalidate: asAPI.Dispatcher().InvalidateRoom},
-		UserAPI:       userAPI,
-	}
-	monolith.AddAllPublicRoutes(processCtx, cfg, routers, cm, &natsInstance, caches, caching.EnableMetrics)
-
-	if len(cfg.MSCs.MSCs) > 0 {
-		if err := mscs.Enable(cfg, cm, routers, &monolith, caches); err != nil {
-			logrus.WithError(err).Fatalf("Failed to enable MSCs")
-		}
-	}
-
-	upCounter := prometheus.NewCounter(prometheus.CounterOpts{
-		Namespace: "dendrite",
-		Name:      "up",
-		ConstLabels: map[string]string{
-			"version": internal.VersionString(),
-		},
-	})
-	upCounter.Add(1)
-	prometheus.MustRegister(upCounter)
-
-	// Expose the matrix APIs directly rather than putting them under a /api path.
-	go func() {
-		basepkg.SetupAndServeHTTP(processCtx, cfg, routers, httpAddr, nil, nil)
-	}()
-	// Handle HTTPS if certificate and key are provided
-	if *unixSocket == "" && *certFile != "" && *keyFile != "" {
-		go func() {
-			basepkg.SetupAndServeHTTP(processCtx, cfg, routers, httpsAddr, certFile, keyFile)
-		}()
-	}
-
-	// We want to block forever to let the HTTP and HTTPS handler serve the APIs
-	basepkg.WaitForShutdown(processCtx)
+	return as, nil
 }

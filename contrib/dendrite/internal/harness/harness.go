@@ -11,7 +11,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -215,35 +214,42 @@ type Options struct {
 }
 
 // WriteConfig writes a Dendrite config for a loopback test server in dir:
-// SQLite per component, JetStream on disk, open registration, no rate
-// limits, no federation key perspectives, logs to stderr at warn.
+// one SQLite file per component, JetStream on disk, open registration, no
+// rate limits, no federation key perspectives, logs to stderr at warn.
 func WriteConfig(dir string, o Options) (string, error) {
 	cfg := &config.Dendrite{Version: config.Version}
 	cfg.Defaults(config.DefaultOpts{Generate: true, SingleDatabase: true})
-	for name, db := range map[string]*config.DatabaseOptions{
-		"federationapi": &cfg.FederationAPI.Database, "keyserver": &cfg.KeyServer.Database,
-		"mscs": &cfg.MSCs.Database, "mediaapi": &cfg.MediaAPI.Database, "roomserver": &cfg.RoomServer.Database,
-		"syncapi": &cfg.SyncAPI.Database, "userapi": &cfg.UserAPI.AccountDatabase, "relayapi": &cfg.RelayAPI.Database,
-	} {
-		db.ConnectionString = config.DataSource("file:" + filepath.Join(dir, "dendrite_"+name+".db"))
+	// SQLite cannot be shared between Dendrite's components: each gets a
+	// file, which also lets a test look at one component's database.
+	sqlite := func(component string) config.DataSource {
+		return config.DataSource("file:" + filepath.Join(dir, component+".sqlite"))
 	}
-	keyPath := filepath.Join(dir, "matrix_key.pem")
-	if err := writeKey(keyPath); err != nil {
+	cfg.RoomServer.Database.ConnectionString = sqlite("roomserver")
+	cfg.SyncAPI.Database.ConnectionString = sqlite("syncapi")
+	cfg.UserAPI.AccountDatabase.ConnectionString = sqlite("userapi")
+	cfg.KeyServer.Database.ConnectionString = sqlite("keyserver")
+	cfg.FederationAPI.Database.ConnectionString = sqlite("federationapi")
+	cfg.RelayAPI.Database.ConnectionString = sqlite("relayapi")
+	cfg.MediaAPI.Database.ConnectionString = sqlite("mediaapi")
+	cfg.MSCs.Database.ConnectionString = sqlite("mscs")
+
+	keyPath := filepath.Join(dir, "signing.pem")
+	if err := writeSigningKey(keyPath); err != nil {
 		return "", err
 	}
 	cfg.Global.PrivateKeyPath = config.Path(keyPath)
 	cfg.Global.JetStream.StoragePath = config.Path(filepath.Join(dir, "jetstream"))
-	cfg.MediaAPI.BasePath = config.Path(filepath.Join(dir, "media"))
-	cfg.SyncAPI.Fulltext.Enabled = false
-	cfg.SyncAPI.Fulltext.IndexPath = config.Path(filepath.Join(dir, "searchindex"))
-	cfg.Logging = []config.LogrusHook{{Type: "std", Level: "warn"}}
-	cfg.ClientAPI.RateLimiting.Enabled = false
-	cfg.ClientAPI.RegistrationDisabled = false
-	cfg.ClientAPI.OpenRegistrationWithoutVerificationEnabled = true
-	cfg.FederationAPI.KeyPerspectives = config.KeyPerspectives{}
-	cfg.UserAPI.BCryptCost = bcrypt.MinCost
 	cfg.Global.ReportStats.Enabled = false
 	cfg.Global.Metrics.Enabled = o.Metrics
+	cfg.MediaAPI.BasePath = config.Path(filepath.Join(dir, "media"))
+	cfg.SyncAPI.Fulltext.Enabled = false
+	cfg.SyncAPI.Fulltext.IndexPath = config.Path(filepath.Join(dir, "fulltext"))
+	cfg.Logging = []config.LogrusHook{{Type: "std", Level: "warn"}}
+	cfg.ClientAPI.RegistrationDisabled = false
+	cfg.ClientAPI.OpenRegistrationWithoutVerificationEnabled = true
+	cfg.ClientAPI.RateLimiting.Enabled = false
+	cfg.FederationAPI.KeyPerspectives = nil // never ask matrix.org for keys
+	cfg.UserAPI.BCryptCost = bcrypt.MinCost // registration in tests, not security
 	cfg.AppServiceAPI.ConfigFiles = o.Registrations
 	y, err := yaml.Marshal(cfg)
 	if err != nil {
@@ -261,17 +267,24 @@ func WriteConfig(dir string, o Options) (string, error) {
 	return path, os.WriteFile(path, y, 0o600)
 }
 
-// writeKey writes a fresh ed25519 signing key in Dendrite's PEM format.
-func writeKey(path string) error {
+// writeSigningKey writes a fresh ed25519 server key as the PEM block
+// Dendrite reads: type "MATRIX PRIVATE KEY", the seed as bytes, the key id
+// in a Key-ID header.
+func writeSigningKey(path string) error {
 	_, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return err
 	}
-	seed := priv.Seed()
-	id := strings.NewReplacer("-", "", "_", "").Replace(base64.RawURLEncoding.EncodeToString(seed))
-	b := pem.EncodeToMemory(&pem.Block{Type: "MATRIX PRIVATE KEY",
-		Headers: map[string]string{"Key-ID": "ed25519:" + id[:6]}, Bytes: seed})
-	return os.WriteFile(path, b, 0o600)
+	var tag [3]byte
+	if _, err := rand.Read(tag[:]); err != nil {
+		return err
+	}
+	block := &pem.Block{
+		Type:    "MATRIX PRIVATE KEY",
+		Headers: map[string]string{"Key-ID": "ed25519:harness" + hex.EncodeToString(tag[:])},
+		Bytes:   priv.Seed(),
+	}
+	return os.WriteFile(path, pem.EncodeToMemory(block), 0o600)
 }
 
 // Start runs bin with config in its directory on a free loopback port and
