@@ -44,6 +44,9 @@ type API struct {
 	q     *queries.Service
 	log   *zap.Logger
 	rsAPI roomserverAPI.AppserviceRoomserverAPI
+	// stream names the positions of the consumed JetStream stream (set by
+	// Start; empty hands events over without a position).
+	stream string
 }
 
 var _ appserviceAPI.AppServiceInternalAPI = (*API)(nil)

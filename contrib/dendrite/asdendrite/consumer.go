@@ -1,10 +1,12 @@
 package asdendrite
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -27,8 +29,8 @@ const consumerBatch = 100
 // Dendrite's one per AS ("Appservice_<id>").
 const durableName = "AppserviceAsdispatch"
 
-// item is one event to submit with its JetStream stream sequence, the
-// position the dispatcher will store (issue 19, branch pos).
+// item is one event to submit with its JetStream stream sequence, which
+// becomes its position (dispatcher.Event.At) in positionStream.
 type item struct {
 	ev  dispatcher.Event
 	seq uint64
@@ -43,6 +45,16 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 	if err := removeStockConsumers(js, jcfg, a.log); err != nil {
 		return err
 	}
+	info, err := js.StreamInfo(subj)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", subj, err)
+	}
+	a.stream = positionStream(subj, info.Created)
+	pos, err := a.d.Position(ctx, a.stream)
+	if err != nil {
+		return fmt.Errorf("position of %s: %w", a.stream, err)
+	}
+	a.log.Info("consuming room events", zap.String("stream", a.stream), zap.Int64("handed_over", pos))
 	return jetstream.JetStreamConsumer(ctx, js, subj, jcfg.Durable(durableName), consumerBatch,
 		func(ctx context.Context, msgs []*nats.Msg) bool { return a.onMessages(ctx, msgs) },
 		nats.DeliverAll(), nats.ManualAck())
@@ -80,13 +92,28 @@ func (a *API) onMessages(ctx context.Context, msgs []*nats.Msg) bool {
 	return true
 }
 
-// submit hands the items to the dispatcher in one call. The one place the
-// position goes in once Submit takes one: the last item's seq (or each
-// item's, per event).
+// positionStream names the dispatcher stream whose positions are the
+// JetStream sequences of subj. The stream's creation time is part of the
+// name: sequences start again at 1 when Dendrite's JetStream storage is
+// wiped or the stream recreated, and under the old name every new event
+// would be skipped as already handed over.
+func positionStream(subj string, created time.Time) string {
+	return fmt.Sprintf("dendrite/%s/%d", subj, created.UnixNano())
+}
+
+// submit hands the items to the dispatcher in one call, each at its
+// JetStream sequence: a batch redelivered after a crash between Submit and
+// the ack is skipped by the dispatcher instead of delivered twice.
 func (a *API) submit(ctx context.Context, items []item) error {
+	// A fetch may mix redelivered messages with new ones; positions must
+	// not go down within a call.
+	slices.SortStableFunc(items, func(x, y item) int { return cmp.Compare(x.seq, y.seq) })
 	evs := make([]dispatcher.Event, len(items))
-	for i, it := range items {
-		evs[i] = it.ev
+	for i := range items {
+		if a.stream != "" && items[i].seq > 0 {
+			items[i].ev.At = dispatcher.Position{Stream: a.stream, Pos: int64(items[i].seq)}
+		}
+		evs[i] = items[i].ev
 	}
 	err := a.d.Submit(ctx, evs...)
 	if errors.Is(err, dispatcher.ErrInvalidID) || errors.Is(err, dispatcher.ErrInvalidJSON) {
