@@ -47,6 +47,7 @@ type API struct {
 	// stream names the positions of the consumed JetStream stream (set by
 	// Start; empty hands events over without a position).
 	stream string
+	reg    *registry.Registry
 }
 
 var _ appserviceAPI.AppServiceInternalAPI = (*API)(nil)
@@ -71,7 +72,7 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	a := &API{log: log, rsAPI: cfg.RSAPI}
+	a := &API{log: log, rsAPI: cfg.RSAPI, reg: cfg.Registry}
 	st := cfg.Settings.AppService
 	client := asapi.New(asapi.Options{QueryTimeout: st.QueryTimeout, Logger: log})
 	dcfg := dispatcher.Config{

@@ -22,6 +22,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"time"
 
@@ -200,6 +201,7 @@ func assemble(pctx *process.ProcessContext, cfg *config.Dendrite, regs *registry
 	}
 	routers := httputil.NewRouters()
 	m.AddAllPublicRoutes(pctx, cfg, routers, conns, nats, caches, caching.EnableMetrics)
+	routers.Client.Handle(asdendrite.PingPath, as.PingHandler()).Methods(http.MethodPost)
 	if len(cfg.MSCs.MSCs) > 0 {
 		if err := mscs.Enable(cfg, conns, routers, &m, caches); err != nil {
 			return fmt.Errorf("experimental MSCs %v: %w", cfg.MSCs.MSCs, err)
