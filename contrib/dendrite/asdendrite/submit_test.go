@@ -1,0 +1,143 @@
+package asdendrite
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+// An event the dispatcher can never take does not block the stream: the
+// batch is retried one by one, the bad event dropped, the others queued.
+func TestSubmitDropsOnlyTheUnqueueable(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []struct {
+				EventID string `json:"event_id"`
+			} `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		mu.Lock()
+		for _, e := range txn.Events {
+			got = append(got, e.EventID)
+		}
+		mu.Unlock()
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(ctx)
+	a := &API{d: d, log: zap.NewNop()}
+	ev := func(id, js string) item {
+		return item{ev: dispatcher.Event{ID: id, RoomID: "!r:example.org", Type: "m.room.message", Sender: "@irc_bob:example.org", JSON: []byte(js)}}
+	}
+	items := []item{ev("$1", `{"event_id":"$1"}`), ev("$bad", `{"event_id":`), ev("$2", `{"event_id":"$2"}`)}
+	if err := a.submit(ctx, items); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		s := strings.Join(got, ",")
+		mu.Unlock()
+		if s == "$1,$2" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the AS got %q, want $1,$2", s)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A batch redelivered by JetStream (crash between Submit and the ack) is
+// skipped at its positions: the AS gets every event once, in sequence
+// order, even when a fetch returned them out of order.
+func TestSubmitReplayAtPositions(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []struct {
+				EventID string `json:"event_id"`
+			} `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		mu.Lock()
+		for _, e := range txn.Events {
+			got = append(got, e.EventID)
+		}
+		mu.Unlock()
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(ctx)
+	stream := positionStream("DendriteOutputAppserviceEvent", time.Unix(1700000000, 0))
+	a := &API{d: d, log: zap.NewNop(), stream: stream}
+	ev := func(seq uint64) item {
+		id := fmt.Sprintf("$%d", seq)
+		return item{seq: seq, ev: dispatcher.Event{ID: id, RoomID: "!r:example.org", Type: "m.room.message",
+			Sender: "@irc_bob:example.org", JSON: []byte(fmt.Sprintf(`{"event_id":%q}`, id))}}
+	}
+	for _, batch := range [][]item{
+		{ev(2), ev(1), ev(3)},        // out of order within a fetch
+		{ev(1), ev(2), ev(3)},        // redelivered
+		{ev(2), ev(3), ev(4), ev(5)}, // overlapping
+	} {
+		if err := a.submit(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p, err := d.Position(ctx, stream); err != nil || p != 5 {
+		t.Fatalf("Position = %d, %v; want 5", p, err)
+	}
+	want := "$1,$2,$3,$4,$5"
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		s := strings.Join(got, ",")
+		mu.Unlock()
+		if s == want {
+			break
+		}
+		if time.Now().After(deadline) || len(s) > len(want) {
+			t.Fatalf("the AS got %q, want %s", s, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // a duplicate would arrive by now
+	mu.Lock()
+	defer mu.Unlock()
+	if s := strings.Join(got, ","); s != want {
+		t.Fatalf("the AS got %q, want %s", s, want)
+	}
+}
