@@ -568,7 +568,11 @@ func TestTrickleIsBatched(t *testing.T) {
 	if got := as.delivered(); !equal(got, want) {
 		t.Fatalf("delivered %v, want %v", got, want)
 	}
-	if n := len(as.attempts()); n > 12 {
+	// Frozen ahead one by one (no hold-back) they come in about 60; held
+	// back, about 7 on an idle machine, more when appends slow down under
+	// load. The exact rule is TestBatchingBoundary's (a gated AS); this checks the
+	// driver keeps it with real timing.
+	if n := len(as.attempts()); n > 30 {
 		t.Errorf("60 events trickling in at 2 ms to an AS taking 20 ms came in %d transactions; want them batched", n)
 	} else {
 		t.Logf("60 events in %d transactions", n)
