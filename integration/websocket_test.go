@@ -1,3 +1,13 @@
+//go:build !race
+
+// mautrix-go v0.32.0's websocket client, run in this process here, writes
+// AppService.ws when a connection ends (appservice/websocket.go) while the
+// goroutines answering that connection's transactions still read it,
+// without synchronization: -race reports mautrix-go's race, not ours. These
+// tests run without -race (.ci/run runs them so); the server side's own
+// races are covered by asws's unit tests under -race, and the real bridge
+// in websocket mode (a separate process) by TestMautrixBridgev2Websocket.
+
 package integration
 
 import (
@@ -16,7 +26,6 @@ import (
 	"testing"
 	"time"
 
-	"gopkg.in/yaml.v3"
 	"maunium.net/go/mautrix"
 	"maunium.net/go/mautrix/appservice"
 	"maunium.net/go/mautrix/event"
@@ -457,43 +466,5 @@ func TestMautrixWebsocketFaults(t *testing.T) {
 	}
 	if !slices.Contains(codes, "4002") {
 		t.Fatalf("no 4002 close seen: %v", codes)
-	}
-}
-
-// TestMautrixBridgev2Websocket runs mautrix-gmessages, unmodified, in
-// websocket mode with `url: null` in its registration and no listener of
-// its own: everything the homeserver sends it goes over the socket it
-// dialled (through the recorder, which fails the test on 404, 405, 5xx).
-func TestMautrixBridgev2Websocket(t *testing.T) {
-	bin := gmessagesBinary(t)
-	s := newStub(t)
-	config, registration := gmessagesConfig(t, bin, s.URL, func(cfg map[string]any) {
-		hs := cfg["homeserver"].(map[string]any)
-		hs["websocket"] = true
-		hs["ping_interval_seconds"] = 1
-	})
-	raw, err := os.ReadFile(registration)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var reg map[string]any
-	if err := yaml.Unmarshal(raw, &reg); err != nil {
-		t.Fatal(err)
-	}
-	reg["url"] = nil
-	if raw, err = yaml.Marshal(reg); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(registration, raw, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s.regs = append(s.regs, registration)
-	s.start(t)
-	gmessagesHelp(t, bin, s, config)
-	s.rec.mu.Lock()
-	dials := s.rec.counts["GET /_matrix/client/unstable/fi.mau.as_sync 101"]
-	s.rec.mu.Unlock()
-	if dials == 0 {
-		t.Fatalf("the bridge never opened the websocket: %v", s.rec.counts)
 	}
 }
