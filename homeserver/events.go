@@ -81,13 +81,46 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	return nil
 }
 
-func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
+func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) (err error) {
+	defer func() {
+		if err != nil {
+			s.forgetPowerLevels("")
+		}
+	}()
 	tx, err := s.st.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
+	if err := s.writeEvents(ctx, tx, evs); err != nil {
+		return err
+	}
+	if extra != nil {
+		if err := extra(tx); err != nil {
+			return err
+		}
+	}
+	if err := s.checkLogFault(); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// checkLogFault runs the test seam that fails a commit to the log.
+func (s *Server) checkLogFault() error {
+	if f := s.logFault.Load(); f != nil {
+		return (*f)()
+	}
+	return nil
+}
+
+// writeEvents appends evs to the log inside tx and updates the current
+// state they change.
+func (s *Server) writeEvents(ctx context.Context, tx *sql.Tx, evs []*event) error {
 	for _, ev := range evs {
+		if ev.isState() || ev.Redacts != "" {
+			s.forgetPowerLevels(ev.RoomID)
+		}
 		if ev.isState() {
 			// As Synapse: a state event says what it replaced, so clients
 			// and bridges see transitions (invite to join, name changes).
@@ -122,17 +155,7 @@ func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql
 			}
 		}
 	}
-	if extra != nil {
-		if err := extra(tx); err != nil {
-			return err
-		}
-	}
-	if f := s.logFault.Load(); f != nil {
-		if err := (*f)(); err != nil {
-			return err
-		}
-	}
-	return tx.Commit()
+	return nil
 }
 
 func nullable(s string) any {

@@ -76,7 +76,10 @@ type Server struct {
 	// mu serializes writes (one writer, like the SQLite file): events of a
 	// room are authorized against the state they are committed on, and
 	// submitted in order.
-	mu       sync.Mutex
+	mu sync.Mutex
+	// plCache is authorize's power levels per room (authPowerLevels),
+	// under mu.
+	plCache  map[string]powerLevels
 	mux      *http.ServeMux
 	table    []route
 	mediaDir string
@@ -87,7 +90,9 @@ type Server struct {
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
 
-	// ho hands the events table over to the dispatcher.
+	// lw groups sends into commits to the log; ho hands the events table
+	// over to the dispatcher.
+	lw *logWriter
 	ho *handover
 	// Test seams: beforeHandOver, if set, runs before each hand-over (an
 	// error fails it, as a dispatcher store that is down would);
@@ -143,6 +148,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		st.db.Close()
 		return nil, err
 	}
+	s.startLogWriter()
 	return s, nil
 }
 
@@ -198,6 +204,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Close closes the dispatcher (draining sends until ctx ends) and the state.
 func (s *Server) Close(ctx context.Context) error {
 	// What is not handed over yet is at the next start.
+	s.stopLogWriter()
 	s.stopHandover()
 	err := s.disp.Close(ctx)
 	if cerr := s.st.db.Close(); err == nil {

@@ -470,43 +470,51 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 			return nil, err
 		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	txnKey := c.token + "|" + c.userID
-	if txn != "" {
-		var prev string
-		if ok, err := s.st.one(ctx, &prev, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, txnKey, txn); err != nil || ok {
-			return &respEventID{EventID: prev}, err
-		}
-	}
-	if stateKey != nil && typ == "m.room.member" {
-		if m, _ := content["membership"].(string); m == "join" || m == "invite" {
-			if content, err = s.withProfile(ctx, s.st.db, *stateKey, content); err != nil {
-				return nil, err
+	var eventID string
+	// Checked and written in the log writer's transaction, after the sends
+	// grouped before it: a retry of a txnId in the same batch finds it.
+	err = s.writeLog(ctx, func(ctx context.Context, tx *sql.Tx) error {
+		if txn != "" {
+			if ok, err := one(ctx, tx, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, []any{txnKey, txn}, &eventID); err != nil || ok {
+				return err
 			}
 		}
-	}
-	ev := s.newEvent(roomID, typ, c.userID, stateKey, content)
-	ev.txnID, ev.txnToken = txn, c.token
-	if redacts != "" {
-		ev.Redacts = redacts
-		content["redacts"] = redacts
-	}
-	if js, err := json.Marshal(ev); err != nil || len(js) > maxEventBytes {
-		return nil, errTooLarge.With("event is larger than %d bytes", maxEventBytes)
-	}
-	var target *event
-	err = s.sendChecked(ctx, ev, func(tx *sql.Tx) error {
+		content := content
+		if stateKey != nil && typ == "m.room.member" {
+			if m, _ := content["membership"].(string); m == "join" || m == "invite" {
+				var err error
+				if content, err = s.withProfile(ctx, tx, *stateKey, content); err != nil {
+					return err
+				}
+			}
+		}
+		ev := s.newEvent(roomID, typ, c.userID, stateKey, content)
+		ev.txnID, ev.txnToken = txn, c.token
+		if redacts != "" {
+			ev.Redacts = redacts
+			content["redacts"] = redacts
+		}
+		if js, err := json.Marshal(ev); err != nil || len(js) > maxEventBytes {
+			return errTooLarge.With("event is larger than %d bytes", maxEventBytes)
+		}
+		if err := s.authorize(ctx, tx, ev); err != nil {
+			return err
+		}
+		if err := s.writeEvents(ctx, tx, []*event{ev}); err != nil {
+			return err
+		}
 		if txn != "" {
 			if _, err := tx.ExecContext(ctx, `INSERT INTO send_txns (token, txn_id, event_id) VALUES (?, ?, ?)`, txnKey, txn, ev.ID); err != nil {
 				return err
 			}
 		}
+		eventID = ev.ID
 		if redacts == "" {
 			return nil
 		}
-		var err error
-		if target, err = s.eventByID(ctx, tx, redacts); err != nil || target == nil {
+		target, err := s.eventByID(ctx, tx, redacts)
+		if err != nil || target == nil {
 			return err
 		}
 		redact(target, ev)
@@ -520,7 +528,7 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if err != nil {
 		return nil, err
 	}
-	return &respEventID{EventID: ev.ID}, nil
+	return &respEventID{EventID: eventID}, nil
 }
 
 // checkCanonicalAlias refuses aliases that do not point to the room, as

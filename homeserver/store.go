@@ -78,12 +78,21 @@ CREATE INDEX device_lists_user ON device_lists (user_id, pos);`,
 	`CREATE TABLE log_streams (name TEXT PRIMARY KEY, stream TEXT NOT NULL, floor INTEGER NOT NULL);`,
 }
 
+// stateConns bounds the connections to the state: one writer at a time,
+// the rest reading.
+const stateConns = 4
+
 func openState(ctx context.Context, path string) (*state, error) {
-	db, err := sql.Open("sqlite3", "file:"+url.PathEscape(path)+"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000")
+	// Transactions begin IMMEDIATE: each takes the write lock first, so
+	// writers queue on the busy timeout instead of failing a snapshot
+	// upgrade. Reads (token lookups, /sync, the hand-over) use the other
+	// connections and, in WAL, never wait behind the log writer.
+	db, err := sql.Open("sqlite3", "file:"+url.PathEscape(path)+"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("homeserver: open %s: %w", path, err)
 	}
-	db.SetMaxOpenConns(1)
+	db.SetMaxOpenConns(stateConns)
+	db.SetMaxIdleConns(stateConns)
 	if err := migrate(ctx, db); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("homeserver: %s: %w", path, err)
