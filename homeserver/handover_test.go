@@ -76,6 +76,18 @@ func (a *asLog) waitFor(t *testing.T, n int) []string {
 // dispatcher's store opened through hooks (nil: none).
 func startStub(t *testing.T, dir string, as http.Handler, hooks *storehook.Hooks) *env {
 	t.Helper()
+	return startStubOn(t, dir, as, func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+		if hooks != nil {
+			ctx = storehook.With(ctx, hooks)
+		}
+		return txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
+	})
+}
+
+// startStubOn starts the stub on dir with the bridge AS at as and the
+// dispatcher's store opened by open.
+func startStubOn(t *testing.T, dir string, as http.Handler, open func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error)) *env {
+	t.Helper()
 	e := &env{t: t, dir: dir}
 	e.as = httptest.NewServer(as)
 	t.Cleanup(e.as.Close)
@@ -88,12 +100,7 @@ func startStub(t *testing.T, dir string, as http.Handler, hooks *storehook.Hooks
 		t.Fatal(err)
 	}
 	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
-		OpenStore: func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
-			if hooks != nil {
-				ctx = storehook.With(ctx, hooks)
-			}
-			return txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
-		},
+		OpenStore: open,
 		Queue:    queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
 		Password: cheapPasswords})
 	if err != nil {
