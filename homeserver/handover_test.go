@@ -101,8 +101,8 @@ func startStubOn(t *testing.T, dir string, as http.Handler, open func(ctx contex
 	}
 	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
 		OpenStore: open,
-		Queue:    queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
-		Password: cheapPasswords})
+		Queue:     queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
+		Password:  cheapPasswords})
 	if err != nil {
 		t.Fatal(err)
 	}
