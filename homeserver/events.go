@@ -116,7 +116,7 @@ func (s *Server) checkLogFault() error {
 
 // writeEvents appends evs to the log inside tx and updates the current
 // state they change.
-func (s *Server) writeEvents(ctx context.Context, tx *sql.Tx, evs []*event) error {
+func (s *Server) writeEvents(ctx context.Context, tx querier, evs []*event) error {
 	for _, ev := range evs {
 		if ev.isState() || ev.Redacts != "" {
 			s.forgetPowerLevels(ev.RoomID)

@@ -207,6 +207,7 @@ func (s *Server) Close(ctx context.Context) error {
 	s.stopLogWriter()
 	s.stopHandover()
 	err := s.disp.Close(ctx)
+	s.st.stmts.close()
 	if cerr := s.st.db.Close(); err == nil {
 		err = cerr
 	}

@@ -2,7 +2,6 @@ package homeserver
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 
@@ -27,7 +26,7 @@ type logWrite struct {
 	ctx context.Context
 	// run checks and writes the send inside tx; a *mxError it returns
 	// answers the client.
-	run  func(ctx context.Context, tx *sql.Tx) error
+	run  func(ctx context.Context, tx querier) error
 	done chan error
 }
 
@@ -56,7 +55,7 @@ func (s *Server) stopLogWriter() {
 // writeLog runs run in the next group commit to the log and returns once
 // that commit is durable (nil) or failed (503, retryable), or run's own
 // refusal.
-func (s *Server) writeLog(ctx context.Context, run func(ctx context.Context, tx *sql.Tx) error) error {
+func (s *Server) writeLog(ctx context.Context, run func(ctx context.Context, tx querier) error) error {
 	w := &logWrite{ctx: ctx, run: run, done: make(chan error, 1)}
 	select {
 	case s.lw.in <- w:
@@ -143,22 +142,23 @@ func (s *Server) runLogBatch(batch []*logWrite, errs []error) (landed int, err e
 		return 0, err
 	}
 	defer tx.Rollback()
+	q := cachedTx{tx: tx, c: &s.st.stmts}
 	for i, w := range batch {
 		if errs[i] = w.ctx.Err(); errs[i] != nil {
 			continue
 		}
-		if _, err := tx.ExecContext(ctx, `SAVEPOINT send`); err != nil {
+		if _, err := q.ExecContext(ctx, `SAVEPOINT send`); err != nil {
 			return 0, err
 		}
-		if errs[i] = w.run(ctx, tx); errs[i] != nil {
+		if errs[i] = w.run(ctx, q); errs[i] != nil {
 			s.forgetPowerLevels("")
-			if _, err := tx.ExecContext(ctx, `ROLLBACK TO send`); err != nil {
+			if _, err := q.ExecContext(ctx, `ROLLBACK TO send`); err != nil {
 				return 0, err
 			}
 		} else {
 			landed++
 		}
-		if _, err := tx.ExecContext(ctx, `RELEASE send`); err != nil {
+		if _, err := q.ExecContext(ctx, `RELEASE send`); err != nil {
 			return 0, err
 		}
 	}

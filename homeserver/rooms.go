@@ -474,7 +474,7 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	var eventID string
 	// Checked and written in the log writer's transaction, after the sends
 	// grouped before it: a retry of a txnId in the same batch finds it.
-	err = s.writeLog(ctx, func(ctx context.Context, tx *sql.Tx) error {
+	err = s.writeLog(ctx, func(ctx context.Context, tx querier) error {
 		if txn != "" {
 			if ok, err := one(ctx, tx, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, []any{txnKey, txn}, &eventID); err != nil || ok {
 				return err

@@ -13,7 +13,8 @@ import (
 // to-device messages. Writes are few and serialized by the caller; SQLite
 // keeps them across restarts.
 type state struct {
-	db *sql.DB
+	db    *sql.DB
+	stmts stmtCache // for the log writer's queries
 }
 
 // migrations upgrade the schema one version at a time; PRAGMA user_version
@@ -97,7 +98,7 @@ func openState(ctx context.Context, path string) (*state, error) {
 		db.Close()
 		return nil, fmt.Errorf("homeserver: %s: %w", path, err)
 	}
-	return &state{db: db}, nil
+	return &state{db: db, stmts: stmtCache{db: db}}, nil
 }
 
 // migrate runs the migrations the database has not seen, each in its own
