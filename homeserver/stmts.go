@@ -79,3 +79,28 @@ func (q cachedTx) QueryRowContext(ctx context.Context, query string, args ...any
 	}
 	return q.tx.QueryRowContext(ctx, query, args...)
 }
+
+// cachedDB is a querier running queries on the state's connections as
+// kept statements.
+type cachedDB struct{ s *state }
+
+func (q cachedDB) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if st := q.s.stmts.get(ctx, query); st != nil {
+		return st.ExecContext(ctx, args...)
+	}
+	return q.s.db.ExecContext(ctx, query, args...)
+}
+
+func (q cachedDB) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if st := q.s.stmts.get(ctx, query); st != nil {
+		return st.QueryContext(ctx, args...)
+	}
+	return q.s.db.QueryContext(ctx, query, args...)
+}
+
+func (q cachedDB) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if st := q.s.stmts.get(ctx, query); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
+	return q.s.db.QueryRowContext(ctx, query, args...)
+}

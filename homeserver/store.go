@@ -14,7 +14,7 @@ import (
 // keeps them across restarts.
 type state struct {
 	db    *sql.DB
-	stmts stmtCache // for the log writer's queries
+	stmts stmtCache // for the log writer's queries and one and list
 }
 
 // migrations upgrade the schema one version at a time; PRAGMA user_version
@@ -148,11 +148,11 @@ func one(ctx context.Context, q querier, query string, args []any, dst ...any) (
 }
 
 func (s *state) one(ctx context.Context, dst any, query string, args ...any) (bool, error) {
-	return one(ctx, s.db, query, args, dst)
+	return one(ctx, cachedDB{s}, query, args, dst)
 }
 
 func (s *state) list(ctx context.Context, query string, args ...any) ([]string, error) {
-	return list(ctx, s.db, query, args...)
+	return list(ctx, cachedDB{s}, query, args...)
 }
 
 func list(ctx context.Context, q querier, query string, args ...any) ([]string, error) {
