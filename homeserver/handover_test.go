@@ -28,16 +28,21 @@ import (
 // asLog is an AS that records the message events it gets, once per
 // transaction id (as an AS dedups a retried transaction).
 type asLog struct {
-	mu   sync.Mutex
-	txns map[string]bool
-	ids  []string
+	mu      sync.Mutex
+	txns    map[string]bool
+	ids     []string
+	members []string // "user membership" of each m.room.member event
 }
 
 func (a *asLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var txn struct {
 		Events []struct {
-			ID   string `json:"event_id"`
-			Type string `json:"type"`
+			ID       string `json:"event_id"`
+			Type     string `json:"type"`
+			StateKey string `json:"state_key"`
+			Content  struct {
+				Membership string `json:"membership"`
+			} `json:"content"`
 		} `json:"events"`
 	}
 	_ = json.NewDecoder(r.Body).Decode(&txn)
@@ -49,8 +54,11 @@ func (a *asLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !a.txns[r.URL.Path] {
 		a.txns[r.URL.Path] = true
 		for _, ev := range txn.Events {
-			if ev.Type == "m.room.message" {
+			switch ev.Type {
+			case "m.room.message":
 				a.ids = append(a.ids, ev.ID)
+			case "m.room.member":
+				a.members = append(a.members, ev.StateKey+" "+ev.Content.Membership)
 			}
 		}
 	}

@@ -2,7 +2,10 @@ package homeserver
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -86,9 +89,26 @@ func TestSendsThroughPostgresOutage(t *testing.T) {
 		}
 		return seq
 	}
+	// A membership change made while the store is down (the soak of issue
+	// 16: a ghost's join answered 500, retried, answered 200 as already
+	// joined, and never dispatched).
+	member := func(path, body string) {
+		t.Helper()
+		status, out := e.do("POST", room(roomID)+path, "as-bridge", json.RawMessage(body))
+		if status != 200 {
+			t.Fatalf("POST %s: %d %v", path, status, out)
+		}
+	}
+	e.ghost("br_other")
 	waitSends(100)
-	for range 2 {
+	for n := range 2 {
 		pg.Stop()
+		if n == 0 {
+			member("/invite?user_id=%40br_ghost%3Ahs", `{"user_id":"@br_other:hs"}`)
+			member("/join?user_id=%40br_other%3Ahs", `{}`)
+		} else {
+			member("/leave?user_id=%40br_other%3Ahs", `{}`)
+		}
 		waitSends(100) // acknowledged while the store is down
 		if pos, last := e.srv.ho.pos.Load(), lastInLog(); pos >= last {
 			t.Fatalf("with the store down the hand-over is at %d, the log at %d: the outage did not hold it up", pos, last)
@@ -117,6 +137,19 @@ func TestSendsThroughPostgresOutage(t *testing.T) {
 	t.Logf("%d sends acknowledged, %d answered 503 and retried, %d delivered", total, retries.Load(), len(got))
 	if len(got) != total {
 		t.Fatalf("the AS got %d of %d acknowledged sends", len(got), total)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		as.mu.Lock()
+		members := slices.Clone(as.members)
+		as.mu.Unlock()
+		want := []string{"@br_other:hs invite", "@br_other:hs join", "@br_other:hs leave"}
+		got := slices.DeleteFunc(members, func(m string) bool { return !strings.HasPrefix(m, "@br_other:hs ") })
+		if slices.Equal(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the AS got the membership changes %v; want %v, once each", got, want)
+		}
 	}
 	seen := map[string]int{}
 	for i, id := range got {
