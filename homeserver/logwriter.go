@@ -150,7 +150,7 @@ func (s *Server) runLogBatch(batch []*logWrite, errs []error) (landed int, err e
 		if _, err := q.ExecContext(ctx, `SAVEPOINT send`); err != nil {
 			return 0, err
 		}
-		if errs[i] = w.run(ctx, q); errs[i] != nil {
+		if errs[i] = runSend(ctx, q, w); errs[i] != nil {
 			s.forgetPowerLevels("")
 			if _, err := q.ExecContext(ctx, `ROLLBACK TO send`); err != nil {
 				return 0, err
@@ -172,6 +172,18 @@ func (s *Server) runLogBatch(batch []*logWrite, errs []error) (landed int, err e
 		return 0, fmt.Errorf("commit: %w", err)
 	}
 	return landed, nil
+}
+
+// runSend runs one send. A panic fails that send alone (its savepoint is
+// rolled back), as net/http would have contained it to its request, rather
+// than ending the writer every send waits for.
+func runSend(ctx context.Context, q querier, w *logWrite) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("send panicked: %v", p)
+		}
+	}()
+	return w.run(ctx, q)
 }
 
 // logWriteError is what a client is answered for err: a refusal as it

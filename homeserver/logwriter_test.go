@@ -1,6 +1,7 @@
 package homeserver
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
@@ -73,5 +74,19 @@ func TestPowerLevelChangeReachesGroupedSends(t *testing.T) {
 	}
 	if status, code, _, err := send(e.hs.URL, roomID, "after"); err != nil || status != 403 {
 		t.Errorf("send after events_default 50 = %d %s %v; want 403", status, code, err)
+	}
+}
+
+// TestLogWriterContainsPanic: a send that panics in the log writer fails
+// alone (503) and the writer goes on taking sends.
+func TestLogWriterContainsPanic(t *testing.T) {
+	e := start(t, t.TempDir(), notFoundAS())
+	err := e.srv.writeLog(context.Background(), func(context.Context, querier) error { panic("boom") })
+	if mx, ok := asMatrixError(err); !ok || mx.Status != 503 {
+		t.Fatalf("a panicking send = %v; want 503", err)
+	}
+	roomID := ghostRoom(t, e)
+	if status, id, _, err := send(e.hs.URL, roomID, "after"); err != nil || status != 200 {
+		t.Fatalf("send after the panic: %d %s %v", status, id, err)
 	}
 }
