@@ -179,9 +179,13 @@ func (s *Server) joinRule(ctx context.Context, q querier, roomID string) (string
 // events and redactions, and changes to the power levels themselves.
 // The caller holds s.mu.
 func (s *Server) authorize(ctx context.Context, q querier, ev *event) error {
-	exists, err := s.roomExists(ctx, q, ev.RoomID)
-	if err != nil {
-		return err
+	// A room whose power levels are kept exists: rooms are never deleted.
+	_, exists := s.plCache[ev.RoomID]
+	if !exists {
+		var err error
+		if exists, err = s.roomExists(ctx, q, ev.RoomID); err != nil {
+			return err
+		}
 	}
 	if !exists {
 		// As Synapse: joining an unknown room is "not found", anything
