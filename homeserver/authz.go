@@ -130,6 +130,40 @@ func (s *Server) powerLevels(ctx context.Context, q querier, roomID string) (pow
 	return pl, nil
 }
 
+// authPowerLevels is powerLevels for authorize, kept per room between
+// writes: most sends are messages into rooms whose power levels have not
+// changed, and parsing them again is most of a send's authorization. The
+// caller holds s.mu; writeEvents forgets a room's entry on any state event
+// in it, a redaction on any redaction in it, and a failed write to the
+// log forgets all (what it read may have been rolled back).
+func (s *Server) authPowerLevels(ctx context.Context, q querier, roomID string) (powerLevels, error) {
+	if pl, ok := s.plCache[roomID]; ok {
+		return pl, nil
+	}
+	pl, err := s.powerLevels(ctx, q, roomID)
+	if err != nil {
+		return pl, err
+	}
+	if s.plCache == nil || len(s.plCache) >= plCacheSize {
+		s.plCache = make(map[string]powerLevels)
+	}
+	s.plCache[roomID] = pl
+	return pl, nil
+}
+
+// plCacheSize bounds the rooms whose power levels authorize keeps.
+const plCacheSize = 4096
+
+// forgetPowerLevels drops cached power levels: of roomID, or all if "".
+// The caller holds s.mu.
+func (s *Server) forgetPowerLevels(roomID string) {
+	if roomID == "" {
+		s.plCache = nil
+		return
+	}
+	delete(s.plCache, roomID)
+}
+
 func (s *Server) joinRule(ctx context.Context, q querier, roomID string) (string, error) {
 	ev, err := s.stateEvent(ctx, q, roomID, "m.room.join_rules", "")
 	if err != nil || ev == nil {
@@ -145,9 +179,13 @@ func (s *Server) joinRule(ctx context.Context, q querier, roomID string) (string
 // events and redactions, and changes to the power levels themselves.
 // The caller holds s.mu.
 func (s *Server) authorize(ctx context.Context, q querier, ev *event) error {
-	exists, err := s.roomExists(ctx, q, ev.RoomID)
-	if err != nil {
-		return err
+	// A room whose power levels are kept exists: rooms are never deleted.
+	_, exists := s.plCache[ev.RoomID]
+	if !exists {
+		var err error
+		if exists, err = s.roomExists(ctx, q, ev.RoomID); err != nil {
+			return err
+		}
 	}
 	if !exists {
 		// As Synapse: joining an unknown room is "not found", anything
@@ -157,7 +195,7 @@ func (s *Server) authorize(ctx context.Context, q querier, ev *event) error {
 		}
 		return errForbidden.With("%s is not in the room", ev.Sender)
 	}
-	pl, err := s.powerLevels(ctx, q, ev.RoomID)
+	pl, err := s.authPowerLevels(ctx, q, ev.RoomID)
 	if err != nil {
 		return err
 	}

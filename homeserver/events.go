@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -69,8 +70,9 @@ func (e *event) viewFor(c *caller) *event {
 // failure to write the log is answered 503, to be retried (with the same
 // txnId, which stays idempotent). The caller holds s.mu.
 func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) error {
-	members, err := s.commitLog(ctx, evs, extra)
-	if err != nil {
+	mark := len(s.memberNews)
+	if err := s.commitLog(ctx, evs, extra); err != nil {
+		s.memberNews = s.memberNews[:mark]
 		if _, ok := asMatrixError(err); ok {
 			return err
 		}
@@ -79,27 +81,69 @@ func (s *Server) commit(ctx context.Context, evs []*event, extra func(tx *sql.Tx
 	}
 	s.wake()
 	s.kickHandover()
-	if len(members) > 0 {
-		// Device list news for encrypted ASes: who now shares a room.
-		s.notifyMembership(ctx, members)
+	s.announceMembers(ctx, mark)
+	return nil
+}
+
+// announceMembers passes on the membership changes written since mark,
+// once their commit landed: device list news for encrypted ASes (who now
+// shares a room with whom). Under s.mu.
+func (s *Server) announceMembers(ctx context.Context, mark int) {
+	news := slices.Clone(s.memberNews[mark:])
+	s.memberNews = s.memberNews[:mark]
+	if len(news) > 0 {
+		s.notifyMembership(ctx, news)
+	}
+}
+
+func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) (err error) {
+	defer func() {
+		if err != nil {
+			s.forgetPowerLevels("")
+		}
+	}()
+	tx, err := s.st.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if err := s.writeEvents(ctx, tx, evs); err != nil {
+		return err
+	}
+	if extra != nil {
+		if err := extra(tx); err != nil {
+			return err
+		}
+	}
+	if err := s.checkLogFault(); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// checkLogFault runs the test seam that fails a commit to the log.
+func (s *Server) checkLogFault() error {
+	if f := s.logFault.Load(); f != nil {
+		return (*f)()
 	}
 	return nil
 }
 
-func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql.Tx) error) ([]membershipChange, error) {
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Rollback()
-	var members []membershipChange
+// writeEvents appends evs to the log inside tx and updates the current
+// state they change. Membership changes that start or end sharing a room
+// are noted in s.memberNews, for the caller to announce once its commit
+// lands (or to drop if it does not). Under s.mu.
+func (s *Server) writeEvents(ctx context.Context, tx querier, evs []*event) error {
 	for _, ev := range evs {
+		if ev.isState() || ev.Redacts != "" {
+			s.forgetPowerLevels(ev.RoomID)
+		}
 		if ev.isState() {
 			// As Synapse: a state event says what it replaced, so clients
 			// and bridges see transitions (invite to join, name changes).
 			old, err := s.stateEvent(ctx, tx, ev.RoomID, ev.Type, *ev.StateKey)
 			if err != nil {
-				return nil, err
+				return err
 			}
 			if old != nil {
 				ev.Unsigned["replaces_state"], ev.Unsigned["prev_content"], ev.Unsigned["prev_sender"] = old.ID, old.Content, old.Sender
@@ -107,43 +151,33 @@ func (s *Server) commitLog(ctx context.Context, evs []*event, extra func(tx *sql
 			// Only a join starts sharing a room and only the end of a
 			// join ends it; an invite or a profile change does neither.
 			if was := old != nil && old.membership() == "join"; ev.Type == "m.room.member" && was != (ev.membership() == "join") {
-				members = append(members, membershipChange{room: ev.RoomID, user: *ev.StateKey, joined: !was})
+				s.memberNews = append(s.memberNews, membershipChange{room: ev.RoomID, user: *ev.StateKey, joined: !was})
 			}
 		}
 		js, err := json.Marshal(ev)
 		if err != nil {
-			return nil, fmt.Errorf("encode event: %w", err)
+			return fmt.Errorf("encode event: %w", err)
 		}
 		res, err := tx.ExecContext(ctx, `INSERT INTO events (event_id, room_id, json, sender, type, state_key, ts, txn_id, txn_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			ev.ID, ev.RoomID, js, ev.Sender, ev.Type, ev.StateKey, ev.TS, nullable(ev.txnID), nullable(ev.txnToken))
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if ev.seq, err = res.LastInsertId(); err != nil {
-			return nil, err
+			return err
 		}
 		if ev.isState() {
 			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO room_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)`, ev.RoomID, ev.Type, *ev.StateKey, ev.ID); err != nil {
-				return nil, err
+				return err
 			}
 			if ev.Type == "m.room.member" {
 				if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO memberships (room_id, user_id, membership) VALUES (?, ?, ?)`, ev.RoomID, *ev.StateKey, ev.membership()); err != nil {
-					return nil, err
+					return err
 				}
 			}
 		}
 	}
-	if extra != nil {
-		if err := extra(tx); err != nil {
-			return nil, err
-		}
-	}
-	if f := s.logFault.Load(); f != nil {
-		if err := (*f)(); err != nil {
-			return nil, err
-		}
-	}
-	return members, tx.Commit()
+	return nil
 }
 
 func nullable(s string) any {

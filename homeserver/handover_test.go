@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -27,16 +28,21 @@ import (
 // asLog is an AS that records the message events it gets, once per
 // transaction id (as an AS dedups a retried transaction).
 type asLog struct {
-	mu   sync.Mutex
-	txns map[string]bool
-	ids  []string
+	mu      sync.Mutex
+	txns    map[string]bool
+	ids     []string
+	members []string // "user membership" of each m.room.member event
 }
 
 func (a *asLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var txn struct {
 		Events []struct {
-			ID   string `json:"event_id"`
-			Type string `json:"type"`
+			ID       string `json:"event_id"`
+			Type     string `json:"type"`
+			StateKey string `json:"state_key"`
+			Content  struct {
+				Membership string `json:"membership"`
+			} `json:"content"`
 		} `json:"events"`
 	}
 	_ = json.NewDecoder(r.Body).Decode(&txn)
@@ -48,8 +54,11 @@ func (a *asLog) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !a.txns[r.URL.Path] {
 		a.txns[r.URL.Path] = true
 		for _, ev := range txn.Events {
-			if ev.Type == "m.room.message" {
+			switch ev.Type {
+			case "m.room.message":
 				a.ids = append(a.ids, ev.ID)
+			case "m.room.member":
+				a.members = append(a.members, ev.StateKey+" "+ev.Content.Membership)
 			}
 		}
 	}
@@ -76,6 +85,18 @@ func (a *asLog) waitFor(t *testing.T, n int) []string {
 // dispatcher's store opened through hooks (nil: none).
 func startStub(t *testing.T, dir string, as http.Handler, hooks *storehook.Hooks) *env {
 	t.Helper()
+	return startStubOn(t, dir, as, func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
+		if hooks != nil {
+			ctx = storehook.With(ctx, hooks)
+		}
+		return txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
+	})
+}
+
+// startStubOn starts the stub on dir with the bridge AS at as and the
+// dispatcher's store opened by open.
+func startStubOn(t *testing.T, dir string, as http.Handler, open func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error)) *env {
+	t.Helper()
 	e := &env{t: t, dir: dir}
 	e.as = httptest.NewServer(as)
 	t.Cleanup(e.as.Close)
@@ -88,14 +109,9 @@ func startStub(t *testing.T, dir string, as http.Handler, hooks *storehook.Hooks
 		t.Fatal(err)
 	}
 	e.srv, err = New(context.Background(), Config{ServerName: "hs", DataDir: dir, Registry: registry.NewRegistry(set),
-		OpenStore: func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {
-			if hooks != nil {
-				ctx = storehook.With(ctx, hooks)
-			}
-			return txnstore.Open(ctx, filepath.Join(dir, "dispatcher.db"), opts)
-		},
-		Queue:    queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
-		Password: cheapPasswords})
+		OpenStore: open,
+		Queue:     queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
+		Password:  cheapPasswords})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,11 +134,15 @@ func ghostRoom(t *testing.T, e *env) string {
 // send sends a message as the ghost with transaction id txn; safe from
 // any goroutine.
 func send(base, roomID, txn string) (status int, eventID string, hdr http.Header, err error) {
+	return sendWith(http.DefaultClient, base, roomID, txn)
+}
+
+func sendWith(client *http.Client, base, roomID, txn string) (status int, eventID string, hdr http.Header, err error) {
 	js, _ := json.Marshal(map[string]any{"msgtype": "m.text", "body": txn})
 	req, _ := http.NewRequest("PUT", base+"/_matrix/client/v3/rooms/"+url.PathEscape(roomID)+"/send/m.room.message/"+txn+
 		"?user_id="+url.QueryEscape("@br_ghost:hs"), bytes.NewReader(js))
 	req.Header.Set("Authorization", "Bearer as-bridge")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return 0, "", nil, err
 	}
@@ -327,10 +347,25 @@ func TestRoomStateAsOfTheHandOver(t *testing.T) {
 	}
 }
 
-// BenchmarkSends measures the stub's send path: 8 clients sending
-// messages as the bridge's ghost, each send answered once it is in the log
-// (one SQLite commit), the hand-over to the dispatcher behind it.
+// BenchmarkSends measures the stub's send path beside the same workload
+// straight into the dispatcher, in one run: 8 clients each sending one
+// message at a time as the bridge's ghost, into one shared room or a room
+// each. "stub" is a client-server API send over HTTP (keep-alive), answered
+// once it is in the log, the hand-over to the dispatcher behind it;
+// "submit" is dispatcher.Submit of one event with its position (one stream
+// per client) into the same dispatcher. Both report sends/s; run them
+// interleaved with -count and compare the same run's figures:
+//
+//	go test -run XXX -bench Sends -benchtime 20000x -count 3 ./homeserver/
 func BenchmarkSends(b *testing.B) {
+	for _, rooms := range []int{1, 8} {
+		for _, path := range []string{"stub", "submit"} {
+			b.Run(fmt.Sprintf("%s/rooms=%d", path, rooms), func(b *testing.B) { benchSends(b, path == "stub", rooms) })
+		}
+	}
+}
+
+func benchSends(b *testing.B, stub bool, rooms int) {
 	dir := b.TempDir()
 	r, _, err := registry.Parse("bridge.yaml", []byte(fmt.Sprintf(bridgeReg, "http://127.0.0.1:1")))
 	if err != nil {
@@ -347,11 +382,15 @@ func BenchmarkSends(b *testing.B) {
 	defer srv.Close(context.Background())
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
+	const clients = 8
+	// Clients keep their connections, as a bridge does.
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
+	defer client.CloseIdleConnections()
 	do := func(method, path string, body any) map[string]any {
 		js, _ := json.Marshal(body)
 		req, _ := http.NewRequest(method, hs.URL+path, bytes.NewReader(js))
 		req.Header.Set("Authorization", "Bearer as-bridge")
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := client.Do(req)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -361,17 +400,35 @@ func BenchmarkSends(b *testing.B) {
 		return out
 	}
 	do("POST", "/_matrix/client/v3/register", map[string]any{"username": "br_ghost", "type": "m.login.application_service"})
-	roomID := do("POST", "/_matrix/client/v3/createRoom?user_id="+url.QueryEscape("@br_ghost:hs"), map[string]any{})["room_id"].(string)
-	const clients = 8
+	roomIDs := make([]string, rooms)
+	for i := range roomIDs {
+		roomIDs[i] = do("POST", "/_matrix/client/v3/createRoom?user_id="+url.QueryEscape("@br_ghost:hs"), map[string]any{})["room_id"].(string)
+	}
+	if err := waitHandedOver(srv); err != nil {
+		b.Fatal(err)
+	}
+	body := []byte(`{"msgtype":"m.text","body":"hello"}`)
 	var next atomic.Int64
+	cpu0 := cpuTime(b)
 	b.ResetTimer()
 	var wg sync.WaitGroup
-	for range clients {
+	for i := range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			roomID := roomIDs[i%rooms]
+			stream := fmt.Sprintf("bench/%d", i)
 			for n := next.Add(1); n <= int64(b.N); n = next.Add(1) {
-				if status, id, _, err := send(hs.URL, roomID, fmt.Sprintf("b%d", n)); err != nil || status != 200 {
+				if !stub {
+					ev := dispatcher.Event{ID: fmt.Sprintf("$b%d:hs", n), RoomID: roomID, Type: "m.room.message", Sender: "@br_ghost:hs",
+						JSON: body, At: dispatcher.Position{Stream: stream, Pos: n}}
+					if err := srv.Dispatcher().Submit(context.Background(), ev); err != nil {
+						b.Error(err)
+						return
+					}
+					continue
+				}
+				if status, id, _, err := sendWith(client, hs.URL, roomID, fmt.Sprintf("b%d", n)); err != nil || status != 200 {
 					b.Errorf("send: %d %s %v", status, id, err)
 					return
 				}
@@ -380,4 +437,32 @@ func BenchmarkSends(b *testing.B) {
 	}
 	wg.Wait()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sends/s")
+	// The process's CPU time per send (clients, HTTP, log, hand-over,
+	// dispatcher and its store): what the send costs whatever else the
+	// machine runs; cores/(CPU per send) is its ceiling on an idle machine.
+	b.ReportMetric(float64((cpuTime(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/send")
+}
+
+// cpuTime is the process's user and system CPU time so far.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// waitHandedOver waits until the log is handed over to the dispatcher.
+func waitHandedOver(srv *Server) error {
+	for range 500 {
+		var last int64
+		if err := srv.st.db.QueryRow(`SELECT COALESCE(MAX(seq), 0) FROM events`).Scan(&last); err != nil {
+			return err
+		}
+		if srv.ho.pos.Load() >= last {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return errors.New("the log was not handed over in 5 s")
 }

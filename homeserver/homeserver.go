@@ -88,8 +88,14 @@ type Server struct {
 	// mu serializes writes (one writer, like the SQLite file): events of a
 	// room are authorized against the state they are committed on, and
 	// submitted in order.
-	mu  sync.Mutex
-	mux *http.ServeMux
+	mu sync.Mutex
+	// plCache is authorize's power levels per room (authPowerLevels),
+	// under mu.
+	plCache map[string]powerLevels
+	// memberNews are membership changes written but not yet committed
+	// (writeEvents), under mu.
+	memberNews []membershipChange
+	mux        *http.ServeMux
 	// hub holds the appservice websockets (nil unless Config.Websocket).
 	hub      *asws.Hub
 	table    []route
@@ -101,7 +107,9 @@ type Server struct {
 	notifyMu sync.Mutex
 	notifyCh chan struct{} // closed and replaced on every commit; /sync waits on it
 
-	// ho hands the events table over to the dispatcher.
+	// lw groups sends into commits to the log; ho hands the events table
+	// over to the dispatcher.
+	lw *logWriter
 	ho *handover
 	// Test seams: beforeHandOver, if set, runs before each hand-over (an
 	// error fails it, as a dispatcher store that is down would);
@@ -181,6 +189,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		st.db.Close()
 		return nil, err
 	}
+	s.startLogWriter()
 	return s, nil
 }
 
@@ -244,11 +253,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // the state.
 func (s *Server) Close(ctx context.Context) error {
 	// What is not handed over yet is at the next start.
+	s.stopLogWriter()
 	s.stopHandover()
 	err := s.disp.Close(ctx)
 	if s.hub != nil {
 		s.hub.Close()
 	}
+	s.st.stmts.close()
 	if cerr := s.st.db.Close(); err == nil {
 		err = cerr
 	}

@@ -291,13 +291,21 @@ type reqReason struct {
 	Reason string `json:"reason"`
 }
 
-// sendChecked authorizes ev against the room's state and commits it.
-// The caller holds s.mu.
-func (s *Server) sendChecked(ctx context.Context, ev *event, extra func(*sql.Tx) error) error {
-	if err := s.authorize(ctx, s.st.db, ev); err != nil {
-		return err
-	}
-	return s.commit(ctx, []*event{ev}, extra)
+// sendChecked writes the event build makes to the log, authorized against
+// the room's state, in the log writer's next group commit. build runs
+// there, after the sends grouped before it, and reads (with q) the state
+// the event depends on; it returns nil to write nothing.
+func (s *Server) sendChecked(ctx context.Context, build func(ctx context.Context, q querier) (*event, error)) error {
+	return s.writeLog(ctx, func(ctx context.Context, q querier) error {
+		ev, err := build(ctx, q)
+		if err != nil || ev == nil {
+			return err
+		}
+		if err := s.authorize(ctx, q, ev); err != nil {
+			return err
+		}
+		return s.writeEvents(ctx, q, []*event{ev})
+	})
 }
 
 func (s *Server) join(r *request, req *reqReason) (any, error) {
@@ -306,23 +314,21 @@ func (s *Server) join(r *request, req *reqReason) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	m, err := s.membership(ctx, s.st.db, roomID, r.c.userID)
+	err = s.sendChecked(ctx, func(ctx context.Context, q querier) (*event, error) {
+		m, err := s.membership(ctx, q, roomID, r.c.userID)
+		if err != nil || m == "join" {
+			return nil, err
+		}
+		content := map[string]any{"membership": "join"}
+		if req.Reason != "" {
+			content["reason"] = req.Reason
+		}
+		if content, err = s.withProfile(ctx, q, r.c.userID, content); err != nil {
+			return nil, err
+		}
+		return s.newEvent(roomID, "m.room.member", r.c.userID, ptr(r.c.userID), content), nil
+	})
 	if err != nil {
-		return nil, err
-	}
-	if m == "join" {
-		return &respRoomID{RoomID: roomID}, nil
-	}
-	content := map[string]any{"membership": "join"}
-	if req.Reason != "" {
-		content["reason"] = req.Reason
-	}
-	if content, err = s.withProfile(ctx, s.st.db, r.c.userID, content); err != nil {
-		return nil, err
-	}
-	if err := s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(r.c.userID), content), nil); err != nil {
 		return nil, err
 	}
 	return &respRoomID{RoomID: roomID}, nil
@@ -337,9 +343,9 @@ func (s *Server) leave(r *request, req *reqReason) (any, error) {
 	if req.Reason != "" {
 		content["reason"] = req.Reason
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return empty, s.sendChecked(r.Context(), s.newEvent(roomID, "m.room.member", r.c.userID, ptr(r.c.userID), content), nil)
+	return empty, s.sendChecked(r.Context(), func(context.Context, querier) (*event, error) {
+		return s.newEvent(roomID, "m.room.member", r.c.userID, ptr(r.c.userID), content), nil
+	})
 }
 
 func (s *Server) forget(r *request) (any, error) {
@@ -380,17 +386,17 @@ func (s *Server) invite(r *request, req *reqMember) (any, error) {
 	if !known {
 		return nil, errNotFound.With("unknown user %s", req.UserID)
 	}
-	ctx := r.Context()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	content := map[string]any{"membership": "invite"}
-	if req.Reason != "" {
-		content["reason"] = req.Reason
-	}
-	if content, err = s.withProfile(ctx, s.st.db, req.UserID, content); err != nil {
-		return nil, err
-	}
-	return empty, s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil)
+	return empty, s.sendChecked(r.Context(), func(ctx context.Context, q querier) (*event, error) {
+		content := map[string]any{"membership": "invite"}
+		if req.Reason != "" {
+			content["reason"] = req.Reason
+		}
+		content, err := s.withProfile(ctx, q, req.UserID, content)
+		if err != nil {
+			return nil, err
+		}
+		return s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil
+	})
 }
 
 // memberOp is kick (leave), ban, and unban (leave of a banned user only).
@@ -410,19 +416,18 @@ func (s *Server) memberOp(membership string, unban bool) func(*request, *reqMemb
 		if req.Reason != "" {
 			content["reason"] = req.Reason
 		}
-		ctx := r.Context()
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if unban {
-			m, err := s.membership(ctx, s.st.db, roomID, req.UserID)
-			if err != nil {
-				return nil, err
+		return empty, s.sendChecked(r.Context(), func(ctx context.Context, q querier) (*event, error) {
+			if unban {
+				m, err := s.membership(ctx, q, roomID, req.UserID)
+				if err != nil {
+					return nil, err
+				}
+				if m != "ban" {
+					return nil, errForbidden.With("%s is not banned", req.UserID)
+				}
 			}
-			if m != "ban" {
-				return nil, errForbidden.With("%s is not banned", req.UserID)
-			}
-		}
-		return empty, s.sendChecked(ctx, s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil)
+			return s.newEvent(roomID, "m.room.member", r.c.userID, ptr(req.UserID), content), nil
+		})
 	}
 }
 
@@ -470,43 +475,51 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 			return nil, err
 		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	txnKey := c.token + "|" + c.userID
-	if txn != "" {
-		var prev string
-		if ok, err := s.st.one(ctx, &prev, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, txnKey, txn); err != nil || ok {
-			return &respEventID{EventID: prev}, err
-		}
-	}
-	if stateKey != nil && typ == "m.room.member" {
-		if m, _ := content["membership"].(string); m == "join" || m == "invite" {
-			if content, err = s.withProfile(ctx, s.st.db, *stateKey, content); err != nil {
-				return nil, err
+	var eventID string
+	// Checked and written in the log writer's transaction, after the sends
+	// grouped before it: a retry of a txnId in the same batch finds it.
+	err = s.writeLog(ctx, func(ctx context.Context, tx querier) error {
+		if txn != "" {
+			if ok, err := one(ctx, tx, `SELECT event_id FROM send_txns WHERE token = ? AND txn_id = ?`, []any{txnKey, txn}, &eventID); err != nil || ok {
+				return err
 			}
 		}
-	}
-	ev := s.newEvent(roomID, typ, c.userID, stateKey, content)
-	ev.txnID, ev.txnToken = txn, c.token
-	if redacts != "" {
-		ev.Redacts = redacts
-		content["redacts"] = redacts
-	}
-	if js, err := json.Marshal(ev); err != nil || len(js) > maxEventBytes {
-		return nil, errTooLarge.With("event is larger than %d bytes", maxEventBytes)
-	}
-	var target *event
-	err = s.sendChecked(ctx, ev, func(tx *sql.Tx) error {
+		content := content
+		if stateKey != nil && typ == "m.room.member" {
+			if m, _ := content["membership"].(string); m == "join" || m == "invite" {
+				var err error
+				if content, err = s.withProfile(ctx, tx, *stateKey, content); err != nil {
+					return err
+				}
+			}
+		}
+		ev := s.newEvent(roomID, typ, c.userID, stateKey, content)
+		ev.txnID, ev.txnToken = txn, c.token
+		if redacts != "" {
+			ev.Redacts = redacts
+			content["redacts"] = redacts
+		}
+		if js, err := json.Marshal(ev); err != nil || len(js) > maxEventBytes {
+			return errTooLarge.With("event is larger than %d bytes", maxEventBytes)
+		}
+		if err := s.authorize(ctx, tx, ev); err != nil {
+			return err
+		}
+		if err := s.writeEvents(ctx, tx, []*event{ev}); err != nil {
+			return err
+		}
 		if txn != "" {
 			if _, err := tx.ExecContext(ctx, `INSERT INTO send_txns (token, txn_id, event_id) VALUES (?, ?, ?)`, txnKey, txn, ev.ID); err != nil {
 				return err
 			}
 		}
+		eventID = ev.ID
 		if redacts == "" {
 			return nil
 		}
-		var err error
-		if target, err = s.eventByID(ctx, tx, redacts); err != nil || target == nil {
+		target, err := s.eventByID(ctx, tx, redacts)
+		if err != nil || target == nil {
 			return err
 		}
 		redact(target, ev)
@@ -520,7 +533,7 @@ func (s *Server) sendEventContent(r *request, typ string, stateKey *string, reda
 	if err != nil {
 		return nil, err
 	}
-	return &respEventID{EventID: ev.ID}, nil
+	return &respEventID{EventID: eventID}, nil
 }
 
 // checkCanonicalAlias refuses aliases that do not point to the room, as

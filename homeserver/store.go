@@ -13,7 +13,8 @@ import (
 // to-device messages. Writes are few and serialized by the caller; SQLite
 // keeps them across restarts.
 type state struct {
-	db *sql.DB
+	db    *sql.DB
+	stmts stmtCache // for the log writer's queries and one and list
 }
 
 // migrations upgrade the schema one version at a time; PRAGMA user_version
@@ -78,17 +79,26 @@ CREATE INDEX device_lists_user ON device_lists (user_id, pos);`,
 	`CREATE TABLE log_streams (name TEXT PRIMARY KEY, stream TEXT NOT NULL, floor INTEGER NOT NULL);`,
 }
 
+// stateConns bounds the connections to the state: one writer at a time,
+// the rest reading.
+const stateConns = 4
+
 func openState(ctx context.Context, path string) (*state, error) {
-	db, err := sql.Open("sqlite3", "file:"+url.PathEscape(path)+"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000")
+	// Transactions begin IMMEDIATE: each takes the write lock first, so
+	// writers queue on the busy timeout instead of failing a snapshot
+	// upgrade. Reads (token lookups, /sync, the hand-over) use the other
+	// connections and, in WAL, never wait behind the log writer.
+	db, err := sql.Open("sqlite3", "file:"+url.PathEscape(path)+"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("homeserver: open %s: %w", path, err)
 	}
-	db.SetMaxOpenConns(1)
+	db.SetMaxOpenConns(stateConns)
+	db.SetMaxIdleConns(stateConns)
 	if err := migrate(ctx, db); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("homeserver: %s: %w", path, err)
 	}
-	return &state{db: db}, nil
+	return &state{db: db, stmts: stmtCache{db: db}}, nil
 }
 
 // migrate runs the migrations the database has not seen, each in its own
@@ -138,11 +148,11 @@ func one(ctx context.Context, q querier, query string, args []any, dst ...any) (
 }
 
 func (s *state) one(ctx context.Context, dst any, query string, args ...any) (bool, error) {
-	return one(ctx, s.db, query, args, dst)
+	return one(ctx, cachedDB{s}, query, args, dst)
 }
 
 func (s *state) list(ctx context.Context, query string, args ...any) ([]string, error) {
-	return list(ctx, s.db, query, args...)
+	return list(ctx, cachedDB{s}, query, args...)
 }
 
 func list(ctx context.Context, q querier, query string, args ...any) ([]string, error) {
