@@ -2,6 +2,7 @@ package namespace
 
 import (
 	"regexp"
+	"slices"
 	"sort"
 	"sync/atomic"
 )
@@ -256,5 +257,32 @@ func (ix *index) lookup(dst []Hit, id string) []Hit {
 			dst[j], dst[j-1] = dst[j-1], dst[j]
 		}
 	}
+	return dst
+}
+
+// candidates is lookup without running any regex: the owners of every
+// pattern the index reaches for id, Exclusive when one of those is. It
+// compiles nothing, so a caller that checks the candidates itself leaves
+// no program behind in the matcher.
+func (ix *index) candidates(dst []Hit, id string) []Hit {
+	start := len(dst)
+	add := func(pi int32, _ bool) {
+		e := &ix.pats[pi]
+		for j := start; j < len(dst); j++ {
+			if dst[j].Owner == e.owner {
+				dst[j].Exclusive = dst[j].Exclusive || e.exclusive
+				return
+			}
+		}
+		dst = append(dst, Hit{Owner: e.owner, Exclusive: e.exclusive})
+	}
+	each(&ix.exact, id, add)
+	if ix.fold != nil {
+		each(ix.fold, foldKey(nil, id), add)
+	}
+	for _, pi := range ix.scan {
+		add(pi, false)
+	}
+	slices.SortFunc(dst[start:], func(a, b Hit) int { return a.Owner - b.Owner })
 	return dst
 }

@@ -126,3 +126,42 @@ func TestRegexCompiledConcurrently(t *testing.T) {
 		t.Error(e)
 	}
 }
+
+// TestCandidatesCompileNothing: AppendCandidates holds every owner
+// AppendMatch finds (exclusive ones as exclusive) and leaves no compiled
+// program behind.
+func TestCandidatesCompileNothing(t *testing.T) {
+	var pats []Pattern
+	for i := 0; i < 100; i++ {
+		pats = append(pats,
+			Pattern{Kind: Aliases, Owner: i, Regex: fmt.Sprintf(`#_as%d_.*:bench\.example\.org`, i), Exclusive: true},
+			Pattern{Kind: Aliases, Owner: i, Regex: fmt.Sprintf(`(?i)#_CHAN%d_[a-z]+`, i)},
+			Pattern{Kind: Aliases, Owner: i, Regex: `#[a-z]+_x`})
+	}
+	m, err := Compile(pats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := []string{"#_as7_a:bench.example.org", "#_as7_a:other.org", "#_chan42_abc", "#_Chan4_b", "#ab_x", "#"}
+	all := make([][]Hit, len(ids))
+	for i, id := range ids {
+		all[i] = m.AppendCandidates(nil, Aliases, id)
+		if !slices.IsSortedFunc(all[i], func(a, b Hit) int { return a.Owner - b.Owner }) {
+			t.Errorf("id %q: candidates %v not sorted", id, all[i])
+		}
+	}
+	for k := range m.kinds[Aliases].pats {
+		if m.kinds[Aliases].pats[k].re.Load() != nil {
+			t.Fatalf("AppendCandidates compiled pattern %d", k)
+		}
+	}
+	for i, id := range ids {
+		cands := all[i]
+		for _, h := range m.Match(Aliases, id) {
+			i := slices.IndexFunc(cands, func(c Hit) bool { return c.Owner == h.Owner })
+			if i < 0 || h.Exclusive && !cands[i].Exclusive {
+				t.Errorf("id %q: hit %v missing from candidates %v", id, h, cands)
+			}
+		}
+	}
+}

@@ -64,6 +64,18 @@ func (m *Matcher) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
 	return m.kinds[kind].lookup(dst, id)
 }
 
+// AppendCandidates appends to dst every owner with a pattern of kind that
+// may match id, a superset of AppendMatch's hits (Exclusive: one of those
+// patterns is exclusive), without running or compiling any regex. It is for
+// callers that check each pattern themselves, once, such as a registration
+// linter: AppendMatch keeps every program it compiles.
+func (m *Matcher) AppendCandidates(dst []Hit, kind Kind, id string) []Hit {
+	if kind >= numKinds {
+		return dst
+	}
+	return m.kinds[kind].candidates(dst, id)
+}
+
 // Plain is the reference matcher: every regex tried one by one. It is what
 // the indexed Matcher is checked and benchmarked against.
 type Plain struct {
