@@ -1,5 +1,7 @@
 package namespace
 
+import "slices"
+
 // automaton finds every occurrence of a set of literals in one pass
 // (Aho-Corasick), as a full DFA over a compressed alphabet: one table read
 // per input byte.
@@ -7,8 +9,11 @@ type automaton struct {
 	class   [256]uint8 // byte -> alphabet class (0: no literal has it)
 	classes int
 	delta   []int32 // state*classes + class -> state
-	out     [][]int32
-	dict    []int32 // next state on the failure chain with output (-1: none)
+	// The patterns of state s are outPats[outStart[s]:outStart[s+1]]:
+	// 4 bytes a state rather than a slice header, most states having none.
+	outStart []int32
+	outPats  []int32
+	dict     []int32 // next state on the failure chain with output (-1: none)
 }
 
 func newAutomaton(lits []string, pats []int32) *automaton {
@@ -24,31 +29,52 @@ func newAutomaton(lits []string, pats []int32) *automaton {
 			}
 		}
 	}
-	// Trie of the literals, -1 for no edge yet.
-	a.delta = make([]int32, a.classes)
-	for i := range a.delta {
-		a.delta[i] = -1
+	// Trie of the literals, -1 for no edge yet; sized for the most states
+	// the literals can make, then trimmed (the table is the automaton's
+	// bulk: tens of MiB for 10,000 ASes).
+	most := 1
+	for _, l := range lits {
+		most += len(l)
 	}
-	a.out = [][]int32{nil}
+	delta := make([]int32, a.classes, most*a.classes)
+	for i := range delta {
+		delta[i] = -1
+	}
+	n := 1
+	end := make([]int32, len(lits)) // the state each literal ends in
 	for k, l := range lits {
 		s := int32(0)
 		for i := 0; i < len(l); i++ {
 			c := int32(a.class[l[i]])
-			nx := a.delta[s*int32(a.classes)+c]
+			nx := delta[s*int32(a.classes)+c]
 			if nx < 0 {
-				nx = int32(len(a.out))
-				a.out = append(a.out, nil)
+				nx = int32(n)
+				n++
 				for j := 0; j < a.classes; j++ {
-					a.delta = append(a.delta, -1)
+					delta = append(delta, -1)
 				}
-				a.delta[s*int32(a.classes)+c] = nx
+				delta[s*int32(a.classes)+c] = nx
 			}
 			s = nx
 		}
-		a.out[s] = append(a.out[s], pats[k])
+		end[k] = s
+	}
+	a.delta = slices.Clip(append([]int32(nil), delta...))
+	delta = nil
+	a.outStart = make([]int32, n+1)
+	for _, s := range end {
+		a.outStart[s+1]++
+	}
+	for s := 0; s < n; s++ {
+		a.outStart[s+1] += a.outStart[s]
+	}
+	a.outPats = make([]int32, len(lits))
+	fill := slices.Clone(a.outStart[:n])
+	for k, s := range end {
+		a.outPats[fill[s]] = pats[k]
+		fill[s]++
 	}
 	// Breadth-first: failure links become DFA edges.
-	n := len(a.out)
 	fail := make([]int32, n)
 	a.dict = make([]int32, n)
 	for i := range a.dict {
@@ -67,7 +93,7 @@ func newAutomaton(lits []string, pats []int32) *automaton {
 		s := queue[0]
 		queue = queue[1:]
 		f := fail[s]
-		if len(a.out[f]) > 0 {
+		if a.outStart[f+1] > a.outStart[f] {
 			a.dict[s] = f
 		} else {
 			a.dict[s] = a.dict[f]
@@ -95,7 +121,7 @@ func acEach[S ~string | ~[]byte](a *automaton, s S, fn func(int32)) {
 	for i := 0; i < len(s); i++ {
 		st = a.delta[st*int32(a.classes)+int32(a.class[s[i]])]
 		for o := st; o > 0; o = a.dict[o] {
-			for _, p := range a.out[o] {
+			for _, p := range a.outPats[a.outStart[o]:a.outStart[o+1]] {
 				fn(p)
 			}
 		}

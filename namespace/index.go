@@ -2,14 +2,34 @@ package namespace
 
 import (
 	"regexp"
+	"slices"
 	"sort"
+	"sync/atomic"
 )
 
-// entry is one compiled pattern of an index.
+// entry is one pattern of an index. Its regex is compiled by the first
+// lookup that runs it: the index decides exact patterns alone and reaches
+// most others rarely, while a compiled program weighs about 2 KiB (90 MiB
+// for 10,000 ASes' namespaces).
 type entry struct {
 	owner     int
 	exclusive bool
-	re        *regexp.Regexp
+	regex     string
+	re        atomic.Pointer[regexp.Regexp]
+}
+
+// match runs the entry's regex. Concurrent first lookups may both compile
+// it; either program does, and the pointer makes the publication safe.
+func (e *entry) match(id string) bool {
+	re := e.re.Load()
+	if re == nil {
+		var err error
+		if re, err = compileAnchored(e.regex); err != nil {
+			return false // unreachable: Compile checked every pattern
+		}
+		e.re.Store(re)
+	}
+	return re.MatchString(id)
 }
 
 // cand is a pattern reached through the index: exact ones match without
@@ -35,31 +55,43 @@ type index struct {
 
 // keySet is a prefix trie and a factor automaton over one form of the ID.
 type keySet struct {
-	trie []trieNode
-	ac   *automaton
+	// The prefix trie, flattened: node n's edges are keys and next
+	// [trie[n].edges, trie[n+1].edges), its patterns cands[trie[n].cands,
+	// trie[n+1].cands); the last node is a sentinel. A node costs 8 bytes
+	// rather than three slice headers.
+	trie  []trieNode
+	keys  []byte
+	next  []int32
+	cands []cand
+	ac    *automaton
 }
 
-type trieNode struct {
+type trieNode struct{ edges, cands int32 }
+
+// trieBuilder is the prefix trie while patterns are added.
+type trieBuilder []builderNode
+
+type builderNode struct {
 	keys  []byte
 	next  []int32
 	cands []cand
 }
 
-func (ks *keySet) addPrefix(p string, c cand) {
-	if len(ks.trie) == 0 {
-		ks.trie = []trieNode{{}}
+func (tb *trieBuilder) addPrefix(p string, c cand) {
+	if len(*tb) == 0 {
+		*tb = trieBuilder{{}}
 	}
 	n := int32(0)
 	for i := 0; i < len(p); i++ {
-		node := &ks.trie[n]
+		node := &(*tb)[n]
 		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= p[i] })
 		if j < len(node.keys) && node.keys[j] == p[i] {
 			n = node.next[j]
 			continue
 		}
-		ks.trie = append(ks.trie, trieNode{})
-		child := int32(len(ks.trie) - 1)
-		node = &ks.trie[n] // append may have moved it
+		*tb = append(*tb, builderNode{})
+		child := int32(len(*tb) - 1)
+		node = &(*tb)[n] // append may have moved it
 		node.keys = append(node.keys, 0)
 		node.next = append(node.next, 0)
 		copy(node.keys[j+1:], node.keys[j:])
@@ -67,12 +99,42 @@ func (ks *keySet) addPrefix(p string, c cand) {
 		node.keys[j], node.next[j] = p[i], child
 		n = child
 	}
-	ks.trie[n].cands = append(ks.trie[n].cands, c)
+	(*tb)[n].cands = append((*tb)[n].cands, c)
+}
+
+// flatten sets ks's trie from tb, each array at its exact size.
+func (ks *keySet) flatten(tb trieBuilder) {
+	if len(tb) == 0 {
+		tb = trieBuilder{{}}
+	}
+	edges, cands := 0, 0
+	for _, n := range tb {
+		edges += len(n.keys)
+		cands += len(n.cands)
+	}
+	ks.trie = make([]trieNode, 0, len(tb)+1)
+	ks.keys = make([]byte, 0, edges)
+	ks.next = make([]int32, 0, edges)
+	ks.cands = make([]cand, 0, cands)
+	for _, n := range tb {
+		ks.trie = append(ks.trie, trieNode{edges: int32(len(ks.keys)), cands: int32(len(ks.cands))})
+		ks.keys = append(ks.keys, n.keys...)
+		ks.next = append(ks.next, n.next...)
+		ks.cands = append(ks.cands, n.cands...)
+	}
+	ks.trie = append(ks.trie, trieNode{edges: int32(len(ks.keys)), cands: int32(len(ks.cands))})
 }
 
 // minUseful is how long a literal must be (beyond an ID's sigil) to be worth
 // indexing rather than scanning.
 const minUseful = 2
+
+// maxFactor is how much of a factor the automaton holds: any part of a
+// required literal is required too, the automaton's table grows with the
+// bytes it holds, and a factor's first dozen bytes select about as well.
+// (Cutting inside a UTF-8 sequence only weakens the filter: the cut bytes
+// still occur in any ID, or folded ID, the regex matches.)
+const maxFactor = 12
 
 func buildIndex(pats []entry, lits []literals) *index {
 	ix := &index{pats: pats}
@@ -111,6 +173,7 @@ func (ks *keySet) build(lits []literals, which []int32) {
 	}
 	var factors []string
 	var factorPats []int32
+	var tb trieBuilder
 	for _, pi := range which {
 		l := &lits[pi]
 		pre := shortest(l.prefixes)
@@ -125,16 +188,14 @@ func (ks *keySet) build(lits []literals, which []int32) {
 			useful && (l.exact || pre >= len(l.factor)),
 			useful && len(l.factor) < minFactor:
 			for _, p := range l.prefixes {
-				ks.addPrefix(p, cand{pat: pi, exact: l.exact})
+				tb.addPrefix(p, cand{pat: pi, exact: l.exact})
 			}
 		default:
-			factors = append(factors, l.factor)
+			factors = append(factors, l.factor[:min(len(l.factor), maxFactor)])
 			factorPats = append(factorPats, pi)
 		}
 	}
-	if len(ks.trie) == 0 {
-		ks.trie = []trieNode{{}}
-	}
+	ks.flatten(tb)
 	if len(factors) > 0 {
 		ks.ac = newAutomaton(factors, factorPats)
 	}
@@ -145,19 +206,20 @@ func (ks *keySet) build(lits []literals, which []int32) {
 func each[S ~string | ~[]byte](ks *keySet, s S, fn func(pat int32, exact bool)) {
 	n := int32(0)
 	for i := 0; ; i++ {
-		node := &ks.trie[n]
-		for _, c := range node.cands {
+		node, end := ks.trie[n], ks.trie[n+1]
+		for _, c := range ks.cands[node.cands:end.cands] {
 			fn(c.pat, c.exact)
 		}
-		if i == len(s) || len(node.keys) == 0 {
+		keys := ks.keys[node.edges:end.edges]
+		if i == len(s) || len(keys) == 0 {
 			break
 		}
 		b := s[i]
-		j := sort.Search(len(node.keys), func(k int) bool { return node.keys[k] >= b })
-		if j == len(node.keys) || node.keys[j] != b {
+		j := sort.Search(len(keys), func(k int) bool { return keys[k] >= b })
+		if j == len(keys) || keys[j] != b {
 			break
 		}
-		n = node.next[j]
+		n = ks.next[int(node.edges)+j]
 	}
 	if ks.ac != nil {
 		acEach(ks.ac, s, func(pi int32) { fn(pi, false) })
@@ -171,13 +233,13 @@ func (ix *index) lookup(dst []Hit, id string) []Hit {
 		e := &ix.pats[pi]
 		for j := start; j < len(dst); j++ {
 			if dst[j].Owner == e.owner {
-				if e.exclusive && !dst[j].Exclusive && (exact || e.re.MatchString(id)) {
+				if e.exclusive && !dst[j].Exclusive && (exact || e.match(id)) {
 					dst[j].Exclusive = true
 				}
 				return
 			}
 		}
-		if exact || e.re.MatchString(id) {
+		if exact || e.match(id) {
 			dst = append(dst, Hit{Owner: e.owner, Exclusive: e.exclusive})
 		}
 	}
@@ -195,5 +257,32 @@ func (ix *index) lookup(dst []Hit, id string) []Hit {
 			dst[j], dst[j-1] = dst[j-1], dst[j]
 		}
 	}
+	return dst
+}
+
+// candidates is lookup without running any regex: the owners of every
+// pattern the index reaches for id, Exclusive when one of those is. It
+// compiles nothing, so a caller that checks the candidates itself leaves
+// no program behind in the matcher.
+func (ix *index) candidates(dst []Hit, id string) []Hit {
+	start := len(dst)
+	add := func(pi int32, _ bool) {
+		e := &ix.pats[pi]
+		for j := start; j < len(dst); j++ {
+			if dst[j].Owner == e.owner {
+				dst[j].Exclusive = dst[j].Exclusive || e.exclusive
+				return
+			}
+		}
+		dst = append(dst, Hit{Owner: e.owner, Exclusive: e.exclusive})
+	}
+	each(&ix.exact, id, add)
+	if ix.fold != nil {
+		each(ix.fold, foldKey(nil, id), add)
+	}
+	for _, pi := range ix.scan {
+		add(pi, false)
+	}
+	slices.SortFunc(dst[start:], func(a, b Hit) int { return a.Owner - b.Owner })
 	return dst
 }

@@ -18,17 +18,32 @@ type Matcher struct {
 // Compile builds a matcher from patterns. Every bad pattern is reported, as a
 // *PatternError joined with errors.Join.
 func Compile(patterns []Pattern) (*Matcher, error) {
-	p, err := NewPlain(patterns)
-	if err != nil {
-		return nil, err
+	// Only checked here: each regex is compiled when a lookup first needs
+	// it (see entry).
+	var errs []error
+	for i, pat := range patterns {
+		if err := check(pat.Regex); err != nil {
+			errs = append(errs, &PatternError{Index: i, Regex: pat.Regex, Reason: err.Error(), Err: err})
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	var counts [numKinds]int
+	for _, pat := range patterns {
+		if pat.Kind < numKinds {
+			counts[pat.Kind]++
+		}
 	}
 	m := &Matcher{}
 	for k := Kind(0); k < numKinds; k++ {
-		var pats []entry
-		var lits []literals
-		for i, pat := range patterns {
+		// Sized once: an entry holds an atomic pointer and is not copied.
+		pats := make([]entry, counts[k])
+		lits := make([]literals, 0, counts[k])
+		for _, pat := range patterns {
 			if pat.Kind == k {
-				pats = append(pats, entry{owner: pat.Owner, exclusive: pat.Exclusive, re: p.res[i]})
+				e := &pats[len(lits)]
+				e.owner, e.exclusive, e.regex = pat.Owner, pat.Exclusive, pat.Regex
 				lits = append(lits, analyze(pat.Regex))
 			}
 		}
@@ -47,6 +62,18 @@ func (m *Matcher) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
 		return dst
 	}
 	return m.kinds[kind].lookup(dst, id)
+}
+
+// AppendCandidates appends to dst every owner with a pattern of kind that
+// may match id, a superset of AppendMatch's hits (Exclusive: one of those
+// patterns is exclusive), without running or compiling any regex. It is for
+// callers that check each pattern themselves, once, such as a registration
+// linter: AppendMatch keeps every program it compiles.
+func (m *Matcher) AppendCandidates(dst []Hit, kind Kind, id string) []Hit {
+	if kind >= numKinds {
+		return dst
+	}
+	return m.kinds[kind].candidates(dst, id)
 }
 
 // Plain is the reference matcher: every regex tried one by one. It is what
@@ -98,34 +125,40 @@ func (p *Plain) AppendMatch(dst []Hit, kind Kind, id string) []Hit {
 }
 
 // Validate reports whether regex is a usable namespace pattern.
-func Validate(regex string) error {
-	_, err := compileAnchored(regex)
-	return err
-}
+func Validate(regex string) error { return check(regex) }
 
 // maxPatternLen bounds a pattern: RE2 is linear in the input, but its
 // program grows with the pattern.
 const maxPatternLen = 4096
 
 func compileAnchored(regex string) (*regexp.Regexp, error) {
+	if err := check(regex); err != nil {
+		return nil, err
+	}
+	return regexp.Compile(`^(?:` + regex + `)`)
+}
+
+// check is compileAnchored without building the program: regexp.Compile
+// fails exactly when parsing with syntax.Perl does.
+func check(regex string) error {
 	if len(regex) > maxPatternLen {
-		return nil, fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
+		return fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
 	}
 	for _, la := range []string{"(?=", "(?!", "(?<=", "(?<!"} {
 		if strings.Contains(regex, la) {
-			return nil, fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround)", la)
+			return fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround)", la)
 		}
 	}
-	re, err := regexp.Compile(`^(?:` + regex + `)`)
+	_, err := syntax.Parse(`^(?:`+regex+`)`, syntax.Perl)
 	if err == nil {
-		return re, nil
+		return nil
 	}
 	var se *syntax.Error
 	if errors.As(err, &se) {
 		switch {
 		case se.Code == syntax.ErrInvalidEscape && len(se.Expr) == 2 && se.Expr[1] >= '1' && se.Expr[1] <= '9':
-			return nil, fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
+			return fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
 		}
 	}
-	return nil, err
+	return err
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -415,4 +416,38 @@ func TestManyOverlapsBounded(t *testing.T) {
 		t.Errorf("CheckRegister = %v, want M_EXCLUSIVE", err)
 	}
 	t.Logf("NewSet of 1000 overlapping ASes: %v", time.Since(start))
+}
+
+// TestSetMemory: a set keeps no compiled regex program per exclusive
+// namespace (about 2 KiB each) after checking overlaps: 2,000 ASes whose
+// exclusive aliases the matcher cannot decide without its regex.
+func TestSetMemory(t *testing.T) {
+	const ases = 2000
+	regs := make([]*Registration, ases)
+	for i := range regs {
+		r, _, err := Parse(fmt.Sprintf("as%d.yaml", i), []byte(fmt.Sprintf("id: as%d\nurl: null\nas_token: t%d\nhs_token: h%d\nsender_localpart: bot%d\nnamespaces:\n  aliases: [{exclusive: true, regex: '#_as%d_.*:hs\\.example\\.org'}]\n  rooms: [{exclusive: true, regex: '!_as%d_[a-z]+:hs'}]\n", i, i, i, i, i, i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		regs[i] = r
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	set, _, err := NewSet("hs.example.org", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	per := float64(int64(after.HeapAlloc)-int64(before.HeapAlloc)) / ases
+	if per > 1500 {
+		t.Errorf("the set holds %.0f bytes per AS; want at most 1500", per)
+	} else {
+		t.Logf("%.0f bytes per AS", per)
+	}
+	if hits := set.AliasesInterested(nil, "#_as7_x:hs.example.org"); len(hits) != 1 || !hits[0].Exclusive {
+		t.Errorf("hits %v, want AS 7's, exclusive", hits)
+	}
+	runtime.KeepAlive(set)
 }

@@ -221,7 +221,11 @@ func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
 			if r := re(i); r == nil || !r.MatchString(id) {
 				continue
 			}
-			hits = s.matcher.AppendMatch(hits[:0], p.Kind, id)
+			// Candidates, not matches: each pattern is checked below with
+			// this function's own programs, dropped when it returns, where
+			// AppendMatch would leave one compiled in the matcher for
+			// every pattern a sample reaches (18 MiB at 10,000 ASes).
+			hits = s.matcher.AppendCandidates(hits[:0], p.Kind, id)
 			for _, h := range hits {
 				if !h.Exclusive || h.Owner == p.Owner {
 					continue
