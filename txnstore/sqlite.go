@@ -235,16 +235,8 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 			return err
 		}
 		defer tx.Rollback()
-		for i, o := range ops {
-			if err := o.fn(tx, b); err != nil {
-				var ce callError
-				if errors.As(err, &ce) {
-					errs[i] = ce.error
-					continue
-				}
-				culprit = i
-				return err
-			}
+		if culprit, err = runOps(ops, errs, func(o *op) error { return o.fn(tx, b) }); err != nil {
+			return err
 		}
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
@@ -270,18 +262,8 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 				return err
 			}
 		}
-		fault := decide(s.hooks, ops, func(o *op) storehook.Op { return o.kind })
-		if fault == storehook.Fail {
-			return storehook.ErrInjected
-		}
-		if err := tx.Commit(); err != nil {
-			return err
-		}
-		if fault == storehook.Ambiguous {
-			landed = true
-			return storehook.ErrInjected
-		}
-		return nil
+		landed, err = commitOps(tx, s.hooks, ops, func(o *op) storehook.Op { return o.kind })
+		return err
 	}()
 	if err != nil && !landed {
 		// Nothing of this attempt happened: restore the writer's caches.
