@@ -349,9 +349,6 @@ func streamsInsert(n int) string {
 	return "INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 }
 
-// gcDue says whether this commit also deletes the stream rows and items
-// nothing needs any more: every 64th commit, or sooner when the writer is
-// idle, so the cost is spread thin.
 // gcStreams deletes the stream rows the cursors of the ASes in gcDirty
 // (every AS if gcAll) have passed.
 func (s *SQLite) gcStreams(tx *sql.Tx) error {
@@ -368,6 +365,9 @@ func (s *SQLite) gcStreams(tx *sql.Tx) error {
 	return nil
 }
 
+// gcDue says whether this commit also deletes the stream rows and items
+// nothing needs any more: every 64th commit, or sooner when the writer is
+// idle, so the cost is spread thin.
 func (s *SQLite) gcDue() bool {
 	s.sinceGC++
 	if s.sinceGC < 64 && !(s.w.idle() && s.sinceGC > 1) {
