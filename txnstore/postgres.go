@@ -404,10 +404,7 @@ func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error)
 		return nil, err
 	}
 	a := &pgAppend{entries: entries, live: make([]bool, len(entries)), seqs: make([]int64, len(entries))}
-	size := 0
-	for _, e := range entries {
-		size += len(e.Data)
-	}
+	size := batchSize(entries, func(e Entry) int { return len(e.Data) })
 	err := s.do(ctx, storehook.Append, size, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {

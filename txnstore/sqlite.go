@@ -414,10 +414,7 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 	}
 	seqs := make([]int64, len(entries))
 	live := make([]bool, len(entries))
-	size := 0
-	for _, e := range entries {
-		size += len(e.Data)
-	}
+	size := batchSize(entries, func(e Entry) int { return len(e.Data) })
 	err := s.do(ctx, storehook.Append, size, func(tx *sql.Tx, b *batch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {
