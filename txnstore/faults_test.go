@@ -245,9 +245,11 @@ func testCursorNeverPassesFrozen(t *testing.T, be backend) {
 // (left by a lost completion) is gone and never returned by Frozen.
 func TestOpenFromVersion2(t *testing.T) { forEach(t, testOpenFromVersion2) }
 
-func testOpenFromVersion2(t *testing.T, be backend) {
+// atVersion begins a transaction on a new store at loc whose schema is at
+// version, as an older release left it; the test fills and commits it.
+func atVersion(t *testing.T, be backend, loc string, version int) (*sql.Tx, *dialect) {
+	t.Helper()
 	ctx := context.Background()
-	loc := be.newLoc(t)
 	var db *sql.DB
 	d := sqliteSQL
 	if be.name == "sqlite" {
@@ -255,7 +257,7 @@ func testOpenFromVersion2(t *testing.T, be backend) {
 		if db, err = sql.Open("sqlite3", "file:"+loc); err != nil {
 			t.Fatal(err)
 		}
-		defer db.Close()
+		t.Cleanup(func() { db.Close() })
 	} else {
 		db, d = pgtest.Open(t, loc), postgresSQL
 	}
@@ -263,9 +265,16 @@ func testOpenFromVersion2(t *testing.T, be backend) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := migrateTo(ctx, tx, d, 2); err != nil {
+	if err := migrateTo(ctx, tx, d, version); err != nil {
 		t.Fatal(err)
 	}
+	return tx, d
+}
+
+func testOpenFromVersion2(t *testing.T, be backend) {
+	ctx := context.Background()
+	loc := be.newLoc(t)
+	tx, d := atVersion(t, be, loc, 2)
 	// AS "a" (key 1): items 1..6, delivered 2, txn 3 (0, 2] left frozen by a
 	// lost completion, txn 4 (2, 4] frozen with a saved body, next txn 5.
 	stmts := []struct {

@@ -2,14 +2,12 @@ package txnstore
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/asdispatch/asdispatch/internal/storehook"
-	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
 
 func at(stream string, pos int64, targets ...ASKey) Entry {
@@ -221,24 +219,7 @@ func TestOpenFromVersion3(t *testing.T) { forEach(t, testOpenFromVersion3) }
 func testOpenFromVersion3(t *testing.T, be backend) {
 	ctx := context.Background()
 	loc := be.newLoc(t)
-	var db *sql.DB
-	d := sqliteSQL
-	if be.name == "sqlite" {
-		var err error
-		if db, err = sql.Open("sqlite3", "file:"+loc); err != nil {
-			t.Fatal(err)
-		}
-		defer db.Close()
-	} else {
-		db, d = pgtest.Open(t, loc), postgresSQL
-	}
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := migrateTo(ctx, tx, d, 3); err != nil {
-		t.Fatal(err)
-	}
+	tx, d := atVersion(t, be, loc, 3)
 	for _, q := range []string{
 		`UPDATE meta SET value = 3 WHERE key = 'next_seq'`,
 		`INSERT INTO appservices (id, next_txn, delivered) VALUES ('a', 1, 0)`,

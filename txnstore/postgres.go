@@ -200,16 +200,8 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 			return err
 		}
 		defer tx.Rollback()
-		for i, o := range ops {
-			if err := o.fn(ctx, tx, b); err != nil {
-				var ce callError
-				if errors.As(err, &ce) {
-					errs[i] = ce.error
-					continue
-				}
-				culprit = i
-				return err
-			}
+		if culprit, err = runOps(ops, errs, func(o *pgOp) error { return o.fn(ctx, tx, b) }); err != nil {
+			return err
 		}
 		if len(b.moved) > 0 {
 			// In a fixed order: two commits of one process never wait
@@ -222,18 +214,8 @@ func (s *Postgres) attempt(ops []*pgOp) (int, error) {
 		if committed, err = s.flushAppends(ctx, tx, b); err != nil {
 			return err
 		}
-		fault := decide(s.hooks, ops, func(o *pgOp) storehook.Op { return o.kind })
-		if fault == storehook.Fail {
-			return storehook.ErrInjected
-		}
-		if err := tx.Commit(); err != nil {
-			return err
-		}
-		if fault == storehook.Ambiguous {
-			landed = true
-			return storehook.ErrInjected
-		}
-		return nil
+		landed, err = commitOps(tx, s.hooks, ops, func(o *pgOp) storehook.Op { return o.kind })
+		return err
 	}()
 	if err != nil && !landed {
 		return culprit, err
@@ -422,10 +404,7 @@ func (s *Postgres) Append(ctx context.Context, entries []Entry) ([]int64, error)
 		return nil, err
 	}
 	a := &pgAppend{entries: entries, live: make([]bool, len(entries)), seqs: make([]int64, len(entries))}
-	size := 0
-	for _, e := range entries {
-		size += len(e.Data)
-	}
+	size := batchSize(entries, func(e Entry) int { return len(e.Data) })
 	err := s.do(ctx, storehook.Append, size, func(ctx context.Context, tx *sql.Tx, b *pgBatch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {

@@ -235,16 +235,8 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 			return err
 		}
 		defer tx.Rollback()
-		for i, o := range ops {
-			if err := o.fn(tx, b); err != nil {
-				var ce callError
-				if errors.As(err, &ce) {
-					errs[i] = ce.error
-					continue
-				}
-				culprit = i
-				return err
-			}
+		if culprit, err = runOps(ops, errs, func(o *op) error { return o.fn(tx, b) }); err != nil {
+			return err
 		}
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
@@ -270,18 +262,8 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 				return err
 			}
 		}
-		fault := decide(s.hooks, ops, func(o *op) storehook.Op { return o.kind })
-		if fault == storehook.Fail {
-			return storehook.ErrInjected
-		}
-		if err := tx.Commit(); err != nil {
-			return err
-		}
-		if fault == storehook.Ambiguous {
-			landed = true
-			return storehook.ErrInjected
-		}
-		return nil
+		landed, err = commitOps(tx, s.hooks, ops, func(o *op) storehook.Op { return o.kind })
+		return err
 	}()
 	if err != nil && !landed {
 		// Nothing of this attempt happened: restore the writer's caches.
@@ -367,9 +349,6 @@ func streamsInsert(n int) string {
 	return "INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
 }
 
-// gcDue says whether this commit also deletes the stream rows and items
-// nothing needs any more: every 64th commit, or sooner when the writer is
-// idle, so the cost is spread thin.
 // gcStreams deletes the stream rows the cursors of the ASes in gcDirty
 // (every AS if gcAll) have passed.
 func (s *SQLite) gcStreams(tx *sql.Tx) error {
@@ -386,6 +365,9 @@ func (s *SQLite) gcStreams(tx *sql.Tx) error {
 	return nil
 }
 
+// gcDue says whether this commit also deletes the stream rows and items
+// nothing needs any more: every 64th commit, or sooner when the writer is
+// idle, so the cost is spread thin.
 func (s *SQLite) gcDue() bool {
 	s.sinceGC++
 	if s.sinceGC < 64 && !(s.w.idle() && s.sinceGC > 1) {
@@ -432,10 +414,7 @@ func (s *SQLite) Append(ctx context.Context, entries []Entry) ([]int64, error) {
 	}
 	seqs := make([]int64, len(entries))
 	live := make([]bool, len(entries))
-	size := 0
-	for _, e := range entries {
-		size += len(e.Data)
-	}
+	size := batchSize(entries, func(e Entry) int { return len(e.Data) })
 	err := s.do(ctx, storehook.Append, size, func(tx *sql.Tx, b *batch) error {
 		for _, e := range entries {
 			for _, k := range e.Targets {

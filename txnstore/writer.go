@@ -2,6 +2,8 @@ package txnstore
 
 import (
 	"context"
+	"database/sql"
+	"errors"
 	"sync"
 
 	"github.com/asdispatch/asdispatch/internal/storehook"
@@ -155,4 +157,38 @@ func batchSize[T any](ops []T, size func(T) int) int {
 		n += size(o)
 	}
 	return n
+}
+
+// runOps runs each op of a commit: an op's refused call (a callError) is
+// its answer in errs, any other error ends the commit and returns the
+// index of the op that failed.
+func runOps[T any](ops []T, errs []error, run func(T) error) (int, error) {
+	for i, o := range ops {
+		if err := run(o); err != nil {
+			var ce callError
+			if errors.As(err, &ce) {
+				errs[i] = ce.error
+				continue
+			}
+			return i, err
+		}
+	}
+	return -1, nil
+}
+
+// commitOps commits tx, the transaction of ops, unless h fails it. landed
+// reports a commit that happened although an error is returned (an
+// injected ambiguous failure).
+func commitOps[T any](tx *sql.Tx, h *storehook.Hooks, ops []T, kind func(T) storehook.Op) (landed bool, err error) {
+	fault := decide(h, ops, kind)
+	if fault == storehook.Fail {
+		return false, storehook.ErrInjected
+	}
+	if err := tx.Commit(); err != nil {
+		return false, err
+	}
+	if fault == storehook.Ambiguous {
+		return true, storehook.ErrInjected
+	}
+	return false, nil
 }
