@@ -308,9 +308,8 @@ const (
 type txn struct {
 	txnstore.Txn
 	items []txnstore.Item
-	body  []byte
-	built bool // body known (rebuilt or encoded)
-	saved bool // body stored (or its SaveBody queued)
+	body  []byte // nil until known (rebuilt or encoded)
+	saved bool   // body stored (or its SaveBody queued)
 }
 
 type write struct {
@@ -941,7 +940,6 @@ func (s *Sender) finishRebuild() {
 // first sent with, or nothing ever goes out under its id.
 func (s *Sender) rebuilt(t *txn) {
 	s.unbuilt--
-	t.built = true
 	if t.Body != nil {
 		t.body, t.saved = t.Body, true
 	} else {
@@ -995,7 +993,7 @@ func (s *Sender) advanceFreeze() {
 		last := carry[n-1].Seq
 		txns = append(txns, &txn{
 			Txn:   txnstore.Txn{AS: s.cfg.Key, Range: txnstore.Range{After: prev, Last: last}, Format: uint32(f), Len: len(body), Checksum: checksum(body)},
-			items: carry[:n:n], body: body, built: true,
+			items: carry[:n:n], body: body,
 		})
 		carry = carry[n:]
 		prev = last
@@ -1088,7 +1086,7 @@ func (s *Sender) advanceSend() {
 		return
 	}
 	t := s.q[0]
-	if !t.built || t.ID == 0 {
+	if t.body == nil || t.ID == 0 {
 		return
 	}
 	var deadline time.Time
@@ -1212,7 +1210,7 @@ func (s *Sender) splitTxn(t *txn) {
 			last = t.Range.Last
 		}
 		parts[i] = &txn{Txn: txnstore.Txn{AS: s.cfg.Key, Range: txnstore.Range{After: after, Last: last}, Format: t.Format, Len: len(body), Checksum: checksum(body)},
-			items: items, body: body, built: true}
+			items: items, body: body}
 		after = last
 	}
 	s.split = t
