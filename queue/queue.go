@@ -194,7 +194,7 @@ func Schedule(initial, max time.Duration) []time.Duration {
 func (q *Queues) coreConfig(as AS) core.Config {
 	ttl := q.opts.LeaseTTL
 	return core.Config{
-		Key: as.Key, ID: as.ID,
+		Key:          as.Key,
 		Limits:       core.Limits{Events: q.opts.MaxEvents, Ephemeral: q.opts.MaxEphemeral, ToDevice: q.opts.MaxToDevice, Bytes: q.opts.MaxBytes},
 		Retry:        q.retry,
 		RetryMax:     q.opts.RetryMax,

@@ -34,7 +34,6 @@ type Limits struct {
 // Config configures one machine.
 type Config struct {
 	Key txnstore.ASKey
-	ID  string
 	Limits
 	// Retry is the backoff schedule between attempts while the AS is down:
 	// Retry[n-1] after the n-th failure (the last value repeats), jittered
@@ -202,12 +201,10 @@ type FreezeOp struct {
 
 // SendOp asks for one PUT of the transaction.
 type SendOp struct {
-	ID      int64
-	Body    []byte
-	Attempt int
+	ID   int64
+	Body []byte
 	// Deadline, if set, must end the send (the lease's validity).
-	Deadline                    time.Time
-	Events, Ephemeral, ToDevice int
+	Deadline time.Time
 }
 
 // WriteOp is one store write; exactly one field is set.
@@ -1107,8 +1104,7 @@ func (s *Sender) advanceSend() {
 	s.attempt++
 	s.inflight, s.sendTerm, s.sentAt = t, s.term, s.now
 	s.live.InFlight, s.liveDirty = t.ID, true
-	ev, eph, td := counts(t.items)
-	s.out.Send = &SendOp{ID: t.ID, Body: t.body, Attempt: s.attempt, Deadline: deadline, Events: ev, Ephemeral: eph, ToDevice: td}
+	s.out.Send = &SendOp{ID: t.ID, Body: t.body, Deadline: deadline}
 }
 
 func counts(items []txnstore.Item) (ev, eph, td int) {

@@ -44,7 +44,7 @@ func TestNoIO(t *testing.T) {
 }
 
 func testConfig(shared bool) Config {
-	return Config{Key: 1, ID: "a", Limits: Limits{Events: 100, Ephemeral: 100, ToDevice: 100, Bytes: 1 << 20},
+	return Config{Key: 1, Limits: Limits{Events: 100, Ephemeral: 100, ToDevice: 100, Bytes: 1 << 20},
 		Retry: []time.Duration{time.Second, 2 * time.Second}, RetryMax: 2 * time.Second,
 		StoreRetry: []time.Duration{10 * time.Millisecond}, Shared: shared, LeaseTTL: 10 * time.Second,
 		AcquireEvery: time.Second, PollInterval: 200 * time.Millisecond, SendTimeout: 4 * time.Second,
