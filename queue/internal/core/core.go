@@ -92,7 +92,7 @@ type Start struct{ Target Target }
 type Retarget struct{ Target Target }
 
 // Stop asks the machine to stop: no new sends, freezes or reads; a send in
-// flight and the completions queued are let finish. Ready.Stopped reports
+// flight and the completions queued are let finish. Sender.Stopped reports
 // when nothing runs any more.
 type Stop struct{}
 
@@ -269,9 +269,6 @@ type Live struct {
 	InFlight    int64
 	// Leading: the machine holds the AS's lease (always true unshared).
 	Leading bool
-	// Broken: a frozen transaction's body failed its checksum; the AS is
-	// paused until an operator steps in.
-	Broken bool
 }
 
 // Ready is what the driver must carry out. Ops of one Ready are
@@ -289,8 +286,6 @@ type Ready struct {
 	Notes []Note
 	// Next is when to Step(Tick) at the latest; zero: only on input.
 	Next time.Time
-	// Stopped: the machine reached a stop; nothing of it runs.
-	Stopped bool
 }
 
 type mode uint8
@@ -561,7 +556,6 @@ func (s *Sender) advanceStop() {
 	}
 	s.mode = stopped
 	s.endTerm()
-	s.out.Stopped = true
 }
 
 // endTerm forgets what the machine knew of the store: the next term
@@ -952,7 +946,6 @@ func (s *Sender) rebuilt(t *txn) {
 		s.log.Error("frozen transaction fails its checksum; never sending another body under its id; appservice paused",
 			zap.Int64("txn_id", t.ID), zap.Int("len", len(t.body)), zap.Int("first_len", t.Len), zap.Int("items", len(t.items)))
 		s.live.Up = false
-		s.live.Broken = true
 		s.live.LastError = msg
 		s.liveDirty = true
 		s.out.Notes = append(s.out.Notes, Note{Kind: NoteBroken, Failures: s.live.Failures})
