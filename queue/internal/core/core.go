@@ -387,8 +387,6 @@ type Sender struct {
 	sendTerm uint64
 	term     uint64
 	sentAt   time.Time
-	// sendUntil is the in-flight send's deadline (Shared).
-	sendUntil time.Time
 	// cover: the next renewal must make the lease outlast a send.
 	cover     bool
 	attempt   int
