@@ -62,8 +62,8 @@ type Live struct {
 }
 
 // Queues runs one sender per application service on top of a store. Each
-// AS has one slot for the life of the Queues: its sender machine and the
-// goroutine that drives it, so one AS never has two senders.
+// AS has one slot for the life of the Queues: its sender machine and its
+// driver, stepped by a shared scheduler, so one AS never has two senders.
 type Queues struct {
 	store  txnstore.Store
 	opts   Options
@@ -194,7 +194,7 @@ func Schedule(initial, max time.Duration) []time.Duration {
 func (q *Queues) coreConfig(as AS) core.Config {
 	ttl := q.opts.LeaseTTL
 	return core.Config{
-		Key: as.Key, ID: as.ID,
+		Key:          as.Key,
 		Limits:       core.Limits{Events: q.opts.MaxEvents, Ephemeral: q.opts.MaxEphemeral, ToDevice: q.opts.MaxToDevice, Bytes: q.opts.MaxBytes},
 		Retry:        q.retry,
 		RetryMax:     q.opts.RetryMax,

@@ -329,7 +329,7 @@ func (w *world) lat() time.Duration {
 
 func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 	return core.Config{
-		Key: k, ID: fmt.Sprint(k),
+		Key:        k,
 		Limits:     core.Limits{Events: 4, Ephemeral: 3, ToDevice: 3, Bytes: 600},
 		Retry:      Schedule(time.Second, 16*time.Second),
 		RetryMax:   16 * time.Second,

@@ -34,7 +34,6 @@ type Limits struct {
 // Config configures one machine.
 type Config struct {
 	Key txnstore.ASKey
-	ID  string
 	Limits
 	// Retry is the backoff schedule between attempts while the AS is down:
 	// Retry[n-1] after the n-th failure (the last value repeats), jittered
@@ -93,7 +92,7 @@ type Start struct{ Target Target }
 type Retarget struct{ Target Target }
 
 // Stop asks the machine to stop: no new sends, freezes or reads; a send in
-// flight and the completions queued are let finish. Ready.Stopped reports
+// flight and the completions queued are let finish. Sender.Stopped reports
 // when nothing runs any more.
 type Stop struct{}
 
@@ -202,12 +201,10 @@ type FreezeOp struct {
 
 // SendOp asks for one PUT of the transaction.
 type SendOp struct {
-	ID      int64
-	Body    []byte
-	Attempt int
+	ID   int64
+	Body []byte
 	// Deadline, if set, must end the send (the lease's validity).
-	Deadline                    time.Time
-	Events, Ephemeral, ToDevice int
+	Deadline time.Time
 }
 
 // WriteOp is one store write; exactly one field is set.
@@ -272,9 +269,6 @@ type Live struct {
 	InFlight    int64
 	// Leading: the machine holds the AS's lease (always true unshared).
 	Leading bool
-	// Broken: a frozen transaction's body failed its checksum; the AS is
-	// paused until an operator steps in.
-	Broken bool
 }
 
 // Ready is what the driver must carry out. Ops of one Ready are
@@ -292,8 +286,6 @@ type Ready struct {
 	Notes []Note
 	// Next is when to Step(Tick) at the latest; zero: only on input.
 	Next time.Time
-	// Stopped: the machine reached a stop; nothing of it runs.
-	Stopped bool
 }
 
 type mode uint8
@@ -308,9 +300,8 @@ const (
 type txn struct {
 	txnstore.Txn
 	items []txnstore.Item
-	body  []byte
-	built bool // body known (rebuilt or encoded)
-	saved bool // body stored (or its SaveBody queued)
+	body  []byte // nil until known (rebuilt or encoded)
+	saved bool   // body stored (or its SaveBody queued)
 }
 
 type write struct {
@@ -396,8 +387,6 @@ type Sender struct {
 	sendTerm uint64
 	term     uint64
 	sentAt   time.Time
-	// sendUntil is the in-flight send's deadline (Shared).
-	sendUntil time.Time
 	// cover: the next renewal must make the lease outlast a send.
 	cover     bool
 	attempt   int
@@ -565,7 +554,6 @@ func (s *Sender) advanceStop() {
 	}
 	s.mode = stopped
 	s.endTerm()
-	s.out.Stopped = true
 }
 
 // endTerm forgets what the machine knew of the store: the next term
@@ -941,7 +929,6 @@ func (s *Sender) finishRebuild() {
 // first sent with, or nothing ever goes out under its id.
 func (s *Sender) rebuilt(t *txn) {
 	s.unbuilt--
-	t.built = true
 	if t.Body != nil {
 		t.body, t.saved = t.Body, true
 	} else {
@@ -957,7 +944,6 @@ func (s *Sender) rebuilt(t *txn) {
 		s.log.Error("frozen transaction fails its checksum; never sending another body under its id; appservice paused",
 			zap.Int64("txn_id", t.ID), zap.Int("len", len(t.body)), zap.Int("first_len", t.Len), zap.Int("items", len(t.items)))
 		s.live.Up = false
-		s.live.Broken = true
 		s.live.LastError = msg
 		s.liveDirty = true
 		s.out.Notes = append(s.out.Notes, Note{Kind: NoteBroken, Failures: s.live.Failures})
@@ -995,7 +981,7 @@ func (s *Sender) advanceFreeze() {
 		last := carry[n-1].Seq
 		txns = append(txns, &txn{
 			Txn:   txnstore.Txn{AS: s.cfg.Key, Range: txnstore.Range{After: prev, Last: last}, Format: uint32(f), Len: len(body), Checksum: checksum(body)},
-			items: carry[:n:n], body: body, built: true,
+			items: carry[:n:n], body: body,
 		})
 		carry = carry[n:]
 		prev = last
@@ -1088,7 +1074,7 @@ func (s *Sender) advanceSend() {
 		return
 	}
 	t := s.q[0]
-	if !t.built || t.ID == 0 {
+	if t.body == nil || t.ID == 0 {
 		return
 	}
 	var deadline time.Time
@@ -1109,8 +1095,7 @@ func (s *Sender) advanceSend() {
 	s.attempt++
 	s.inflight, s.sendTerm, s.sentAt = t, s.term, s.now
 	s.live.InFlight, s.liveDirty = t.ID, true
-	ev, eph, td := counts(t.items)
-	s.out.Send = &SendOp{ID: t.ID, Body: t.body, Attempt: s.attempt, Deadline: deadline, Events: ev, Ephemeral: eph, ToDevice: td}
+	s.out.Send = &SendOp{ID: t.ID, Body: t.body, Deadline: deadline}
 }
 
 func counts(items []txnstore.Item) (ev, eph, td int) {
@@ -1212,7 +1197,7 @@ func (s *Sender) splitTxn(t *txn) {
 			last = t.Range.Last
 		}
 		parts[i] = &txn{Txn: txnstore.Txn{AS: s.cfg.Key, Range: txnstore.Range{After: after, Last: last}, Format: t.Format, Len: len(body), Checksum: checksum(body)},
-			items: items, body: body, built: true}
+			items: items, body: body}
 		after = last
 	}
 	s.split = t

@@ -44,7 +44,7 @@ func TestNoIO(t *testing.T) {
 }
 
 func testConfig(shared bool) Config {
-	return Config{Key: 1, ID: "a", Limits: Limits{Events: 100, Ephemeral: 100, ToDevice: 100, Bytes: 1 << 20},
+	return Config{Key: 1, Limits: Limits{Events: 100, Ephemeral: 100, ToDevice: 100, Bytes: 1 << 20},
 		Retry: []time.Duration{time.Second, 2 * time.Second}, RetryMax: 2 * time.Second,
 		StoreRetry: []time.Duration{10 * time.Millisecond}, Shared: shared, LeaseTTL: 10 * time.Second,
 		AcquireEvery: time.Second, PollInterval: 200 * time.Millisecond, SendTimeout: 4 * time.Second,
@@ -55,10 +55,38 @@ func testConfig(shared bool) Config {
 // sent unless the lease stays valid, by the machine's clock, for the whole
 // send timeout; the send's deadline ends within the lease.
 func TestLeaseCheckedAtSend(t *testing.T) {
-	m := New(testConfig(true), rand.New(rand.NewPCG(1, 2)))
-	t0 := time.Unix(1000, 0)
+	m, t0, now, r := stallBeforeSend(t, NoBug)
+	if r.Send != nil {
+		t.Fatalf("sent at %v with the lease valid until %v and a %v send timeout", now.Sub(t0), 7500*time.Millisecond, 4*time.Second)
+	}
+	if r.Lease == nil || r.Lease.Kind != Renew {
+		t.Fatalf("no renewal before the send: %+v", r)
+	}
+	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
+	r = m.Ready()
+	if r.Send == nil || r.Send.Deadline.After(now.Add(7500*time.Millisecond)) {
+		t.Fatalf("after renewal: send %+v", r.Send)
+	}
+}
+
+// TestLeaseCheckBites: with BugNoLeaseCheck, TestLeaseCheckedAtSend's
+// stalled machine sends at once (the simulation leaves this bug out).
+func TestLeaseCheckBites(t *testing.T) {
+	if _, _, _, r := stallBeforeSend(t, BugNoLeaseCheck); r.Send == nil {
+		t.Fatalf("BugNoLeaseCheck did not send: %+v", r)
+	}
+}
+
+// stallBeforeSend leads a shared machine to its first send, the process
+// stalled past the renewal meanwhile, and returns what it then asks for.
+func stallBeforeSend(t *testing.T, bug Bug) (m *Sender, t0, now time.Time, r Ready) {
+	t.Helper()
+	cfg := testConfig(true)
+	cfg.Bug = bug
+	m = New(cfg, rand.New(rand.NewPCG(1, 2)))
+	t0 = time.Unix(1000, 0)
 	m.Step(t0, Start{Target: Target{HasURL: true}})
-	r := m.Ready()
+	r = m.Ready()
 	if r.Lease == nil || r.Lease.Kind != Acquire {
 		t.Fatalf("no acquire: %+v", r)
 	}
@@ -73,20 +101,9 @@ func TestLeaseCheckedAtSend(t *testing.T) {
 	}
 	// The process stalls past the renewal: by its own clock the lease
 	// (valid until t0+7.5s) no longer covers a 4s send at t0+5s.
-	now := t0.Add(5 * time.Second)
+	now = t0.Add(5 * time.Second)
 	m.Step(now, FreezeDone{Tok: r.Freeze.Tok, IDs: []int64{1}})
-	r = m.Ready()
-	if r.Send != nil {
-		t.Fatalf("sent at %v with the lease valid until %v and a %v send timeout", now.Sub(t0), 7500*time.Millisecond, 4*time.Second)
-	}
-	if r.Lease == nil || r.Lease.Kind != Renew {
-		t.Fatalf("no renewal before the send: %+v", r)
-	}
-	m.Step(now, LeaseDone{Tok: r.Lease.Tok, OK: true})
-	r = m.Ready()
-	if r.Send == nil || r.Send.Deadline.After(now.Add(7500*time.Millisecond)) {
-		t.Fatalf("after renewal: send %+v", r.Send)
-	}
+	return m, t0, now, m.Ready()
 }
 
 // TestBackoffBounds: waits stay within [Retry[0]/2, RetryMax] and depend
