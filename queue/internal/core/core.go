@@ -72,7 +72,9 @@ type Bug uint8
 // Broken variants for the simulation's bite tests.
 const (
 	NoBug Bug = iota
-	// BugDropCompletion: a failed Complete is dropped (issue 13, 1).
+	// BugDropCompletion: issue 13's item 1 as it was: a failed Complete is
+	// dropped, frozen transactions at or below the cursor are kept, and a
+	// rebuilt body that fails its checksum is sent anyway.
 	BugDropCompletion
 	// BugSplitOrder: after a 413 split, the second part goes first (2).
 	BugSplitOrder
