@@ -255,11 +255,18 @@ func (c *Client) once(ctx context.Context, t Target, method, path string, query 
 	// straddling it is scrubbed whole before the text is cut.
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, int64(maxErrorBody+t.longestSecret())))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // reuse the connection
-	se := &StatusError{AS: t.ID, Status: resp.StatusCode, Body: errorText(t.scrub(string(data)), maxErrorBody)}
-	if resp.StatusCode == http.StatusTooManyRequests {
-		se.RetryAfter = retryAfter(resp.Header, data)
+	return resp.StatusCode, data, statusError(t, resp.StatusCode, resp.Header, data)
+}
+
+// statusError is the error for a non-2xx answer, over HTTP or a websocket:
+// its body scrubbed of the tokens, then cut to maxErrorBody. data must be
+// cut to maxErrorBody+t.longestSecret() already.
+func statusError(t Target, status int, h http.Header, data []byte) *StatusError {
+	se := &StatusError{AS: t.ID, Status: status, Body: errorText(t.scrub(string(data)), maxErrorBody)}
+	if status == http.StatusTooManyRequests {
+		se.RetryAfter = retryAfter(h, data)
 	}
-	return resp.StatusCode, data, se
+	return se
 }
 
 // withQuery appends a raw query parameter to u.

@@ -69,14 +69,10 @@ func (c *Client) onceSocket(ctx context.Context, s Socket, t Target, method, pat
 	if status/100 == 2 {
 		return status, data, nil
 	}
-	if len(data) > maxErrorBody+t.longestSecret() {
-		data = data[:maxErrorBody+t.longestSecret()]
+	if n := maxErrorBody + t.longestSecret(); len(data) > n {
+		data = data[:n]
 	}
-	se := &StatusError{AS: t.ID, Status: status, Body: errorText(t.scrub(string(data)), maxErrorBody)}
-	if status == http.StatusTooManyRequests {
-		se.RetryAfter = retryAfter(rh, data)
-	}
-	return status, data, se
+	return status, data, statusError(t, status, rh, data)
 }
 
 // socketError classifies a socket failure like an HTTP one.

@@ -287,7 +287,7 @@ func (h *Hub) bridgeStatus(as string, data json.RawMessage) {
 
 // disconnect is the close reason mautrix-go parses into its CloseCommand.
 func disconnect(status string) string {
-	b, _ := json.Marshal(map[string]string{"command": "disconnect", "status": status})
+	b, _ := json.Marshal(frame{Command: "disconnect", Status: status})
 	return string(b)
 }
 

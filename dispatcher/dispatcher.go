@@ -433,6 +433,13 @@ func (sc *scratch) owners() {
 	}
 }
 
+// userOwners sets sc.idx to the ASes whose users namespace covers userID.
+func (sc *scratch) userOwners(set *registry.Set, userID string) {
+	sc.hits = set.UsersInterested(sc.hits[:0], userID)
+	sc.idx = sc.idx[:0]
+	sc.owners()
+}
+
 // interest returns the store keys of the ASes interested in ev, sorted,
 // after applying ev to its room h (nil for an event without a room).
 func (d *Dispatcher) interest(v *view, ev *Event, h *heldRoom, sc *scratch) []txnstore.ASKey {
@@ -626,9 +633,7 @@ func (d *Dispatcher) SubmitToDevice(ctx context.Context, msgs ...ToDevice) (err 
 		if ho.skipped(i) {
 			continue
 		}
-		sc.hits = v.set.UsersInterested(sc.hits[:0], msgs[i].ToUser)
-		sc.idx = sc.idx[:0]
-		sc.owners()
+		sc.userOwners(v.set, msgs[i].ToUser)
 		t := v.targets(sc.idx, v.push, v.eph)
 		if en := ho.entry(i, txnstore.Entry{Kind: txnstore.KindToDevice, Data: msgs[i].JSON, Targets: t}); len(t) > 0 || en.Stream != "" {
 			entries = append(entries, en)

@@ -120,24 +120,24 @@ namespaces:
 
 func newTestDispatcher(t *testing.T, state RoomState, regs ...string) *Dispatcher {
 	t.Helper()
-	set := setOf(t, regs...)
-	d, err := New(context.Background(), Config{
-		Registry:  registry.NewRegistry(set),
+	return startTestDispatcher(t, Config{
+		Registry:  registry.NewRegistry(setOf(t, regs...)),
 		DataDir:   t.TempDir(),
 		RoomState: state,
-		Logger:    zaptest.NewLogger(t),
-		Queue:     queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
 	})
+}
+
+// startTestDispatcher starts a dispatcher with cfg, the test's logger and
+// quick retries, and closes it when the test ends.
+func startTestDispatcher(t *testing.T, cfg Config) *Dispatcher {
+	t.Helper()
+	cfg.Logger = zaptest.NewLogger(t)
+	cfg.Queue = queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}
+	d, err := New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := d.Close(ctx); err != nil {
-			t.Error(err)
-		}
-	})
+	t.Cleanup(func() { closeNow(t, d) })
 	return d
 }
 

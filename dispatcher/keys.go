@@ -69,14 +69,10 @@ func (d *Dispatcher) SubmitDeviceLists(ctx context.Context, news ...DeviceList) 
 		}
 		var viewers []int32
 		if n.Viewer != "" {
-			sc.hits = v.set.UsersInterested(sc.hits[:0], n.Viewer)
-			sc.idx = sc.idx[:0]
-			sc.owners()
+			sc.userOwners(v.set, n.Viewer)
 			viewers = slices.Clone(sc.idx)
 		}
-		sc.hits = v.set.UsersInterested(sc.hits[:0], n.UserID)
-		sc.idx = sc.idx[:0]
-		sc.owners()
+		sc.userOwners(v.set, n.UserID)
 		if n.Viewer != "" && len(n.Left) == 0 {
 			if t := v.targets(viewers, v.push, v.msc3202); len(t) > 0 {
 				entries = append(entries, txnstore.Entry{Kind: txnstore.KindDeviceList, Data: queue.DeviceListData(n.UserID, false), Targets: t})
@@ -123,9 +119,7 @@ func (d *Dispatcher) SubmitKeyCounts(ctx context.Context, counts ...KeyCounts) e
 		if kc.UserID == "" || kc.DeviceID == "" || len(kc.UserID) > maxIDBytes || len(kc.DeviceID) > maxIDBytes {
 			return fmt.Errorf("dispatcher: key counts of %.100q %.100q: %w", kc.UserID, kc.DeviceID, ErrInvalidID)
 		}
-		sc.hits = v.set.UsersInterested(sc.hits[:0], kc.UserID)
-		sc.idx = sc.idx[:0]
-		sc.owners()
+		sc.userOwners(v.set, kc.UserID)
 		if t := v.targets(sc.idx, v.push, v.msc3202); len(t) > 0 {
 			entries = append(entries, txnstore.Entry{Kind: txnstore.KindKeyCounts,
 				Data: queue.KeyCountsData(kc.UserID, kc.DeviceID, kc.OneTimeKeys, kc.UnusedFallback), Targets: t})

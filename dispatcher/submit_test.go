@@ -16,9 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zaptest"
-
-	"github.com/asdispatch/asdispatch/queue"
 	"github.com/asdispatch/asdispatch/registry"
 	"github.com/asdispatch/asdispatch/txnstore"
 )
@@ -41,7 +38,7 @@ func (s *hookedStore) Append(ctx context.Context, entries []txnstore.Entry) ([]i
 func hookedDispatcher(t *testing.T, state RoomState, cacheSize int, hook func([]txnstore.Entry) error, regs ...string) *Dispatcher {
 	t.Helper()
 	dir := t.TempDir()
-	d, err := New(context.Background(), Config{
+	return startTestDispatcher(t, Config{
 		Registry:      registry.NewRegistry(setOf(t, regs...)),
 		RoomState:     state,
 		RoomCacheSize: cacheSize,
@@ -52,20 +49,7 @@ func hookedDispatcher(t *testing.T, state RoomState, cacheSize int, hook func([]
 			}
 			return &hookedStore{Store: st, hook: hook}, nil
 		},
-		Logger: zaptest.NewLogger(t),
-		Queue:  queue.Options{RetryInitial: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := d.Close(ctx); err != nil {
-			t.Error(err)
-		}
-	})
-	return d
 }
 
 func carries(entries []txnstore.Entry, id string) bool {
