@@ -262,7 +262,7 @@ func (c *Client) once(ctx context.Context, t Target, method, path string, query 
 // its body scrubbed of the tokens, then cut to maxErrorBody. data must be
 // cut to maxErrorBody+t.longestSecret() already.
 func statusError(t Target, status int, h http.Header, data []byte) *StatusError {
-	se := &StatusError{AS: t.ID, Status: status, Body: errorText(t.scrub(string(data)), maxErrorBody)}
+	se := &StatusError{AS: t.ID, Status: status, Body: CleanText(t.scrub(string(data)), maxErrorBody)}
 	if status == http.StatusTooManyRequests {
 		se.RetryAfter = retryAfter(h, data)
 	}
@@ -277,10 +277,9 @@ func withQuery(u, param string) string {
 	return u + "?" + param
 }
 
-// errorText makes an AS's answer fit to show and store: invalid UTF-8 and
-// NUL (which PostgreSQL text refuses) removed, then cut to at most max bytes
-// on a rune boundary.
-func errorText(s string, max int) string {
+// CleanText makes an AS's error text safe to log and store: valid UTF-8,
+// no NUL, at most max bytes, cut on a character boundary.
+func CleanText(s string, max int) string {
 	s = strings.ToValidUTF8(s, "")
 	s = strings.ReplaceAll(s, "\x00", "")
 	if len(s) <= max {

@@ -343,9 +343,5 @@ func errorText(data json.RawMessage) string {
 		Message string `json:"message"`
 	}
 	_ = json.Unmarshal(data, &e)
-	s := e.Code + ": " + e.Message
-	if len(s) > 200 {
-		s = s[:200]
-	}
-	return s
+	return asapi.CleanText(e.Code+": "+e.Message, 200)
 }
