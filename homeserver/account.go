@@ -198,30 +198,21 @@ func (s *Server) newToken(ctx context.Context, userID, deviceID, displayName str
 		deviceID = strings.ToUpper(randomID(5))
 	}
 	tok := "syt_" + randomID(16)
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return "", "", err
-	}
-	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName))
-	if err != nil {
-		return "", "", err
-	}
-	var pos int64
-	if n, _ := res.RowsAffected(); n > 0 {
-		if pos, err = s.deviceListChanged(ctx, tx, userID); err != nil {
-			return "", "", err
+	err := s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		res, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName))
+		if err != nil {
+			return nil, err
 		}
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (token, user_id, device_id) VALUES (?, ?, ?)`, tokenHash(tok), userID, deviceID); err != nil {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (token, user_id, device_id) VALUES (?, ?, ?)`, tokenHash(tok), userID, deviceID); err != nil {
+			return nil, err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil, nil
+		}
+		return []string{userID}, nil
+	})
+	if err != nil {
 		return "", "", err
-	}
-	if err := tx.Commit(); err != nil {
-		return "", "", err
-	}
-	if pos > 0 {
-		s.wake()
-		s.notifyDeviceList(ctx, userID, pos)
 	}
 	return tok, deviceID, nil
 }
