@@ -463,7 +463,7 @@ func (s *Server) putAccountData(r *request) (any, error) {
 		}
 	}
 	if typ == "m.fully_read" || typ == "m.push_rules" {
-		return nil, errBadJSON.With("cannot set %s through this API", typ)
+		return nil, errServerOwned.With("cannot set %s through this API", typ)
 	}
 	js, _, err := rawObject(r)
 	if err != nil {
