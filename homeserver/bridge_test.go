@@ -117,6 +117,10 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 	var mine, theirs map[string]any
 	e.get("GET", r+"/event/"+url.PathEscape(evID), alice, nil, &mine)
 	e.get("GET", r+"/event/"+url.PathEscape(evID), "as-bridge", nil, &theirs)
+	e.run(t, []call{
+		{"event by a non-member", "GET", r + "/event/" + url.PathEscape(evID) + asGhost, "as-bridge", nil, 404, "M_NOT_FOUND"},
+		{"event not in the room", "GET", r + "/event/" + url.PathEscape("$nope:hs"), alice, nil, 404, "M_NOT_FOUND"},
+	})
 	if u := mine["unsigned"].(map[string]any); u["transaction_id"] != "txn1" || u["age"] == nil {
 		t.Errorf("sender's view %v", mine)
 	}
