@@ -435,13 +435,28 @@ func (s *Server) filterJSON(ctx context.Context, userID, id string) (json.RawMes
 	return js, nil
 }
 
+// accountDataPath checks the path of an account data request: the caller's
+// own {user} and, on the room variant, a {room} that is a room ID.
+func accountDataPath(r *request, what string) (userID, roomID, typ string, err error) {
+	if userID, err = ownUser(r, what); err != nil {
+		return "", "", "", err
+	}
+	roomID, typ = r.PathValue("room"), r.PathValue("type")
+	if roomID != "" {
+		if _, err := r.roomParam(); err != nil {
+			return "", "", "", err
+		}
+	}
+	return userID, roomID, typ, nil
+}
+
 func (s *Server) getAccountData(r *request) (any, error) {
-	u, err := ownUser(r, "read account data")
+	u, roomID, typ, err := accountDataPath(r, "read account data")
 	if err != nil {
 		return nil, err
 	}
 	var js []byte
-	ok, err := s.st.one(r.Context(), &js, `SELECT json FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?`, u, r.PathValue("room"), r.PathValue("type"))
+	ok, err := s.st.one(r.Context(), &js, `SELECT json FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?`, u, roomID, typ)
 	if err != nil {
 		return nil, err
 	}
@@ -452,15 +467,9 @@ func (s *Server) getAccountData(r *request) (any, error) {
 }
 
 func (s *Server) putAccountData(r *request) (any, error) {
-	u, err := ownUser(r, "set account data")
+	u, roomID, typ, err := accountDataPath(r, "set account data")
 	if err != nil {
 		return nil, err
-	}
-	roomID, typ := r.PathValue("room"), r.PathValue("type")
-	if roomID != "" {
-		if _, err := r.roomParam(); err != nil {
-			return nil, err
-		}
 	}
 	if typ == "m.fully_read" || typ == "m.push_rules" {
 		return nil, errServerOwned.With("cannot set %s through this API", typ)

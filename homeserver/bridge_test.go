@@ -54,6 +54,7 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 		{"room account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/" + url.PathEscape(roomID) + "/account_data/x", alice, map[string]any{"a": 1}, 200, ""},
 		{"server-controlled account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/" + url.PathEscape(roomID) + "/account_data/m.fully_read", alice, map[string]any{"event_id": "$x:hs"}, 405, "M_BAD_JSON"},
 		{"server-controlled global account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/account_data/m.push_rules", alice, map[string]any{}, 405, "M_BAD_JSON"},
+		{"room account data of a bad room ID", "GET", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/nope/account_data/x", alice, nil, 400, "M_INVALID_PARAM"},
 		{"read markers", "POST", r + "/read_markers", alice, map[string]any{"m.fully_read": "$x:hs"}, 200, ""},
 		{"filter", "POST", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/filter", alice, map[string]any{"room": map[string]any{"timeline": map[string]any{"limit": 5}}}, 200, ""},
 		{"filter get", "GET", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/filter/0", alice, nil, 200, ""},
