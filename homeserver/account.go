@@ -180,8 +180,7 @@ func (s *Server) registerAvailable(r *request) (any, error) {
 	if err := s.cfg.Registry.Current().CheckRegister(nil, userID); err != nil {
 		return nil, err
 	}
-	var x string
-	ok, err := s.st.one(r.Context(), &x, `SELECT user_id FROM users WHERE user_id = ?`, userID)
+	ok, err := s.registered(r.Context(), userID)
 	if err != nil {
 		return nil, err
 	}
