@@ -180,8 +180,7 @@ func (s *Server) registerAvailable(r *request) (any, error) {
 	if err := s.cfg.Registry.Current().CheckRegister(nil, userID); err != nil {
 		return nil, err
 	}
-	var x string
-	ok, err := s.st.one(r.Context(), &x, `SELECT user_id FROM users WHERE user_id = ?`, userID)
+	ok, err := s.registered(r.Context(), userID)
 	if err != nil {
 		return nil, err
 	}
@@ -198,30 +197,21 @@ func (s *Server) newToken(ctx context.Context, userID, deviceID, displayName str
 		deviceID = strings.ToUpper(randomID(5))
 	}
 	tok := "syt_" + randomID(16)
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return "", "", err
-	}
-	defer tx.Rollback()
-	res, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName))
-	if err != nil {
-		return "", "", err
-	}
-	var pos int64
-	if n, _ := res.RowsAffected(); n > 0 {
-		if pos, err = s.deviceListChanged(ctx, tx, userID); err != nil {
-			return "", "", err
+	err := s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		res, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, userID, deviceID, nullable(displayName))
+		if err != nil {
+			return nil, err
 		}
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (token, user_id, device_id) VALUES (?, ?, ?)`, tokenHash(tok), userID, deviceID); err != nil {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tokens (token, user_id, device_id) VALUES (?, ?, ?)`, tokenHash(tok), userID, deviceID); err != nil {
+			return nil, err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return nil, nil
+		}
+		return []string{userID}, nil
+	})
+	if err != nil {
 		return "", "", err
-	}
-	if err := tx.Commit(); err != nil {
-		return "", "", err
-	}
-	if pos > 0 {
-		s.wake()
-		s.notifyDeviceList(ctx, userID, pos)
 	}
 	return tok, deviceID, nil
 }
@@ -444,13 +434,28 @@ func (s *Server) filterJSON(ctx context.Context, userID, id string) (json.RawMes
 	return js, nil
 }
 
+// accountDataPath checks the path of an account data request: the caller's
+// own {user} and, on the room variant, a {room} that is a room ID.
+func accountDataPath(r *request, what string) (userID, roomID, typ string, err error) {
+	if userID, err = ownUser(r, what); err != nil {
+		return "", "", "", err
+	}
+	roomID, typ = r.PathValue("room"), r.PathValue("type")
+	if roomID != "" {
+		if _, err := r.roomParam(); err != nil {
+			return "", "", "", err
+		}
+	}
+	return userID, roomID, typ, nil
+}
+
 func (s *Server) getAccountData(r *request) (any, error) {
-	u, err := ownUser(r, "read account data")
+	u, roomID, typ, err := accountDataPath(r, "read account data")
 	if err != nil {
 		return nil, err
 	}
 	var js []byte
-	ok, err := s.st.one(r.Context(), &js, `SELECT json FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?`, u, r.PathValue("room"), r.PathValue("type"))
+	ok, err := s.st.one(r.Context(), &js, `SELECT json FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?`, u, roomID, typ)
 	if err != nil {
 		return nil, err
 	}
@@ -461,18 +466,12 @@ func (s *Server) getAccountData(r *request) (any, error) {
 }
 
 func (s *Server) putAccountData(r *request) (any, error) {
-	u, err := ownUser(r, "set account data")
+	u, roomID, typ, err := accountDataPath(r, "set account data")
 	if err != nil {
 		return nil, err
 	}
-	roomID, typ := r.PathValue("room"), r.PathValue("type")
-	if roomID != "" {
-		if _, err := r.roomParam(); err != nil {
-			return nil, err
-		}
-	}
 	if typ == "m.fully_read" || typ == "m.push_rules" {
-		return nil, errBadJSON.With("cannot set %s through this API", typ)
+		return nil, errServerOwned.With("cannot set %s through this API", typ)
 	}
 	js, _, err := rawObject(r)
 	if err != nil {

@@ -52,6 +52,9 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 		{"account data of another", "GET", "/_matrix/client/v3/user/" + url.PathEscape(bot) + "/account_data/m.direct", alice, nil, 403, "M_FORBIDDEN"},
 		{"account data missing", "GET", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/account_data/x", alice, nil, 404, "M_NOT_FOUND"},
 		{"room account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/" + url.PathEscape(roomID) + "/account_data/x", alice, map[string]any{"a": 1}, 200, ""},
+		{"server-controlled account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/" + url.PathEscape(roomID) + "/account_data/m.fully_read", alice, map[string]any{"event_id": "$x:hs"}, 405, "M_BAD_JSON"},
+		{"server-controlled global account data", "PUT", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/account_data/m.push_rules", alice, map[string]any{}, 405, "M_BAD_JSON"},
+		{"room account data of a bad room ID", "GET", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/rooms/nope/account_data/x", alice, nil, 400, "M_INVALID_PARAM"},
 		{"read markers", "POST", r + "/read_markers", alice, map[string]any{"m.fully_read": "$x:hs"}, 200, ""},
 		{"filter", "POST", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/filter", alice, map[string]any{"room": map[string]any{"timeline": map[string]any{"limit": 5}}}, 200, ""},
 		{"filter get", "GET", "/_matrix/client/v3/user/" + url.PathEscape("@alice:hs") + "/filter/0", alice, nil, 200, ""},
@@ -115,6 +118,10 @@ func TestWhatBridgesCallFirst(t *testing.T) {
 	var mine, theirs map[string]any
 	e.get("GET", r+"/event/"+url.PathEscape(evID), alice, nil, &mine)
 	e.get("GET", r+"/event/"+url.PathEscape(evID), "as-bridge", nil, &theirs)
+	e.run(t, []call{
+		{"event by a non-member", "GET", r + "/event/" + url.PathEscape(evID) + asGhost, "as-bridge", nil, 404, "M_NOT_FOUND"},
+		{"event not in the room", "GET", r + "/event/" + url.PathEscape("$nope:hs"), alice, nil, 404, "M_NOT_FOUND"},
+	})
 	if u := mine["unsigned"].(map[string]any); u["transaction_id"] != "txn1" || u["age"] == nil {
 		t.Errorf("sender's view %v", mine)
 	}

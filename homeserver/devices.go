@@ -2,6 +2,7 @@ package homeserver
 
 import (
 	"context"
+	"database/sql"
 	"net/http"
 	"sync"
 )
@@ -35,23 +36,13 @@ func (s *Server) putDevice(r *request, req *struct {
 	if dev == "" || len(dev) > 255 {
 		return nil, errInvalidParam.With("invalid device ID")
 	}
-	tx, err := s.st.db.BeginTx(ctx, nil)
+	err = s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		_, err := tx.ExecContext(ctx, `INSERT INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, r.c.userID, dev, req.DisplayName)
+		return []string{r.c.userID}, err
+	})
 	if err != nil {
 		return nil, err
 	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `INSERT INTO devices (user_id, device_id, display_name) VALUES (?, ?, ?)`, r.c.userID, dev, req.DisplayName); err != nil {
-		return nil, err
-	}
-	pos, err := s.deviceListChanged(ctx, tx, r.c.userID)
-	if err != nil {
-		return nil, err
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, err
-	}
-	s.wake()
-	s.notifyDeviceList(ctx, r.c.userID, pos)
 	return created{}, nil
 }
 
@@ -102,47 +93,34 @@ func (s *Server) deleteDevices(r *request, req *reqDeleteDevices) (any, error) {
 func (s *Server) removeDevices(ctx context.Context, userID string, devs []string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	removed := false
-	for _, dev := range devs {
-		res, err := tx.ExecContext(ctx, `DELETE FROM devices WHERE user_id = ? AND device_id = ?`, userID, dev)
-		if err != nil {
-			return err
-		}
-		if n, _ := res.RowsAffected(); n > 0 {
-			removed = true
-		}
-		for _, q := range []string{
-			`DELETE FROM tokens WHERE user_id = ? AND device_id = ?`,
-			`DELETE FROM device_keys WHERE user_id = ? AND device_id = ?`,
-			`DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?`,
-			`DELETE FROM fallback_keys WHERE user_id = ? AND device_id = ?`,
-			`DELETE FROM to_device WHERE user_id = ? AND device_id = ?`,
-			`DELETE FROM key_signatures WHERE target_user = ? AND target_key = ?`,
-		} {
-			if _, err := tx.ExecContext(ctx, q, userID, dev); err != nil {
-				return err
+	return s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		removed := false
+		for _, dev := range devs {
+			res, err := tx.ExecContext(ctx, `DELETE FROM devices WHERE user_id = ? AND device_id = ?`, userID, dev)
+			if err != nil {
+				return nil, err
+			}
+			if n, _ := res.RowsAffected(); n > 0 {
+				removed = true
+			}
+			for _, q := range []string{
+				`DELETE FROM tokens WHERE user_id = ? AND device_id = ?`,
+				`DELETE FROM device_keys WHERE user_id = ? AND device_id = ?`,
+				`DELETE FROM one_time_keys WHERE user_id = ? AND device_id = ?`,
+				`DELETE FROM fallback_keys WHERE user_id = ? AND device_id = ?`,
+				`DELETE FROM to_device WHERE user_id = ? AND device_id = ?`,
+				`DELETE FROM key_signatures WHERE target_user = ? AND target_key = ?`,
+			} {
+				if _, err := tx.ExecContext(ctx, q, userID, dev); err != nil {
+					return nil, err
+				}
 			}
 		}
-	}
-	var pos int64
-	if removed {
-		if pos, err = s.deviceListChanged(ctx, tx, userID); err != nil {
-			return err
+		if !removed {
+			return nil, nil
 		}
-	}
-	if err := tx.Commit(); err != nil {
-		return err
-	}
-	if removed {
-		s.wake()
-		s.notifyDeviceList(ctx, userID, pos)
-	}
-	return nil
+		return []string{userID}, nil
+	})
 }
 
 // uiaAuth is the auth object of a request under user-interactive auth.

@@ -65,11 +65,14 @@ var (
 	errNotFound      = &mxError{Status: http.StatusNotFound, Code: "M_NOT_FOUND"}
 	errUnrecognized  = &mxError{Status: http.StatusNotFound, Code: "M_UNRECOGNIZED"}
 	errMethod        = &mxError{Status: http.StatusMethodNotAllowed, Code: "M_UNRECOGNIZED"}
-	errConflict      = &mxError{Status: http.StatusConflict, Code: "M_UNKNOWN"}
-	errOverwrite     = &mxError{Status: http.StatusConflict, Code: "M_CANNOT_OVERWRITE_MEDIA"}
-	errTooLarge      = &mxError{Status: http.StatusRequestEntityTooLarge, Code: "M_TOO_LARGE"}
-	errNotYetUp      = &mxError{Status: http.StatusGatewayTimeout, Code: "M_NOT_YET_UPLOADED"}
-	errInternal      = &mxError{Status: http.StatusInternalServerError, Code: "M_UNKNOWN", Msg: "internal server error"}
+	// errServerOwned answers a client write to account data the server
+	// controls (m.fully_read, m.push_rules): the spec's 405 M_BAD_JSON.
+	errServerOwned = &mxError{Status: http.StatusMethodNotAllowed, Code: "M_BAD_JSON"}
+	errConflict    = &mxError{Status: http.StatusConflict, Code: "M_UNKNOWN"}
+	errOverwrite   = &mxError{Status: http.StatusConflict, Code: "M_CANNOT_OVERWRITE_MEDIA"}
+	errTooLarge    = &mxError{Status: http.StatusRequestEntityTooLarge, Code: "M_TOO_LARGE"}
+	errNotYetUp    = &mxError{Status: http.StatusGatewayTimeout, Code: "M_NOT_YET_UPLOADED"}
+	errInternal    = &mxError{Status: http.StatusInternalServerError, Code: "M_UNKNOWN", Msg: "internal server error"}
 	// errUnavailable answers a write the log could not take (a full disk,
 	// a database that is down): nothing of it happened, retry it.
 	errUnavailable = &mxError{Status: http.StatusServiceUnavailable, Code: "M_UNKNOWN", Msg: "the server could not store this now; retry", RetryAfter: time.Second}

@@ -346,8 +346,7 @@ func (s *Server) auth(r *http.Request) (*caller, error) {
 			if err := set.CanMasquerade(as, u); err != nil {
 				return nil, err
 			}
-			var x string
-			ok, err := s.st.one(ctx, &x, `SELECT user_id FROM users WHERE user_id = ?`, u)
+			ok, err := s.registered(ctx, u)
 			if err != nil {
 				return nil, err
 			}

@@ -123,82 +123,71 @@ func (s *Server) uploadKeys(r *request, req *reqUploadKeys) (any, error) {
 	ctx := r.Context()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Rollback()
-	changed := false
-	if devKeys != nil {
-		var old []byte
-		if _, err := one(ctx, tx, `SELECT json FROM device_keys WHERE user_id = ? AND device_id = ?`, []any{r.c.userID, dev}, &old); err != nil {
-			return nil, err
-		}
-		if !bytes.Equal(old, devKeys) {
-			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO device_keys (user_id, device_id, json) VALUES (?, ?, ?)`, r.c.userID, dev, devKeys); err != nil {
+	var counts KeyCounts
+	err = s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		changed := false
+		if devKeys != nil {
+			var old []byte
+			if _, err := one(ctx, tx, `SELECT json FROM device_keys WHERE user_id = ? AND device_id = ?`, []any{r.c.userID, dev}, &old); err != nil {
 				return nil, err
 			}
-			changed = true
-		}
-	}
-	for _, keyID := range sortedKeys(req.OneTimeKeys) {
-		alg, err := keyAlgorithm(keyID)
-		if err != nil {
-			return nil, err
-		}
-		js, err := compactJSON(req.OneTimeKeys[keyID])
-		if err != nil {
-			return nil, err
-		}
-		var old []byte
-		found, err := one(ctx, tx, `SELECT json FROM one_time_keys WHERE user_id = ? AND device_id = ? AND key_id = ?`, []any{r.c.userID, dev, keyID}, &old)
-		if err != nil {
-			return nil, err
-		}
-		if found {
-			if !bytes.Equal(old, js) {
-				return nil, errInvalidParam.With("one-time key %s already exists with other content", keyID)
+			if !bytes.Equal(old, devKeys) {
+				if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO device_keys (user_id, device_id, json) VALUES (?, ?, ?)`, r.c.userID, dev, devKeys); err != nil {
+					return nil, err
+				}
+				changed = true
 			}
-			continue
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO one_time_keys (user_id, device_id, key_id, algorithm, json) VALUES (?, ?, ?, ?, ?)`, r.c.userID, dev, keyID, alg, js); err != nil {
-			return nil, err
+		for _, keyID := range sortedKeys(req.OneTimeKeys) {
+			alg, err := keyAlgorithm(keyID)
+			if err != nil {
+				return nil, err
+			}
+			js, err := compactJSON(req.OneTimeKeys[keyID])
+			if err != nil {
+				return nil, err
+			}
+			var old []byte
+			found, err := one(ctx, tx, `SELECT json FROM one_time_keys WHERE user_id = ? AND device_id = ? AND key_id = ?`, []any{r.c.userID, dev, keyID}, &old)
+			if err != nil {
+				return nil, err
+			}
+			if found {
+				if !bytes.Equal(old, js) {
+					return nil, errInvalidParam.With("one-time key %s already exists with other content", keyID)
+				}
+				continue
+			}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO one_time_keys (user_id, device_id, key_id, algorithm, json) VALUES (?, ?, ?, ?, ?)`, r.c.userID, dev, keyID, alg, js); err != nil {
+				return nil, err
+			}
 		}
-	}
-	for _, keyID := range sortedKeys(fallback) {
-		alg, err := keyAlgorithm(keyID)
-		if err != nil {
-			return nil, err
-		}
-		js, err := compactJSON(fallback[keyID])
-		if err != nil {
-			return nil, err
-		}
-		// A new fallback key replaces the algorithm's old one, used or not;
-		// the same key again keeps its used flag.
-		if _, err := tx.ExecContext(ctx, `INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, json) VALUES (?, ?, ?, ?, ?)
+		for _, keyID := range sortedKeys(fallback) {
+			alg, err := keyAlgorithm(keyID)
+			if err != nil {
+				return nil, err
+			}
+			js, err := compactJSON(fallback[keyID])
+			if err != nil {
+				return nil, err
+			}
+			// A new fallback key replaces the algorithm's old one, used or not;
+			// the same key again keeps its used flag.
+			if _, err := tx.ExecContext(ctx, `INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, json) VALUES (?, ?, ?, ?, ?)
 			ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = excluded.key_id, json = excluded.json,
 			used = CASE WHEN fallback_keys.key_id = excluded.key_id AND fallback_keys.json = excluded.json THEN fallback_keys.used ELSE 0 END`,
-			r.c.userID, dev, alg, keyID, js); err != nil {
+				r.c.userID, dev, alg, keyID, js); err != nil {
+				return nil, err
+			}
+		}
+		var err error
+		if counts, err = keyCounts(ctx, tx, r.c.userID, dev); err != nil || !changed {
 			return nil, err
 		}
-	}
-	var pos int64
-	if changed {
-		if pos, err = s.deviceListChanged(ctx, tx, r.c.userID); err != nil {
-			return nil, err
-		}
-	}
-	counts, err := keyCounts(ctx, tx, r.c.userID, dev)
+		return []string{r.c.userID}, nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, err
-	}
-	if changed {
-		s.wake()
-		s.notifyDeviceList(ctx, r.c.userID, pos)
 	}
 	if len(req.OneTimeKeys) > 0 || len(fallback) > 0 {
 		s.notifyCounts(ctx, counts)
@@ -244,6 +233,38 @@ func (s *Server) deviceListChanged(ctx context.Context, tx querier, userID strin
 		return 0, err
 	}
 	return res.LastInsertId()
+}
+
+// deviceListTx runs f in a transaction; f returns the users whose devices
+// or keys it changed. Each gets a device list stream entry in the same
+// transaction and, once it is committed, a notification. The caller holds
+// s.mu.
+func (s *Server) deviceListTx(ctx context.Context, f func(tx *sql.Tx) ([]string, error)) error {
+	tx, err := s.st.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	users, err := f(tx)
+	if err != nil {
+		return err
+	}
+	positions := make([]int64, len(users))
+	for i, u := range users {
+		if positions[i], err = s.deviceListChanged(ctx, tx, u); err != nil {
+			return err
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	if len(users) > 0 {
+		s.wake()
+	}
+	for i, u := range users {
+		s.notifyDeviceList(ctx, u, positions[i])
+	}
+	return nil
 }
 
 // notifyDeviceList hands a committed change of userID's devices or keys to
@@ -744,25 +765,17 @@ func (s *Server) uploadCrossSigning(r *request, req *reqCrossSigning) (any, erro
 			}
 		}
 	}
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Rollback()
-	for usage, js := range keys {
-		if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO cross_signing_keys (user_id, usage, json) VALUES (?, ?, ?)`, r.c.userID, usage, js); err != nil {
-			return nil, err
+	err = s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		for usage, js := range keys {
+			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO cross_signing_keys (user_id, usage, json) VALUES (?, ?, ?)`, r.c.userID, usage, js); err != nil {
+				return nil, err
+			}
 		}
-	}
-	pos, err := s.deviceListChanged(ctx, tx, r.c.userID)
+		return []string{r.c.userID}, nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	if err := tx.Commit(); err != nil {
-		return nil, err
-	}
-	s.wake()
-	s.notifyDeviceList(ctx, r.c.userID, pos)
 	return empty, nil
 }
 
@@ -781,57 +794,43 @@ func (s *Server) uploadSignatures(r *request, req *map[string]map[string]json.Ra
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tx, err := s.st.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Rollback()
-	targets := map[string]bool{}
-	for _, u := range sortedKeys(*req) {
-		for _, keyID := range sortedKeys((*req)[u]) {
-			var obj struct {
-				Signatures map[string]map[string]string `json:"signatures"`
-			}
-			if err := json.Unmarshal((*req)[u][keyID], &obj); err != nil {
-				fail(u, keyID, "M_BAD_JSON", "not a signed object")
-				continue
-			}
-			known, err := keyExists(ctx, tx, u, keyID)
-			if err != nil {
-				return nil, err
-			}
-			if !known {
-				fail(u, keyID, "M_NOT_FOUND", "no such key")
-				continue
-			}
-			sigs := obj.Signatures[r.c.userID]
-			if len(sigs) == 0 {
-				fail(u, keyID, "M_INVALID_SIGNATURE", "no signature by the caller")
-				continue
-			}
-			for signerKey, sig := range sigs {
-				if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO key_signatures (target_user, target_key, signer_user, signer_key, signature) VALUES (?, ?, ?, ?, ?)`,
-					u, keyID, r.c.userID, signerKey, sig); err != nil {
+	err := s.deviceListTx(ctx, func(tx *sql.Tx) ([]string, error) {
+		targets := map[string]bool{}
+		for _, u := range sortedKeys(*req) {
+			for _, keyID := range sortedKeys((*req)[u]) {
+				var obj struct {
+					Signatures map[string]map[string]string `json:"signatures"`
+				}
+				if err := json.Unmarshal((*req)[u][keyID], &obj); err != nil {
+					fail(u, keyID, "M_BAD_JSON", "not a signed object")
+					continue
+				}
+				known, err := keyExists(ctx, tx, u, keyID)
+				if err != nil {
 					return nil, err
 				}
+				if !known {
+					fail(u, keyID, "M_NOT_FOUND", "no such key")
+					continue
+				}
+				sigs := obj.Signatures[r.c.userID]
+				if len(sigs) == 0 {
+					fail(u, keyID, "M_INVALID_SIGNATURE", "no signature by the caller")
+					continue
+				}
+				for signerKey, sig := range sigs {
+					if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO key_signatures (target_user, target_key, signer_user, signer_key, signature) VALUES (?, ?, ?, ?, ?)`,
+						u, keyID, r.c.userID, signerKey, sig); err != nil {
+						return nil, err
+					}
+				}
+				targets[u] = true
 			}
-			targets[u] = true
 		}
-	}
-	positions := map[string]int64{}
-	for _, u := range setList(targets) {
-		if positions[u], err = s.deviceListChanged(ctx, tx, u); err != nil {
-			return nil, err
-		}
-	}
-	if err := tx.Commit(); err != nil {
+		return setList(targets), nil
+	})
+	if err != nil {
 		return nil, err
-	}
-	if len(targets) > 0 {
-		s.wake()
-	}
-	for _, u := range setList(targets) {
-		s.notifyDeviceList(ctx, u, positions[u])
 	}
 	return map[string]any{"failures": failures}, nil
 }

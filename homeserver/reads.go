@@ -1,6 +1,7 @@
 package homeserver
 
 import (
+	"errors"
 	"strconv"
 	"strings"
 )
@@ -163,8 +164,13 @@ func (s *Server) joinedMembers(r *request) (any, error) {
 	return map[string]any{"joined": joined}, nil
 }
 
+// getEvent answers 404 to a caller who may not read the room, as the spec
+// (and Synapse) do: an event it may not see is one not found.
 func (s *Server) getEvent(r *request) (any, error) {
 	roomID, upto, err := s.historyRoom(r)
+	if errors.Is(err, errForbidden) {
+		return nil, errNotFound.With("event not found")
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -191,12 +191,12 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// storeOpener returns how to open the dispatcher's store: nil for SQLite in
-// data_dir.
 // serveFaults, set only in a binary built with the asdispatch_faults tag
 // (faults.go), installs test fault points from the environment.
 var serveFaults func(*homeserver.Config)
 
+// storeOpener returns how to open the dispatcher's store: nil for SQLite in
+// data_dir.
 func storeOpener(cfg serveConfig) (func(context.Context, txnstore.Options) (txnstore.Store, error), error) {
 	switch cfg.Database.Backend {
 	case "", "sqlite":
