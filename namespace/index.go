@@ -23,9 +23,10 @@ type entry struct {
 func (e *entry) match(id string) bool {
 	re := e.re.Load()
 	if re == nil {
+		// Compile checked every pattern: compile without checking again.
 		var err error
-		if re, err = compileAnchored(e.regex); err != nil {
-			return false // unreachable: Compile checked every pattern
+		if re, err = regexp.Compile(`^(?:` + e.regex + `)`); err != nil {
+			return false // unreachable
 		}
 		e.re.Store(re)
 	}

@@ -278,14 +278,13 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 		k, v := n.Content[i], n.Content[i+1]
 		field := "namespaces." + k.Value
 		var dst *[]Namespace
-		var kind namespace.Kind
 		switch k.Value {
 		case "users":
-			dst, kind = &ns.Users, namespace.Users
+			dst = &ns.Users
 		case "aliases":
-			dst, kind = &ns.Aliases, namespace.Aliases
+			dst = &ns.Aliases
 		case "rooms":
-			dst, kind = &ns.Rooms, namespace.Rooms
+			dst = &ns.Rooms
 		default:
 			p.fail(k, field, "unknown namespace kind (want users, aliases or rooms)")
 			continue
@@ -334,7 +333,6 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 			if !hasExcl {
 				p.fail(e, ef+".exclusive", "required")
 			}
-			_ = kind
 			*dst = append(*dst, entry)
 		}
 	}
