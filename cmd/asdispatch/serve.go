@@ -313,6 +313,12 @@ loop:
 	return err
 }
 
+func writeAdminError(w http.ResponseWriter, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusUnauthorized)
+	fmt.Fprintf(w, `{"errcode":%q,"error":%q}`, code, msg)
+}
+
 // requireToken lets a request through only with "Authorization: Bearer
 // token" (compared in constant time); an empty token lets everything
 // through.
@@ -324,10 +330,13 @@ func requireToken(token string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		sum := sha256.Sum256([]byte(got))
-		if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			fmt.Fprint(w, `{"errcode":"M_UNKNOWN_TOKEN","error":"admin token required"}`)
+		if !ok || got == "" {
+			// As the client-server API answers a request without a token.
+			writeAdminError(w, "M_MISSING_TOKEN", "admin token required")
+			return
+		}
+		if subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
+			writeAdminError(w, "M_UNKNOWN_TOKEN", "unknown admin token")
 			return
 		}
 		next.ServeHTTP(w, r)

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -76,7 +77,7 @@ func TestAdminListener(t *testing.T) {
 	if admin == "" || admin == client {
 		t.Fatalf("admin address %q (client %s) in %q", admin, client, out.String())
 	}
-	get := func(addr, path, token string) int {
+	get := func(addr, path, token string) (int, string) {
 		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
@@ -85,27 +86,37 @@ func TestAdminListener(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		io.Copy(io.Discard, resp.Body)
+		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		return resp.StatusCode
+		var e struct {
+			Errcode string `json:"errcode"`
+		}
+		if resp.StatusCode == 401 {
+			if err := json.Unmarshal(body, &e); err != nil {
+				t.Errorf("GET %s%s: 401 body %q: %v", addr, path, body, err)
+			}
+		}
+		return resp.StatusCode, e.Errcode
 	}
 	tests := []struct {
 		addr, path, token string
 		want              int
+		errcode           string
 	}{
-		{client, "/_asdispatch/v1/appservices", "", 404},
-		{client, "/_asdispatch/v1/appservices", "s3cret+/=", 404},
-		{client, "/metrics", "", 404},
-		{admin, "/_asdispatch/v1/appservices", "", 401},
-		{admin, "/_asdispatch/v1/appservices", "wrong", 401},
-		{admin, "/metrics", "", 401},
-		{admin, "/_asdispatch/v1/appservices", "s3cret+/=", 200},
-		{admin, "/metrics", "s3cret+/=", 200},
-		{client, "/_matrix/client/versions", "", 200},
+		{client, "/_asdispatch/v1/appservices", "", 404, ""},
+		{client, "/_asdispatch/v1/appservices", "s3cret+/=", 404, ""},
+		{client, "/metrics", "", 404, ""},
+		{admin, "/_asdispatch/v1/appservices", "", 401, "M_MISSING_TOKEN"},
+		{admin, "/_asdispatch/v1/appservices", "wrong", 401, "M_UNKNOWN_TOKEN"},
+		{admin, "/metrics", "", 401, "M_MISSING_TOKEN"},
+		{admin, "/_asdispatch/v1/appservices", "s3cret+/=", 200, ""},
+		{admin, "/metrics", "s3cret+/=", 200, ""},
+		{client, "/_matrix/client/versions", "", 200, ""},
 	}
 	for _, tt := range tests {
-		if got := get(tt.addr, tt.path, tt.token); got != tt.want {
-			t.Errorf("GET %s%s (token %q) = %d, want %d", tt.addr, tt.path, tt.token, got, tt.want)
+		got, code := get(tt.addr, tt.path, tt.token)
+		if got != tt.want || code != tt.errcode {
+			t.Errorf("GET %s%s (token %q) = %d %s, want %d %s", tt.addr, tt.path, tt.token, got, code, tt.want, tt.errcode)
 		}
 	}
 }
