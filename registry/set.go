@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/asdispatch/asdispatch/namespace"
 )
@@ -70,26 +73,57 @@ func Load(serverName string, paths ...string) (*Set, []Warning, error) {
 	var regs []*Registration
 	var parsed [][]*namespace.Parsed
 	var warns []Warning
-	cache := map[string]*namespace.Parsed{}
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("registration: %w", err))
+	for _, f := range parseFiles(files) {
+		warns = append(warns, f.warns...)
+		if f.err != nil {
+			errs = append(errs, f.err)
 			continue
 		}
-		r, w, ps, err := parse(f, data, cache)
-		warns = append(warns, w...)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		regs, parsed = append(regs, r), append(parsed, ps)
+		regs, parsed = append(regs, f.reg), append(parsed, f.parsed)
 	}
 	if len(errs) > 0 {
 		return nil, warns, errors.Join(errs...)
 	}
 	set, w, err := newSet(serverName, regs, parsed)
 	return set, append(warns, w...), err
+}
+
+// parsedFile is one registration file read and parsed.
+type parsedFile struct {
+	reg    *Registration
+	warns  []Warning
+	parsed []*namespace.Parsed
+	err    error
+}
+
+// parseFiles reads and parses files, on every CPU: a host with thousands
+// of ASes has as many files, and parsing YAML is most of their load.
+func parseFiles(files []string) []parsedFile {
+	out := make([]parsedFile, len(files))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(files)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cache := map[string]*namespace.Parsed{} // one per worker: no lock
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(files) {
+					return
+				}
+				data, err := os.ReadFile(files[i])
+				if err != nil {
+					out[i].err = fmt.Errorf("registration: %w", err)
+					continue
+				}
+				f := &out[i]
+				f.reg, f.warns, f.parsed, f.err = parse(files[i], data, cache)
+			}
+		}()
+	}
+	wg.Wait()
+	return out
 }
 
 // NewSet builds a Set from parsed registrations.

@@ -1,0 +1,72 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
+	"github.com/asdispatch/asdispatch/queue"
+	"github.com/asdispatch/asdispatch/registry"
+)
+
+// FigStartup is a server's start: the registration files read from a
+// directory, and a dispatcher on its store ready to Submit.
+const FigStartup = "start-up: registrations loaded and dispatcher ready"
+
+// startupResult is one start-up measured twice: on a fresh store, where
+// every AS is added, and again on that store, as a restart finds it.
+type startupResult struct{ first, restart time.Duration }
+
+// writeRegistrations writes the registration file of every AS of cfg to
+// dir, as an operator's directory of them.
+func writeRegistrations(cfg *Config, srv *servers, dir string) error {
+	for i := 0; i < cfg.ASes; i++ {
+		y := cfg.registrationYAML(i, srv.as[i].url, srv.as[i].token)
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("as%05d.yaml", i)), []byte(y), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startup times registry.Load of cfg's registration files and
+// dispatcher.New on the store, as a server starts: first on a fresh store,
+// then again on the same one.
+func startup(ctx context.Context, cfg *Config, srv *servers) (startupResult, error) {
+	dir, err := os.MkdirTemp("", "asdispatch-bench-registrations-")
+	if err != nil {
+		return startupResult{}, fmt.Errorf("temp dir: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	if err := writeRegistrations(cfg, srv, dir); err != nil {
+		return startupResult{}, fmt.Errorf("registrations: %w", err)
+	}
+	env, err := newStoreEnv(ctx, cfg)
+	if err != nil {
+		return startupResult{}, err
+	}
+	defer env.close()
+	start := func() (time.Duration, error) {
+		t0 := time.Now()
+		set, _, err := registry.Load(server, dir)
+		if err != nil {
+			return 0, fmt.Errorf("registrations: %w", err)
+		}
+		d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), OpenStore: env.open,
+			Queue: queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes}})
+		if err != nil {
+			return 0, fmt.Errorf("dispatcher: %w", err)
+		}
+		took := time.Since(t0)
+		return took, d.Close(ctx)
+	}
+	var r startupResult
+	if r.first, err = start(); err != nil {
+		return r, err
+	}
+	r.restart, err = start()
+	return r, err
+}
