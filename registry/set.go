@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,23 +108,47 @@ func parseFiles(files []string) []parsedFile {
 		go func() {
 			defer wg.Done()
 			cache := map[string]*namespace.Parsed{} // one per worker: no lock
+			var buf []byte                          // parse keeps nothing of it
 			for {
 				i := int(next.Add(1) - 1)
 				if i >= len(files) {
 					return
 				}
-				data, err := os.ReadFile(files[i])
-				if err != nil {
+				var err error
+				if buf, err = readFile(files[i], buf[:0]); err != nil {
 					out[i].err = fmt.Errorf("registration: %w", err)
 					continue
 				}
 				f := &out[i]
-				f.reg, f.warns, f.parsed, f.err = parse(files[i], data, cache)
+				f.reg, f.warns, f.parsed, f.err = parse(files[i], buf, cache)
 			}
 		}()
 	}
 	wg.Wait()
 	return out
+}
+
+// readFile is os.ReadFile into buf, without its stat: a registration is
+// small, and the buffer is reused for the next.
+func readFile(name string, buf []byte) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return buf, err
+	}
+	defer f.Close()
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := f.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
 }
 
 // NewSet builds a Set from parsed registrations.
