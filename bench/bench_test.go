@@ -58,6 +58,7 @@ func TestRunSmall(t *testing.T) {
 		{FigBacklogged, false, false},
 		{FigRSS, false, false},
 		{FigGoroutines, false, false},
+		{FigStartup, false, false},
 	}
 	for _, tt := range tests {
 		f, ok := rep.Figure(tt.name)

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"context"
 	"runtime"
 	"testing"
 	"time"
@@ -43,4 +44,32 @@ func BenchmarkRegistrations(b *testing.B) {
 			b.ReportMetric(took.Seconds()/float64(b.N), "s-build")
 		})
 	}
+}
+
+// BenchmarkStartup times a server's start at 10,000 ASes: the
+// registration files read from a directory and a dispatcher ready on a
+// fresh SQLite store (s-first), then on the same store again (s-restart,
+// of which s-load is registry.Load; s-cpu-restart is its CPU time):
+//
+//	go test -run '^$' -bench Startup -benchtime 1x ./bench/
+func BenchmarkStartup(b *testing.B) {
+	cfg := Config{ASes: 10000}
+	cfg.defaults()
+	srv, err := startServers(cfg.ASes, true)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(srv.close)
+	var first, restart, load, cpu time.Duration
+	for range b.N {
+		r, err := startup(context.Background(), &cfg, srv)
+		if err != nil {
+			b.Fatal(err)
+		}
+		first, restart, load, cpu = first+r.first, restart+r.restart, load+r.load, cpu+r.cpu
+	}
+	b.ReportMetric(load.Seconds()/float64(b.N), "s-load")
+	b.ReportMetric(cpu.Seconds()/float64(b.N), "s-cpu-restart")
+	b.ReportMetric(first.Seconds()/float64(b.N), "s-first")
+	b.ReportMetric(restart.Seconds()/float64(b.N), "s-restart")
 }

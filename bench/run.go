@@ -116,6 +116,7 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 	}
 	rep := &Report{Config: cfg}
 	steps := 3 + 3*cfg.Rounds + len(cfg.Processes) // matcher, decisions, done; end to end, limit, baseline a round
+	steps++                                        // start-up
 	if !cfg.SkipHalfLoad {
 		steps++
 	}
@@ -133,6 +134,12 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
 	rep.Figures = append(rep.Figures, dec)
+	next("start-up")
+	su, err := startup(ctx, &cfg, srv)
+	if err != nil {
+		return nil, fmt.Errorf("bench: start-up: %w", err)
+	}
+	rep.Figures = append(rep.Figures, su.figure())
 
 	var rss float64 // the highest peak of the asdispatch phases
 	var goroutines float64

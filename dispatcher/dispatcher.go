@@ -15,6 +15,7 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/asdispatch/asdispatch/asapi"
 	"github.com/asdispatch/asdispatch/metrics"
@@ -200,12 +201,10 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		msc3202: make([]bool, len(all)),
 		rooms:   newRooms(set, d.cfg.RoomState, d.cfg.RoomCacheSize, d.locks),
 	}
+	if err := ensureASes(ctx, d.store, all, v.keys); err != nil {
+		return err
+	}
 	for i, as := range all {
-		key, err := d.store.EnsureAS(ctx, as.ID)
-		if err != nil {
-			return fmt.Errorf("dispatcher: reload: appservice %s: %w", as.ID, err)
-		}
-		v.keys[i] = key
 		v.push[i] = as.HasURL || d.cfg.Websocket
 		v.eph[i] = as.ReceiveEphemeral
 		v.msc3202[i] = as.MSC3202
@@ -238,6 +237,29 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		}
 	}
 	return nil
+}
+
+// ensureWorkers is how many EnsureAS calls are in flight at once: the
+// store commits concurrent calls together, where one at a time would cost
+// a commit (an fsync for a new AS) each, minutes for 10,000 ASes.
+const ensureWorkers = 256
+
+// ensureASes sets keys[i] to the store key of all[i], adding the ASes the
+// store does not have yet.
+func ensureASes(ctx context.Context, store txnstore.Store, all []*registry.AppService, keys []txnstore.ASKey) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.SetLimit(ensureWorkers)
+	for i, as := range all {
+		g.Go(func() error {
+			key, err := store.EnsureAS(ctx, as.ID)
+			if err != nil {
+				return fmt.Errorf("dispatcher: reload: appservice %s: %w", as.ID, err)
+			}
+			keys[i] = key
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
 // format is the body layout of an AS: ephemeral events under the stable

@@ -55,7 +55,11 @@ func analyze(pattern string) literals {
 	if err != nil {
 		return literals{}
 	}
-	re = re.Simplify()
+	return analyzeTree(re.Simplify())
+}
+
+// analyzeTree is analyze of a parsed, simplified pattern.
+func analyzeTree(re *syntax.Regexp) literals {
 	l := extract(re, false)
 	if !hasFoldCase(re) {
 		return l

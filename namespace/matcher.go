@@ -17,14 +17,27 @@ type Matcher struct {
 
 // Compile builds a matcher from patterns. Every bad pattern is reported, as a
 // *PatternError joined with errors.Join.
-func Compile(patterns []Pattern) (*Matcher, error) {
-	// Only checked here: each regex is compiled when a lookup first needs
-	// it (see entry).
+func Compile(patterns []Pattern) (*Matcher, error) { return CompileParsed(patterns, nil) }
+
+// CompileParsed is Compile for patterns of which some are parsed already:
+// parsed[i], when not nil, is Parse(patterns[i].Regex), which is then not
+// parsed again. parsed may be shorter than patterns, or nil.
+func CompileParsed(patterns []Pattern, parsed []*Parsed) (*Matcher, error) {
+	// Only checked and analyzed here: each regex is compiled when a lookup
+	// first needs it (see entry).
 	var errs []error
+	all := make([]literals, len(patterns))
 	for i, pat := range patterns {
-		if err := check(pat.Regex); err != nil {
-			errs = append(errs, &PatternError{Index: i, Regex: pat.Regex, Reason: err.Error(), Err: err})
+		if i < len(parsed) && parsed[i] != nil && parsed[i].regex == pat.Regex {
+			all[i] = parsed[i].lits
+			continue
 		}
+		re, err := parseChecked(pat.Regex)
+		if err != nil {
+			errs = append(errs, &PatternError{Index: i, Regex: pat.Regex, Reason: err.Error(), Err: err})
+			continue
+		}
+		all[i] = analyzeTree(re.Simplify())
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -40,11 +53,11 @@ func Compile(patterns []Pattern) (*Matcher, error) {
 		// Sized once: an entry holds an atomic pointer and is not copied.
 		pats := make([]entry, counts[k])
 		lits := make([]literals, 0, counts[k])
-		for _, pat := range patterns {
+		for i, pat := range patterns {
 			if pat.Kind == k {
 				e := &pats[len(lits)]
 				e.owner, e.exclusive, e.regex = pat.Owner, pat.Exclusive, pat.Regex
-				lits = append(lits, analyze(pat.Regex))
+				lits = append(lits, all[i])
 			}
 		}
 		m.kinds[k] = buildIndex(pats, lits)
@@ -141,24 +154,52 @@ func compileAnchored(regex string) (*regexp.Regexp, error) {
 // check is compileAnchored without building the program: regexp.Compile
 // fails exactly when parsing with syntax.Perl does.
 func check(regex string) error {
+	_, err := parseChecked(regex)
+	return err
+}
+
+// parseChecked parses regex for the checks and the analyses. The pattern
+// must parse as written, as Synapse (Python's re) needs it to: inside the
+// compiled `^(?:...)`, `a)|(b` would parse (and match b anywhere). Only a
+// pattern that may differ there (a \Q quote, a counted repetition near the
+// size limit, nesting near the depth limit) is parsed wrapped too.
+func parseChecked(regex string) (*syntax.Regexp, error) {
 	if len(regex) > maxPatternLen {
-		return fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
+		return nil, fmt.Errorf("pattern is %d bytes, more than %d", len(regex), maxPatternLen)
 	}
 	for _, la := range []string{"(?=", "(?!", "(?<=", "(?<!"} {
 		if strings.Contains(regex, la) {
-			return fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround)", la)
+			return nil, fmt.Errorf("lookaround %s is not supported (Go's RE2 has no lookaround)", la)
 		}
 	}
-	_, err := syntax.Parse(`^(?:`+regex+`)`, syntax.Perl)
+	re, err := syntax.Parse(regex, syntax.Perl)
+	if err == nil && mayFailWrapped(regex) {
+		_, err = syntax.Parse(`^(?:`+regex+`)`, syntax.Perl)
+	}
 	if err == nil {
-		return nil
+		return re, nil
 	}
 	var se *syntax.Error
 	if errors.As(err, &se) {
 		switch {
 		case se.Code == syntax.ErrInvalidEscape && len(se.Expr) == 2 && se.Expr[1] >= '1' && se.Expr[1] <= '9':
-			return fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
+			return nil, fmt.Errorf("backreference %s is not supported (Go's RE2 has no backreferences): %w", se.Expr, err)
 		}
 	}
-	return err
+	return nil, err
 }
+
+// mayFailWrapped reports whether regex, which parses, might not parse
+// inside `^(?:...)`: a \Q quote runs over the closing parenthesis; the
+// wrapper adds an instruction to a counted repetition's size and a level
+// to the tree's height, which each group adds at most 3 to (capture,
+// alternation, concatenation) and each repetition 1.
+func mayFailWrapped(regex string) bool {
+	if strings.Contains(regex, `\Q`) || strings.Contains(regex, "{") {
+		return true
+	}
+	return 3*strings.Count(regex, "(")+strings.Count(regex, "*")+strings.Count(regex, "+")+strings.Count(regex, "?")+8 >= maxHeight
+}
+
+// maxHeight is regexp/syntax's bound on a parse tree's height.
+const maxHeight = 1000

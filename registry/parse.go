@@ -61,6 +61,12 @@ type parser struct {
 	file     string
 	problems []Problem
 	warnings []Warning
+	// parsed holds each namespace's regex parsed (nil if it did not), by
+	// kind and index, for the lint and for NewSet.
+	parsed [3][]*namespace.Parsed
+	// cache shares the parse of a regex several namespaces have (nil:
+	// none).
+	cache map[string]*namespace.Parsed
 }
 
 func (p *parser) fail(n *yaml.Node, field, format string, args ...any) {
@@ -82,7 +88,27 @@ func (p *parser) warn(n *yaml.Node, field, format string, args ...any) {
 // Parse reads one registration. Every problem of the file is reported in
 // one *FileError; warnings do not stop it.
 func Parse(file string, data []byte) (*Registration, []Warning, error) {
-	p := &parser{file: file}
+	r, w, _, err := parse(file, data, nil)
+	return r, w, err
+}
+
+// parse is Parse that also returns the parsed regexes of the
+// registration's namespaces in setPatterns order, for newSet.
+func parse(file string, data []byte, cache map[string]*namespace.Parsed) (*Registration, []Warning, []*namespace.Parsed, error) {
+	p := &parser{file: file, cache: cache}
+	r, w, err := p.parse(data)
+	if err != nil {
+		return nil, w, nil, err
+	}
+	var parsed []*namespace.Parsed
+	for _, k := range []namespace.Kind{namespace.Users, namespace.Aliases, namespace.Rooms} {
+		parsed = append(parsed, p.parsed[k]...)
+	}
+	return r, w, parsed, nil
+}
+
+func (p *parser) parse(data []byte) (*Registration, []Warning, error) {
+	file := p.file
 	var doc, next yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
@@ -278,13 +304,14 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 		k, v := n.Content[i], n.Content[i+1]
 		field := "namespaces." + k.Value
 		var dst *[]Namespace
+		var kind namespace.Kind
 		switch k.Value {
 		case "users":
-			dst = &ns.Users
+			dst, kind = &ns.Users, namespace.Users
 		case "aliases":
-			dst = &ns.Aliases
+			dst, kind = &ns.Aliases, namespace.Aliases
 		case "rooms":
-			dst = &ns.Rooms
+			dst, kind = &ns.Rooms, namespace.Rooms
 		default:
 			p.fail(k, field, "unknown namespace kind (want users, aliases or rooms)")
 			continue
@@ -303,6 +330,7 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 				continue
 			}
 			entry := Namespace{Line: e.Line}
+			var parsed *namespace.Parsed
 			var hasRegex, hasExcl bool
 			for m := 0; m+1 < len(e.Content); m += 2 {
 				ek, ev := e.Content[m], e.Content[m+1]
@@ -319,7 +347,8 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 						break
 					}
 					entry.Regex = ev.Value
-					if err := namespace.Validate(entry.Regex); err != nil {
+					var err error
+					if parsed, err = p.parseRegex(entry.Regex); err != nil {
 						p.fail(ev, ef+".regex", "%v", err)
 					}
 				case "exclusive":
@@ -334,26 +363,51 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 				p.fail(e, ef+".exclusive", "required")
 			}
 			*dst = append(*dst, entry)
+			p.parsed[kind] = append(p.parsed[kind], parsed)
 		}
 	}
 }
 
-// lint warns about what is valid but will surely go wrong.
+// parseRegex checks and analyzes a namespace regex, once for every
+// namespace that has it.
+func (p *parser) parseRegex(regex string) (*namespace.Parsed, error) {
+	if pr := p.cache[regex]; pr != nil {
+		return pr, nil
+	}
+	pr, err := namespace.Parse(regex)
+	if err == nil && p.cache != nil {
+		p.cache[regex] = pr
+	}
+	return pr, err
+}
+
+// lint warns about what is valid but will surely go wrong. It asks the
+// parsed regexes, which compile one only when their literals cannot tell.
 func (p *parser) lint(r *Registration) {
 	sigils := map[namespace.Kind]string{namespace.Users: "@", namespace.Aliases: "#", namespace.Rooms: "!"}
 	for _, kind := range []namespace.Kind{namespace.Users, namespace.Aliases, namespace.Rooms} {
 		for i, n := range r.Namespaces.Of(kind) {
 			field := fmt.Sprintf("namespaces.%s[%d].regex", kind, i)
-			re, err := regexp.Compile(`^(?:` + n.Regex + `)`)
-			if err != nil {
+			pr := p.parsed[kind][i]
+			if pr == nil {
 				continue
 			}
 			sig := sigils[kind]
-			plain, _ := regexp.Compile(n.Regex)
-			if lit, _ := plain.LiteralPrefix(); lit != "" && !strings.HasPrefix(lit, sig) && !strings.HasPrefix(sig, lit) {
+			conflicts := func(lit string) bool {
+				return lit != "" && !strings.HasPrefix(lit, sig) && !strings.HasPrefix(sig, lit)
+			}
+			lit, sure := pr.LiteralPrefix()
+			if !sure && conflicts(lit) {
+				// A one-pass program has this prefix, any other none.
+				lit = ""
+				if plain, err := regexp.Compile(n.Regex); err == nil {
+					lit, _ = plain.LiteralPrefix()
+				}
+			}
+			if conflicts(lit) {
 				p.warnLine(n.Line, field, "can never match: %s IDs start with %q", kind, sig)
 			}
-			if re.MatchString(sig) && (re.MatchString(sig+"a:b") && re.MatchString(sig+"zz_9:other.example")) && kind != namespace.Rooms {
+			if kind != namespace.Rooms && pr.Match(sig) && pr.Match(sig+"a:b") && pr.Match(sig+"zz_9:other.example") {
 				p.warnLine(n.Line, field, "%q matches every %s", n.Regex, kind)
 			}
 			if kind == namespace.Rooms && strings.Contains(n.Regex, ":") {

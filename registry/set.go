@@ -4,12 +4,14 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
-	"regexp"
-	"regexp/syntax"
+	"runtime"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/asdispatch/asdispatch/namespace"
 )
@@ -70,30 +72,94 @@ func Load(serverName string, paths ...string) (*Set, []Warning, error) {
 		files = append(files, found...)
 	}
 	var regs []*Registration
+	var parsed [][]*namespace.Parsed
 	var warns []Warning
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("registration: %w", err))
+	for _, f := range parseFiles(files) {
+		warns = append(warns, f.warns...)
+		if f.err != nil {
+			errs = append(errs, f.err)
 			continue
 		}
-		r, w, err := Parse(f, data)
-		warns = append(warns, w...)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		regs = append(regs, r)
+		regs, parsed = append(regs, f.reg), append(parsed, f.parsed)
 	}
 	if len(errs) > 0 {
 		return nil, warns, errors.Join(errs...)
 	}
-	set, w, err := NewSet(serverName, regs)
+	set, w, err := newSet(serverName, regs, parsed)
 	return set, append(warns, w...), err
+}
+
+// parsedFile is one registration file read and parsed.
+type parsedFile struct {
+	reg    *Registration
+	warns  []Warning
+	parsed []*namespace.Parsed
+	err    error
+}
+
+// parseFiles reads and parses files, on every CPU: a host with thousands
+// of ASes has as many files, and parsing YAML is most of their load.
+func parseFiles(files []string) []parsedFile {
+	out := make([]parsedFile, len(files))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(files)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cache := map[string]*namespace.Parsed{} // one per worker: no lock
+			var buf []byte                          // parse keeps nothing of it
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(files) {
+					return
+				}
+				var err error
+				if buf, err = readFile(files[i], buf[:0]); err != nil {
+					out[i].err = fmt.Errorf("registration: %w", err)
+					continue
+				}
+				f := &out[i]
+				f.reg, f.warns, f.parsed, f.err = parse(files[i], buf, cache)
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// readFile is os.ReadFile into buf, without its stat: a registration is
+// small, and the buffer is reused for the next.
+func readFile(name string, buf []byte) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return buf, err
+	}
+	defer f.Close()
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := f.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
 }
 
 // NewSet builds a Set from parsed registrations.
 func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
+	return newSet(serverName, regs, nil)
+}
+
+// newSet is NewSet given, when parsed is not nil, the parsed regexes of
+// each registration's namespaces (parsed[i] for regs[i], in setPatterns
+// order), which are then not parsed again.
+func newSet(serverName string, regs []*Registration, parsed [][]*namespace.Parsed) (*Set, []Warning, error) {
 	s := &Set{
 		serverName: serverName,
 		byID:       make(map[string]*AppService, len(regs)),
@@ -105,7 +171,8 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 	hsTokens := map[[32]byte]*Registration{}
 	var pats []namespace.Pattern
 	var refs []nsRef // refs[i] says where pats[i] comes from
-	for _, r := range regs {
+	var pps []*namespace.Parsed
+	for ri, r := range regs {
 		if o := s.byID[r.ID]; o != nil {
 			errs = append(errs, &DuplicateError{Field: "id", Value: r.ID, File: r.File, Other: o.File})
 			continue
@@ -124,23 +191,32 @@ func NewSet(serverName string, regs []*Registration) (*Set, []Warning, error) {
 		s.ases = append(s.ases, as)
 		s.byID[r.ID], s.byToken[tok] = as, as
 		s.senders[as.SenderUserID] = append(s.senders[as.SenderUserID], as.Index)
+		j := 0
 		for _, k := range []namespace.Kind{namespace.Users, namespace.Aliases, namespace.Rooms} {
 			for i, n := range r.Namespaces.Of(k) {
 				pats = append(pats, namespace.Pattern{Kind: k, Owner: as.Index, Regex: n.Regex, Exclusive: n.Exclusive})
 				refs = append(refs, nsRef{as: as, kind: k, index: i})
+				var pp *namespace.Parsed
+				if parsed != nil && j < len(parsed[ri]) {
+					pp = parsed[ri][j]
+				} else {
+					pp, _ = namespace.Parse(n.Regex) // nil if bad: Compile reports it
+				}
+				pps = append(pps, pp)
+				j++
 			}
 		}
 	}
 	if len(errs) > 0 {
 		return nil, warns, errors.Join(errs...)
 	}
-	m, err := namespace.Compile(pats)
+	m, err := namespace.CompileParsed(pats, pps)
 	if err != nil {
 		return nil, warns, fmt.Errorf("registry: %w", err)
 	}
 	s.matcher = m
 	warns = append(warns, s.sharedSenders()...)
-	warns = append(warns, s.overlaps(pats, refs)...)
+	warns = append(warns, s.overlaps(pats, pps, refs)...)
 	return s, warns, nil
 }
 
@@ -183,23 +259,14 @@ func (r nsRef) entry() Namespace { return r.as.Namespaces.Of(r.kind)[r.index] }
 // overlaps warns about exclusive namespaces of two ASes that claim the same
 // IDs: neither AS may then register those IDs (see CheckRegister). Finding
 // every intersection of two regexes is out of reach; instead each exclusive
-// pattern's sample IDs (see samples) are looked up in the matcher, so a
+// pattern's sample IDs (see namespace.Parsed.Samples) are looked up in the matcher, so a
 // warning always comes with an ID both claim. That covers identical regexes
 // and literal prefixes of which one starts the other (`@irc_.*` and
 // `@irc_libera_.*`), at one lookup per sample rather than a comparison of
 // every pattern with every other. The warnings do not depend on file order.
-func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
+func (s *Set) overlaps(pats []namespace.Pattern, parsed []*namespace.Parsed, refs []nsRef) []Warning {
 	type pair struct{ a, b int }
 	seen := map[pair]bool{}
-	compiled := map[int]*regexp.Regexp{}
-	re := func(i int) *regexp.Regexp {
-		if r, ok := compiled[i]; ok {
-			return r
-		}
-		r, _ := regexp.Compile(`^(?:` + pats[i].Regex + `)`) // valid: the matcher compiled it
-		compiled[i] = r
-		return r
-	}
 	// Exclusive patterns per owner and kind, to name the one that matched.
 	type ownerKind struct {
 		owner int
@@ -217,14 +284,11 @@ func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
 		if !p.Exclusive {
 			continue
 		}
-		for _, id := range samples(p.Regex) {
-			if r := re(i); r == nil || !r.MatchString(id) {
-				continue
-			}
+		for _, id := range parsed[i].Samples() {
 			// Candidates, not matches: each pattern is checked below with
-			// this function's own programs, dropped when it returns, where
-			// AppendMatch would leave one compiled in the matcher for
-			// every pattern a sample reaches (18 MiB at 10,000 ASes).
+			// its parse, dropped when NewSet returns, where AppendMatch
+			// would leave one compiled in the matcher for every pattern a
+			// sample reaches (18 MiB at 10,000 ASes).
 			hits = s.matcher.AppendCandidates(hits[:0], p.Kind, id)
 			for _, h := range hits {
 				if !h.Exclusive || h.Owner == p.Owner {
@@ -232,7 +296,7 @@ func (s *Set) overlaps(pats []namespace.Pattern, refs []nsRef) []Warning {
 				}
 				for _, j := range excl[ownerKind{h.Owner, p.Kind}] {
 					k := pair{min(i, j), max(i, j)}
-					if seen[k] || !re(j).MatchString(id) {
+					if seen[k] || !parsed[j].Match(id) {
 						continue
 					}
 					seen[k] = true
@@ -277,80 +341,6 @@ func overlapWarning(a, b nsRef, id string) Warning {
 	return Warning{File: a.as.File, Line: a.entry().Line, Field: a.field(),
 		Message: fmt.Sprintf("exclusive regex %q of AS %s overlaps exclusive regex %q of AS %s (%s:%d %s): both claim IDs like %q, which neither AS may then register",
 			a.entry().Regex, a.as.ID, b.entry().Regex, b.as.ID, b.as.File, b.entry().Line, b.field(), id)}
-}
-
-// maxSamples bounds the sample IDs drawn from one pattern.
-const maxSamples = 16
-
-// samples returns short strings the pattern's regex may match: the shortest
-// choice for every repetition, each alternative of an alternation (up to
-// maxSamples), the first rune of every class. Callers check them against
-// the regex: anchors are left out and may make a sample not match.
-func samples(pattern string) []string {
-	re, err := syntax.Parse(pattern, syntax.Perl)
-	if err != nil {
-		return nil
-	}
-	return sampleOf(re.Simplify())
-}
-
-func sampleOf(re *syntax.Regexp) []string {
-	switch re.Op {
-	case syntax.OpLiteral:
-		return []string{string(re.Rune)}
-	case syntax.OpCharClass:
-		if len(re.Rune) == 0 {
-			return nil
-		}
-		return []string{string(re.Rune[0])}
-	case syntax.OpAnyChar, syntax.OpAnyCharNotNL:
-		return []string{"x"}
-	case syntax.OpCapture:
-		return sampleOf(re.Sub[0])
-	case syntax.OpStar, syntax.OpQuest:
-		return []string{""}
-	case syntax.OpPlus:
-		return sampleOf(re.Sub[0])
-	case syntax.OpRepeat:
-		if re.Min == 0 {
-			return []string{""}
-		}
-		sub := sampleOf(re.Sub[0])
-		for i := range sub {
-			sub[i] = strings.Repeat(sub[i], re.Min)
-		}
-		return sub
-	case syntax.OpAlternate:
-		var out []string
-		for _, sub := range re.Sub {
-			out = append(out, sampleOf(sub)...)
-			if len(out) >= maxSamples {
-				return out[:maxSamples]
-			}
-		}
-		return out
-	case syntax.OpConcat:
-		cur := []string{""}
-		for _, sub := range re.Sub {
-			next := sampleOf(sub)
-			if len(next) == 0 {
-				return nil
-			}
-			var out []string
-			for _, a := range cur {
-				for _, b := range next {
-					if len(out) < maxSamples {
-						out = append(out, a+b)
-					}
-				}
-			}
-			cur = out
-		}
-		return cur
-	case syntax.OpNoMatch:
-		return nil
-	}
-	return []string{""} // empty match and the assertions
 }
 
 // ServerName is the homeserver's name the Set was built for.

@@ -33,6 +33,17 @@ var (
 
 // pyTag returns the tag PyYAML resolves a plain scalar to.
 func pyTag(v string) string {
+	if v != "" && !strings.ContainsRune("~nNyYtTfFoO+-0123456789.<=", rune(v[0])) {
+		// No resolver below matches a scalar starting so: most values
+		// (ids, URLs, tokens) are strings at one comparison, not five
+		// regex matches.
+		return "!!str"
+	}
+	return resolveTag(v)
+}
+
+// resolveTag is pyTag by PyYAML's resolvers alone.
+func resolveTag(v string) string {
 	switch {
 	case pyNull.MatchString(v):
 		return "!!null"

@@ -26,6 +26,18 @@ func TestPyTag(t *testing.T) {
 	}
 }
 
+// TestPyTagShortcut: the first-byte shortcut answers as the resolvers do.
+func TestPyTagShortcut(t *testing.T) {
+	for c := 0; c < 256; c++ {
+		for _, rest := range []string{"", "0", "1:30", "es", "ull", "rue", "alse", "n", "ff", "x1F", ".5", "<", "_1", "b1", "\n"} {
+			v := string([]byte{byte(c)}) + rest
+			if got, want := pyTag(v), resolveTag(v); got != want {
+				t.Errorf("pyTag(%q) = %s, the resolvers say %s", v, got, want)
+			}
+		}
+	}
+}
+
 const base = "id: irc\nurl: http://127.0.0.1:9999\nas_token: as-secret\nhs_token: hs-secret\nsender_localpart: ircbot\n"
 
 // TestYAMLParity: what PyYAML (and so Synapse) reads, the parser reads the
