@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"time"
 
 	appserviceAPI "github.com/matrix-org/dendrite/appservice/api"
 	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
@@ -89,6 +90,7 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 			return txnstore.OpenPostgres(ctx, dsn, opts)
 		}
 	}
+	t0 := time.Now()
 	d, err := dispatcher.New(ctx, dcfg)
 	if err != nil {
 		return nil, fmt.Errorf("asdispatch: %w", err)
@@ -96,12 +98,16 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 	a.d = d
 	a.q = queries.New(queries.Config{Registry: cfg.Registry, Client: client, Wake: d.Wake,
 		Logger: log, Metrics: cfg.Metrics})
-	for _, as := range cfg.Registry.Current().All() {
+	all := cfg.Registry.Current().All()
+	log.Info("dispatcher open", zap.Int("appservices", len(all)), zap.Duration("took", time.Since(t0)))
+	t0 = time.Now()
+	for _, as := range all {
 		if err := createSenderAccount(ctx, cfg.UserAPI, as, cfg.Dendrite.Global.ServerName); err != nil {
 			_ = d.Close(ctx)
 			return nil, fmt.Errorf("asdispatch: sender account of appservice %q: %w", as.ID, err)
 		}
 	}
+	log.Info("sender accounts ready", zap.Int("appservices", len(all)), zap.Duration("took", time.Since(t0)))
 	return a, nil
 }
 
