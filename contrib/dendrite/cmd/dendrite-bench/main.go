@@ -168,8 +168,8 @@ func (r result) String() string {
 		return fmt.Sprintf("%-20s catchup ases=%d events=%d accepted=%.1f ev/s catch-up=%.2fs (first txn after %.2fs, drain %.2fs) ping=%d refused=%d txns=%d dup=%d out-of-order=%d",
 			r.Server, r.ASes, r.Events, r.AcceptedPerS, r.CatchupS, r.FirstAfterUpS, r.DrainS, r.PingStatus, r.Refused, r.Transactions, r.Duplicates, r.OutOfOrder)
 	case "crash":
-		return fmt.Sprintf("%-20s crash ases=%d events=%d all-delivered=%t missing=%d dup=%d out-of-order=%d txnIds-with-differing-bodies=%d txn-repeats=%d restart=%.1fs first-txn-after=%.2fs catch-up=%.2fs ping=%d refused=%d txns=%d %s",
-			r.Server, r.ASes, r.Events, r.Missing == 0, r.Missing, r.Duplicates, r.OutOfOrder, r.TxnReused, r.TxnRepeats, r.RestartS, r.FirstAfterUpS, r.CatchupS, r.PingStatus, r.Refused, r.Transactions, r.Disorder)
+		return fmt.Sprintf("%-20s crash ases=%d events=%d all-delivered=%t missing=%d dup=%d out-of-order=%d txnIds-with-differing-bodies=%d txn-repeats=%d startup=%.1fs restart=%.1fs first-txn-after=%.2fs catch-up=%.2fs ping=%d refused=%d txns=%d %s",
+			r.Server, r.ASes, r.Events, r.Missing == 0, r.Missing, r.Duplicates, r.OutOfOrder, r.TxnReused, r.TxnRepeats, r.StartupS, r.RestartS, r.FirstAfterUpS, r.CatchupS, r.PingStatus, r.Refused, r.Transactions, r.Disorder)
 	}
 	return fmt.Sprintf("%-20s %s ases=%d groups=%d events=%d startup=%.1fs warm-up=%.1fs accepted=%.1f ev/s delivered=%.2f ev/s (%.1f AS-ev/s) p50=%.0fms p99=%.0fms txns=%d dup=%d out-of-order=%d missing=%d send-retries=%d resent-as-new-event=%d peak-fds server=%d driver=%d",
 		r.Server, r.Workload, r.ASes, r.Groups, r.Events, r.StartupS, r.WarmupS, r.AcceptedPerS, r.EventsPerS, r.DeliveredPerS, r.P50LatencyMS, r.P99LatencyMS, r.Transactions, r.Duplicates, r.OutOfOrder, r.Missing, r.SendRetries, r.Resent, r.PeakFDs, r.PeakDriverFDs)
