@@ -55,6 +55,13 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 		return fmt.Errorf("position of %s: %w", a.stream, err)
 	}
 	a.log.Info("consuming room events", zap.String("stream", a.stream), zap.Int64("handed_over", pos))
+	if last := info.State.LastSeq; last < uint64(pos) {
+		// Seen once after a SIGKILL ("could not locate msg block"): the
+		// stream came back shorter, and new messages will take sequences
+		// the dispatcher already holds and skip them. Not repaired yet.
+		a.log.Error("JetStream stream came back behind what was handed over: its storage lost messages; new events up to the handed-over sequence will be skipped as replays",
+			zap.String("stream", subj), zap.Uint64("last_seq", last), zap.Int64("handed_over", pos))
+	}
 	if err := a.replayPending(ctx, js, subj, jcfg.Durable(durableName)+"Pull"); err != nil {
 		return err
 	}
