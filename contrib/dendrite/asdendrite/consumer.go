@@ -55,9 +55,77 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 		return fmt.Errorf("position of %s: %w", a.stream, err)
 	}
 	a.log.Info("consuming room events", zap.String("stream", a.stream), zap.Int64("handed_over", pos))
+	if last := info.State.LastSeq; last < uint64(pos) {
+		// Seen once after a SIGKILL ("could not locate msg block"): the
+		// stream came back shorter, and new messages will take sequences
+		// the dispatcher already holds and skip them. Not repaired yet.
+		a.log.Error("JetStream stream came back behind what was handed over: its storage lost messages; new events up to the handed-over sequence will be skipped as replays",
+			zap.String("stream", subj), zap.Uint64("last_seq", last), zap.Int64("handed_over", pos))
+	}
+	if err := a.replayPending(ctx, js, subj, jcfg.Durable(durableName)+"Pull"); err != nil {
+		return err
+	}
 	return jetstream.JetStreamConsumer(ctx, js, subj, jcfg.Durable(durableName), consumerBatch,
 		func(ctx context.Context, msgs []*nats.Msg) bool { return a.onMessages(ctx, msgs) },
 		nats.DeliverAll(), nats.ManualAck())
+}
+
+// replayPending hands over, in stream order, what JetStream delivered to
+// our consumer before a crash and never had acknowledged. JetStream
+// redelivers those only once their ack wait (30 s) has passed, behind newer
+// messages: handed over first, those would move the position past them and
+// the dispatcher would skip them as replays. Read from the stream here,
+// they go first; their redeliveries are then skipped at their positions.
+func (a *API) replayPending(ctx context.Context, js nats.JetStreamContext, subj, consumer string) error {
+	ci, err := js.ConsumerInfo(subj, consumer)
+	if errors.Is(err, nats.ErrConsumerNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("consumer %s: %w", consumer, err)
+	}
+	from, to := ci.AckFloor.Stream+1, ci.Delivered.Stream
+	if from > to {
+		return nil
+	}
+	a.log.Info("handing over what was delivered before a stop and not acknowledged",
+		zap.Uint64("from_seq", from), zap.Uint64("to_seq", to))
+	var items []item
+	var changed []string
+	flush := func() error {
+		if len(items) > 0 {
+			if err := a.submit(ctx, items); err != nil {
+				return fmt.Errorf("replaying %s %d-%d: %w", subj, from, to, err)
+			}
+		}
+		for _, room := range changed {
+			a.d.InvalidateRoom(room)
+		}
+		items, changed = items[:0], changed[:0]
+		return nil
+	}
+	for seq := from; seq <= to; seq++ {
+		raw, err := js.GetMsg(subj, seq)
+		if errors.Is(err, nats.ErrMsgNotFound) {
+			continue // acknowledged out of order, or not ours
+		}
+		if err != nil {
+			return fmt.Errorf("replaying %s at %d: %w", subj, seq, err)
+		}
+		it, room, ok := a.convertData(ctx, raw.Header, raw.Data, seq)
+		if room != "" {
+			changed = append(changed, room)
+		}
+		if ok {
+			items = append(items, it)
+		}
+		if len(items) == consumerBatch {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
 }
 
 // onMessages reports whether the batch may be acknowledged.
@@ -106,8 +174,11 @@ func positionStream(subj string, created time.Time) string {
 // the ack is skipped by the dispatcher instead of delivered twice.
 func (a *API) submit(ctx context.Context, items []item) error {
 	// A fetch may mix redelivered messages with new ones; positions must
-	// not go down within a call.
+	// not go down within a call. A sequence twice in one fetch is one
+	// message delivered twice: the dispatcher skips only positions at or
+	// below the stored one, so within a call it is dropped here.
 	slices.SortStableFunc(items, func(x, y item) int { return cmp.Compare(x.seq, y.seq) })
+	items = slices.CompactFunc(items, func(x, y item) bool { return x.seq > 0 && x.seq == y.seq })
 	evs := make([]dispatcher.Event, len(items))
 	for i := range items {
 		if a.stream != "" && items[i].seq > 0 {
@@ -138,17 +209,24 @@ func (a *API) submit(ctx context.Context, items []item) error {
 // false for a message that carries none (skipped, acknowledged); stateRoom
 // names the room if the event's state delta touched more than the event.
 func (a *API) convert(ctx context.Context, msg *nats.Msg) (it item, stateRoom string, ok bool) {
-	if roomserverAPI.OutputType(msg.Header.Get(jetstream.RoomEventType)) != roomserverAPI.OutputTypeNewRoomEvent {
+	var seq uint64
+	if md, err := msg.Metadata(); err == nil {
+		seq = md.Sequence.Stream
+	}
+	return a.convertData(ctx, msg.Header, msg.Data, seq)
+}
+
+// convertData is convert of a message's header and data at stream sequence seq.
+func (a *API) convertData(ctx context.Context, h nats.Header, data []byte, seq uint64) (it item, stateRoom string, ok bool) {
+	if roomserverAPI.OutputType(h.Get(jetstream.RoomEventType)) != roomserverAPI.OutputTypeNewRoomEvent {
 		return it, "", false
 	}
 	var out roomserverAPI.OutputEvent
-	if err := json.Unmarshal(msg.Data, &out); err != nil || out.NewRoomEvent == nil || out.NewRoomEvent.Event == nil {
+	if err := json.Unmarshal(data, &out); err != nil || out.NewRoomEvent == nil || out.NewRoomEvent.Event == nil {
 		a.log.Error("unparsable roomserver output event, skipped", zap.Error(err))
 		return it, "", false
 	}
-	if md, err := msg.Metadata(); err == nil {
-		it.seq = md.Sequence.Stream
-	}
+	it.seq = seq
 	nre := out.NewRoomEvent
 	pdu := nre.Event.PDU
 	ce, err := synctypes.ToClientEvent(pdu, synctypes.FormatAll, func(roomID spec.RoomID, senderID spec.SenderID) (*spec.UserID, error) {

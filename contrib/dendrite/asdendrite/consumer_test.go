@@ -1,15 +1,26 @@
 package asdendrite
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
 	"github.com/matrix-org/dendrite/setup/config"
 	"github.com/matrix-org/dendrite/setup/jetstream"
 	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
+
+	"github.com/asdispatch/asdispatch/dispatcher"
+	"github.com/asdispatch/asdispatch/registry"
 )
 
 // startJetStream runs an in-process NATS server with JetStream in a temp dir.
@@ -62,5 +73,91 @@ func TestRemoveStockConsumers(t *testing.T) {
 	want := []string{jcfg.Durable(durableName + "Pull"), jcfg.Durable("SyncAPIPull")}
 	if !slices.Equal(left, want) {
 		t.Errorf("consumers left %v, want %v", left, want)
+	}
+}
+
+// Messages JetStream delivered before a crash and never had acknowledged
+// are handed over at start-up, before anything newer: JetStream would
+// redeliver them only after their ack wait, behind newer messages whose
+// positions would make the dispatcher skip them.
+func TestReplayPending(t *testing.T) {
+	js := startJetStream(t)
+	const stream = "DendriteOutputAppserviceEvent"
+	if _, err := js.AddStream(&nats.StreamConfig{Name: stream, Retention: nats.InterestPolicy, Subjects: []string{stream}}); err != nil {
+		t.Fatal(err)
+	}
+	const consumer = "AppserviceAsdispatchPull"
+	sub, err := js.PullSubscribe(stream, consumer, nats.DeliverAll(), nats.ManualAck())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 4; i++ {
+		ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":"m%d"},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, i, i))
+		msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
+		msg.Subject = stream
+		if _, err := js.PublishMsg(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []struct {
+				Content struct{ Body string } `json:"content"`
+			} `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		mu.Lock()
+		for _, e := range txn.Events {
+			got = append(got, e.Content.Body)
+		}
+		mu.Unlock()
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close(ctx)
+	pos := positionStream(stream, time.Unix(1700000000, 0))
+	a := &API{d: d, log: zap.NewNop(), rsAPI: senderRS{}, stream: pos}
+	// Before the crash: 1 to 3 fetched, 1 handed over and acknowledged,
+	// 2 and 3 not yet handed over; 4 not fetched.
+	msgs, err := sub.Fetch(3, nats.MaxWait(5*time.Second))
+	if err != nil || len(msgs) != 3 {
+		t.Fatalf("fetch: %d messages, %v", len(msgs), err)
+	}
+	if !a.onMessages(ctx, msgs[:1]) {
+		t.Fatal("onMessages refused the first message")
+	}
+	if err := msgs[0].AckSync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.replayPending(ctx, js, stream, consumer); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := d.Position(ctx, pos); err != nil || p != 3 {
+		t.Fatalf("Position = %d, %v; want 3", p, err)
+	}
+	want := "m1,m2,m3"
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		s := strings.Join(got, ",")
+		mu.Unlock()
+		if s == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the AS got %q, want %s", s, want)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -112,15 +112,16 @@ func TestSubmitReplayAtPositions(t *testing.T) {
 		{ev(2), ev(1), ev(3)},        // out of order within a fetch
 		{ev(1), ev(2), ev(3)},        // redelivered
 		{ev(2), ev(3), ev(4), ev(5)}, // overlapping
+		{ev(6), ev(7), ev(6)},        // one message twice in a fetch
 	} {
 		if err := a.submit(ctx, batch); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if p, err := d.Position(ctx, stream); err != nil || p != 5 {
-		t.Fatalf("Position = %d, %v; want 5", p, err)
+	if p, err := d.Position(ctx, stream); err != nil || p != 7 {
+		t.Fatalf("Position = %d, %v; want 7", p, err)
 	}
-	want := "$1,$2,$3,$4,$5"
+	want := "$1,$2,$3,$4,$5,$6,$7"
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		mu.Lock()

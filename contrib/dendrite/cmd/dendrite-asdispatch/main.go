@@ -40,7 +40,6 @@ import (
 	"github.com/matrix-org/dendrite/setup/mscs"
 	"github.com/matrix-org/dendrite/setup/process"
 	"github.com/matrix-org/dendrite/userapi"
-	uapi "github.com/matrix-org/dendrite/userapi/api"
 	"github.com/matrix-org/gomatrixserverlib/fclient"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
@@ -222,7 +221,7 @@ func assemble(pctx *process.ProcessContext, cfg *config.Dendrite, regs *registry
 // startAppservices is the one component that differs from stock Dendrite:
 // asdispatch's dispatcher fed by one JetStream consumer, closed when
 // Dendrite shuts down.
-func startAppservices(pctx *process.ProcessContext, cfg *config.Dendrite, nats *jetstream.NATSInstance, regs *registry.Set, settings asdendrite.Settings, zlog *zap.Logger, users uapi.AppserviceUserAPI, rs rsapi.AppserviceRoomserverAPI) (*asdendrite.API, error) {
+func startAppservices(pctx *process.ProcessContext, cfg *config.Dendrite, nats *jetstream.NATSInstance, regs *registry.Set, settings asdendrite.Settings, zlog *zap.Logger, users asdendrite.UserAPI, rs rsapi.AppserviceRoomserverAPI) (*asdendrite.API, error) {
 	var mx *metrics.Metrics
 	if cfg.Global.Metrics.Enabled {
 		// Dendrite serves prometheus.DefaultRegisterer on /metrics.
