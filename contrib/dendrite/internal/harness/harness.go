@@ -156,7 +156,13 @@ func sourceKey(mod string) (string, error) {
 			return nil
 		})
 	}
-	if err := walk(mod, func(string) bool { return false }); err != nil {
+	// A directory with a go.mod of its own (the mautrix test module) is not
+	// part of the binary.
+	nested := func(p string) bool {
+		_, err := os.Stat(filepath.Join(p, "go.mod"))
+		return err == nil
+	}
+	if err := walk(mod, nested); err != nil {
 		return "", err
 	}
 	contrib, integ := filepath.Join(root, "contrib"), filepath.Join(root, "integration")
