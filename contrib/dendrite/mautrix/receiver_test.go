@@ -103,16 +103,20 @@ func (w *wire) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	w.mu.Unlock()
 
+	status := http.StatusOK
 	if drop {
 		// mautrix handles the transaction; its answer never arrives.
-		w.next.ServeHTTP(httptest.NewRecorder(), r)
+		lost := httptest.NewRecorder()
+		w.next.ServeHTTP(lost, r)
+		status = lost.Code
 		rw.WriteHeader(http.StatusBadGateway)
-		return
+	} else {
+		sw := &statusWriter{ResponseWriter: rw, status: http.StatusOK}
+		w.next.ServeHTTP(sw, r)
+		status = sw.status
 	}
-	sw := &statusWriter{ResponseWriter: rw, status: http.StatusOK}
-	w.next.ServeHTTP(sw, r)
 	w.mu.Lock()
-	w.answers[answer{kind, sw.status}]++
+	w.answers[answer{kind, status}]++
 	w.mu.Unlock()
 }
 
