@@ -383,12 +383,12 @@ func TestMautrixReceiver(t *testing.T) {
 	r2 := lazy.RoomID
 	_, err = alice.SendText(ctx, r2, "in the lazy room")
 	must(err, "alice sends")
-	// ... and a user nobody registered yet: Dendrite asks the AS when it
-	// looks up a profile (not on an invite, as Synapse does: see README).
-	prof, err := alice.GetProfile(ctx, "@mx_new:localhost")
+	// ... and users nobody registered yet: Dendrite asks the AS when it
+	// looks up a profile, dendrite-asdispatch also before an invite.
+	prof, err := alice.GetProfile(ctx, "@mx_looked_up:localhost")
 	must(err, "profile of a lazily created ghost")
-	if q.users.Load() == 0 {
-		t.Errorf("the profile of @mx_new (%+v) was answered without asking mautrix", prof)
+	if q.users.Load() != 1 {
+		t.Errorf("the profile of @mx_looked_up (%+v): mautrix asked %d times, want 1", prof, q.users.Load())
 	}
 	own, err := alice.CreateRoom(ctx, &mautrix.ReqCreateRoom{})
 	must(err, "alice creates a room")
@@ -396,7 +396,10 @@ func TestMautrixReceiver(t *testing.T) {
 	_, err = alice.SendText(ctx, r3, "before the ghost")
 	must(err, "alice sends")
 	_, err = alice.InviteUser(ctx, r3, &mautrix.ReqInviteUser{UserID: "@mx_new:localhost"})
-	must(err, "invite of the ghost")
+	must(err, "invite of a lazily created ghost")
+	if q.users.Load() != 2 {
+		t.Errorf("invite of @mx_new: mautrix asked about %d users, want 2", q.users.Load())
+	}
 	newGhost := mas.Intent("@mx_new:localhost")
 	// The invite reaches mautrix's state store through a transaction.
 	if !rec.waitFor(ctx, 20*time.Second, func(evs []*event.Event) bool {
