@@ -52,10 +52,22 @@ func (r roomState) IsLocalUser(userID string) bool {
 
 // AliasWatcher is the roomserver API the client API is given: the same
 // roomserver, telling the dispatcher after every change of a room's
-// directory aliases, the only aliases interest looks at.
+// directory aliases, the only aliases interest looks at, and letting the
+// ASes know about an invitee first.
 type AliasWatcher struct {
 	roomserverAPI.RoomserverInternalAPI
 	Invalidate func(roomID string)
+	// BeforeInvite, if set, runs before every invite the client API makes,
+	// with the invitee.
+	BeforeInvite func(ctx context.Context, invitee spec.UserID)
+}
+
+// PerformInvite calls BeforeInvite, then invites.
+func (w AliasWatcher) PerformInvite(ctx context.Context, req *roomserverAPI.PerformInviteRequest) error {
+	if w.BeforeInvite != nil {
+		w.BeforeInvite(ctx, req.InviteInput.Invitee)
+	}
+	return w.RoomserverInternalAPI.PerformInvite(ctx, req)
 }
 
 // SetRoomAlias sets the alias, then invalidates the room's interest.

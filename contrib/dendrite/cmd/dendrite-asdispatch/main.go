@@ -26,6 +26,7 @@ import (
 	"os"
 	"time"
 
+	appserviceAPI "github.com/matrix-org/dendrite/appservice/api"
 	"github.com/matrix-org/dendrite/federationapi"
 	dinternal "github.com/matrix-org/dendrite/internal"
 	"github.com/matrix-org/dendrite/internal/caching"
@@ -41,6 +42,7 @@ import (
 	"github.com/matrix-org/dendrite/setup/process"
 	"github.com/matrix-org/dendrite/userapi"
 	"github.com/matrix-org/gomatrixserverlib/fclient"
+	"github.com/matrix-org/gomatrixserverlib/spec"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	"go.uber.org/zap"
@@ -195,8 +197,19 @@ func assemble(pctx *process.ProcessContext, cfg *config.Dendrite, regs *registry
 		FederationAPI: fed,
 		// The client API changes aliases and creates rooms through this
 		// value: wrapping it lets asdispatch drop its cached interest.
-		RoomserverAPI: asdendrite.AliasWatcher{RoomserverInternalAPI: rs, Invalidate: as.Dispatcher().InvalidateRoom},
-		UserAPI:       users,
+		RoomserverAPI: asdendrite.AliasWatcher{RoomserverInternalAPI: rs, Invalidate: as.Dispatcher().InvalidateRoom,
+			// The spec's user query is for "an event for an unknown user ID
+			// in the application service's namespace, such as a room
+			// invite", and Synapse asks it then; Dendrite v0.13.8 asks only
+			// on profile lookups. Its profile helper asks (local profile
+			// first, then the owning ASes); the answer does not decide the
+			// invite, Dendrite invites unknown local users anyway.
+			BeforeInvite: func(ctx context.Context, invitee spec.UserID) {
+				if cfg.Global.IsLocalServerName(invitee.Domain()) {
+					_, _ = appserviceAPI.RetrieveUserProfile(ctx, invitee.String(), as, users)
+				}
+			}},
+		UserAPI: users,
 	}
 	routers := httputil.NewRouters()
 	m.AddAllPublicRoutes(pctx, cfg, routers, conns, nats, caches, caching.EnableMetrics)

@@ -159,9 +159,17 @@ func sourceKey(mod string) (string, error) {
 		})
 	}
 	// The driver side (this package, the benchmark) is not linked into
-	// the binary: editing it rebuilds nothing.
+	// the binary, nor is a directory with a go.mod of its own (the mautrix
+	// test module): editing them rebuilds nothing.
 	notLinked := []string{filepath.Join(mod, "internal", "harness"), filepath.Join(mod, "cmd", "dendrite-bench")}
-	if err := walk(mod, func(p string) bool { return slices.Contains(notLinked, p) }); err != nil {
+	skip := func(p string) bool {
+		if slices.Contains(notLinked, p) {
+			return true
+		}
+		_, err := os.Stat(filepath.Join(p, "go.mod"))
+		return err == nil
+	}
+	if err := walk(mod, skip); err != nil {
 		return "", err
 	}
 	contrib, integ := filepath.Join(root, "contrib"), filepath.Join(root, "integration")
