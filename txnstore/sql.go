@@ -554,8 +554,9 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 // freezeTxns implements Freeze inside tx for both backends: start is the
 // end of what as has delivered or frozen, nextTxn its counter. It returns
 // the ids and the counter after them. A repeat of a freeze of this store
-// whose result was unsure gets that freeze's ids if it landed.
-func freezeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start, nextTxn int64, txns []Txn, repeat bool) ([]int64, int64, error) {
+// whose result was unsure gets that freeze's ids if it landed. writeRow
+// false leaves the counter's write in appservices to the caller.
+func freezeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, start, nextTxn int64, txns []Txn, repeat, writeRow bool) ([]int64, int64, error) {
 	if len(txns) == 0 {
 		return nil, 0, callError{fmt.Errorf("%w: no transactions", ErrBadRange)}
 	}
@@ -587,6 +588,9 @@ func freezeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replace, 
 		}
 	}
 	next := nextTxn + int64(len(txns))
+	if !writeRow {
+		return ids, next, nil
+	}
 	if _, err := tx.ExecContext(ctx, d.q(`UPDATE appservices SET next_txn = ? WHERE as_key = ?`), next, as); err != nil {
 		return nil, 0, err
 	}
@@ -683,8 +687,9 @@ func alreadyFrozen(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replac
 // the cursor must never pass a transaction whose completion is not
 // recorded. An id issued before whose row is gone was completed already
 // (its range is at or below the cursor): that is no error, so a retried
-// Complete whose first attempt landed succeeds.
-func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []int64, delivered, nextTxn, now int64) (int64, error) {
+// Complete whose first attempt landed succeeds. writeRow false leaves the
+// cursor's write in appservices (with last_success_ms = now) to the caller.
+func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []int64, delivered, nextTxn, now int64, writeRow bool) (int64, error) {
 	type row struct{ id, after, last, replacedBy int64 }
 	rows, err := tx.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, replaced_by FROM txns WHERE as_key = ? ORDER BY after_seq, txn_id`), as)
 	if err != nil {
@@ -741,8 +746,10 @@ func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []i
 		if _, err := tx.ExecContext(ctx, d.q(`DELETE FROM txns WHERE as_key = ? AND last_seq <= ?`), as, delivered); err != nil {
 			return 0, err
 		}
-		if _, err := tx.ExecContext(ctx, d.q(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`), delivered, now, as); err != nil {
-			return 0, err
+		if writeRow {
+			if _, err := tx.ExecContext(ctx, d.q(`UPDATE appservices SET delivered = ?, last_success_ms = ? WHERE as_key = ?`), delivered, now, as); err != nil {
+				return 0, err
+			}
 		}
 	}
 	if len(errs) > 0 {
