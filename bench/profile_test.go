@@ -92,19 +92,30 @@ func BenchmarkEndToEnd(b *testing.B) {
 	}
 }
 
-// BenchmarkHalfLoad measures latency at a paced 15,000 events/s, 10 ASes.
+// BenchmarkHalfLoad measures latency at a paced rate: 15,000 events/s to
+// 10 ASes, 1,000 events/s to 10,000 ASes, 10 of them per event.
 func BenchmarkHalfLoad(b *testing.B) {
-	cfg := Config{Events: 45000}
-	cfg.defaults()
-	srv, set, _ := setup(b, &cfg, false)
-	for range b.N {
-		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000, 1)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.ReportMetric(r.p50, "p50-ms")
-		b.ReportMetric(r.p99, "p99-ms")
-		b.ReportMetric(r.max, "max-ms")
+	cases := []struct {
+		ases, events int
+		rate         float64
+	}{{10, 45000, 15000}, {10000, 10000, 1000}}
+	for _, c := range cases {
+		b.Run(fmt.Sprintf("ases=%d", c.ases), func(b *testing.B) {
+			cfg := Config{ASes: c.ases, Interest: 10 / float64(c.ases), Events: c.events}
+			cfg.defaults()
+			srv, set, _ := setup(b, &cfg, c.ases > cfg.SharedServerAbove)
+			cfg.profile = phaseProfile(b)
+			for range b.N {
+				r, err := endToEnd(context.Background(), &cfg, set, srv, c.rate, 1)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(r.p50, "p50-ms")
+				b.ReportMetric(r.p99, "p99-ms")
+				b.ReportMetric(r.max, "max-ms")
+				b.ReportMetric(float64(r.txns), "txns")
+			}
+		})
 	}
 }
 
