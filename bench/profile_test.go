@@ -3,7 +3,13 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
@@ -44,47 +50,116 @@ func BenchmarkCatchup(b *testing.B) {
 }
 
 // BenchmarkEndToEnd profiles the end-to-end figure at 10 ASes, each
-// interested in every event, and at 1,000 ASes, 10 of them per event, e.g.
+// interested in every event, and at 1,000 and 10,000 ASes, 10 of them per
+// event, e.g.
 // go test -run X -bench EndToEnd/ases=10$ -cpuprofile cpu.out ./bench/
 //
 // The store=postgres case runs on ASDISPATCH_TEST_POSTGRES (or the local
 // server): go test -run X -bench EndToEnd/store=postgres ./bench/
 func BenchmarkEndToEnd(b *testing.B) {
 	cases := []struct {
-		name  string
-		ases  int
-		store string
-	}{{"ases=10", 10, StoreSQLite}, {"ases=1000", 1000, StoreSQLite}, {"store=postgres", 10, StorePostgres}}
+		name   string
+		ases   int
+		events int
+		store  string
+	}{
+		{"ases=10", 10, 50000, StoreSQLite},
+		{"ases=1000", 1000, 50000, StoreSQLite},
+		{"ases=10000", 10000, 20000, StoreSQLite},
+		{"store=postgres", 10, 50000, StorePostgres},
+	}
 	for _, c := range cases {
 		n := c.ases
 		b.Run(c.name, func(b *testing.B) {
-			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: 50000, Store: c.store, DSN: pgtest.DSN()}
+			cfg := Config{ASes: n, Interest: 10 / float64(n), Events: c.events, Store: c.store, DSN: pgtest.DSN()}
 			cfg.defaults()
 			srv, set, _ := setup(b, &cfg, n > cfg.SharedServerAbove)
+			cfg.profile = phaseProfile(b)
 			for range b.N {
+				cpu0 := cpuTime()
 				r, err := endToEnd(context.Background(), &cfg, set, srv, 0, 1)
 				if err != nil {
 					b.Fatal(err)
 				}
+				// On a shared machine the CPU an event costs is steadier
+				// than the rates.
+				b.ReportMetric(float64((cpuTime()-cpu0).Microseconds())/float64(cfg.Events), "cpu-µs/event")
 				b.ReportMetric(r.submitRate, "submit/s")
 				b.ReportMetric(r.e2eRate, "events/s")
+				b.ReportMetric(float64(r.txns), "txns")
 			}
 		})
 	}
 }
 
-// BenchmarkHalfLoad measures latency at a paced 15,000 events/s, 10 ASes.
+// BenchmarkHalfLoad measures latency at a paced rate: 15,000 events/s to
+// 10 ASes, 1,000 events/s to 10,000 ASes, 10 of them per event.
 func BenchmarkHalfLoad(b *testing.B) {
-	cfg := Config{Events: 45000}
-	cfg.defaults()
-	srv, set, _ := setup(b, &cfg, false)
-	for range b.N {
-		r, err := endToEnd(context.Background(), &cfg, set, srv, 15000, 1)
+	cases := []struct {
+		ases, events int
+		rate         float64
+	}{{10, 45000, 15000}, {10000, 10000, 1000}}
+	for _, c := range cases {
+		b.Run(fmt.Sprintf("ases=%d", c.ases), func(b *testing.B) {
+			cfg := Config{ASes: c.ases, Interest: 10 / float64(c.ases), Events: c.events}
+			cfg.defaults()
+			srv, set, _ := setup(b, &cfg, c.ases > cfg.SharedServerAbove)
+			cfg.profile = phaseProfile(b)
+			for range b.N {
+				r, err := endToEnd(context.Background(), &cfg, set, srv, c.rate, 1)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(r.p50, "p50-ms")
+				b.ReportMetric(r.p99, "p99-ms")
+				b.ReportMetric(r.max, "max-ms")
+				b.ReportMetric(float64(r.txns), "txns")
+			}
+		})
+	}
+}
+
+// phaseProfile profiles the end-to-end phase alone (the setup of 10,000
+// registrations would swamp it) when ASDISPATCH_BENCH_PROFILE names a
+// directory: cpu.out, block.out and mutex.out, e.g.
+// ASDISPATCH_BENCH_PROFILE=/tmp/p go test -run X -bench EndToEnd/ases=10000 ./bench/
+func phaseProfile(b *testing.B) func() func() {
+	dir := os.Getenv("ASDISPATCH_BENCH_PROFILE")
+	if dir == "" {
+		return nil
+	}
+	return func() func() {
+		f, err := os.Create(filepath.Join(dir, "cpu.out"))
 		if err != nil {
 			b.Fatal(err)
 		}
-		b.ReportMetric(r.p50, "p50-ms")
-		b.ReportMetric(r.p99, "p99-ms")
-		b.ReportMetric(r.max, "max-ms")
+		if err := pprof.StartCPUProfile(f); err != nil {
+			b.Fatal(err)
+		}
+		runtime.SetBlockProfileRate(10000) // ns
+		runtime.SetMutexProfileFraction(10)
+		return func() {
+			pprof.StopCPUProfile()
+			f.Close()
+			for _, name := range []string{"block", "mutex"} {
+				w, err := os.Create(filepath.Join(dir, name+".out"))
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := pprof.Lookup(name).WriteTo(w, 0); err != nil {
+					b.Fatal(err)
+				}
+				w.Close()
+			}
+			runtime.SetBlockProfileRate(0)
+			runtime.SetMutexProfileFraction(0)
+		}
 	}
+}
+
+// cpuTime is the process's user and system CPU time so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -360,6 +360,8 @@ func dirSize(dir string) int64 {
 
 type e2eResult struct {
 	submitRate, e2eRate, p50, p99, max, bytesPerEvent float64
+	// txns is how many transactions the ASes accepted.
+	txns int64
 	// goroutines is how many the dispatchers added once started, every AS
 	// idle (the AS servers' own not counted).
 	goroutines int
@@ -412,6 +414,9 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 	empty := env.size(ctx) // the registered ASes, before any event
 	const writers, batch = 8, 50
 	wants := make([][]int64, writers)
+	if cfg.profile != nil {
+		defer cfg.profile()()
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	errc := make(chan error, writers)
@@ -471,6 +476,7 @@ func endToEnd(ctx context.Context, cfg *Config, set *registry.Set, srv *servers,
 		max:           ms(1),
 		bytesPerEvent: float64(stored) / float64(cfg.Events),
 		goroutines:    goroutines,
+		txns:          srv.txns(),
 	}, nil
 }
 

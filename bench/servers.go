@@ -19,6 +19,7 @@ type asServer struct {
 	token  string
 	url    string
 	events atomic.Int64
+	txns   atomic.Int64 // transactions accepted
 	// down makes it answer 503, as an AS that is restarting.
 	down    atomic.Bool
 	mu      sync.Mutex
@@ -59,6 +60,7 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		n++
 	}
 	a.events.Add(n)
+	a.txns.Add(1)
 	if len(sample) > 0 {
 		a.mu.Lock()
 		a.latency = append(a.latency, sample...)
@@ -69,6 +71,7 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (a *asServer) reset() {
 	a.events.Store(0)
+	a.txns.Store(0)
 	a.mu.Lock()
 	a.latency = a.latency[:0]
 	a.mu.Unlock()
@@ -146,6 +149,14 @@ func (s *servers) total() int64 {
 	var n int64
 	for _, a := range s.as {
 		n += a.events.Load()
+	}
+	return n
+}
+
+func (s *servers) txns() int64 {
+	var n int64
+	for _, a := range s.as {
+		n += a.txns.Load()
 	}
 	return n
 }

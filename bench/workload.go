@@ -65,6 +65,10 @@ type Config struct {
 	// figure is also measured with on a shared (PostgreSQL) store, e.g.
 	// 1, 2, 3; empty measures one.
 	Processes []int
+
+	// profile, set by benchmarks, runs from the first Submit of an
+	// end-to-end run until its return.
+	profile func() (stop func())
 }
 
 // Namespace kinds for Config.Mix.

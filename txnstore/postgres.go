@@ -481,7 +481,7 @@ func (s *Postgres) Freeze(ctx context.Context, as ASKey, replace int64, txns []T
 		if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM txns WHERE as_key = $1 AND replaced_by = 0`, as).Scan(&lastFrozen); err != nil {
 			return err
 		}
-		ids, _, err = freezeTxns(ctx, tx, postgresSQL, as, replace, max(delivered, lastFrozen), nextTxn, txns, s.unsure.repeats(as, key))
+		ids, _, err = freezeTxns(ctx, tx, postgresSQL, as, replace, max(delivered, lastFrozen), nextTxn, txns, s.unsure.repeats(as, key), true)
 		return err
 	})
 	// A failed freeze that was not refused may have landed all the same.
@@ -533,7 +533,7 @@ func (s *Postgres) CompleteMany(ctx context.Context, as ASKey, ids []int64) erro
 		if err != nil {
 			return err
 		}
-		_, err = completeTxns(ctx, tx, postgresSQL, as, ids, delivered, nextTxn, b.now)
+		_, err = completeTxns(ctx, tx, postgresSQL, as, ids, delivered, nextTxn, b.now, true)
 		return err
 	})
 }

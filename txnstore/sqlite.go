@@ -125,7 +125,10 @@ func (b *batch) touch(s *SQLite, as ASKey) *asRow {
 // Open opens (creating if needed) the store at path.
 func Open(ctx context.Context, path string, opts Options) (*SQLite, error) {
 	hooks := storehook.From(ctx)
-	dsn := "file:" + url.PathEscape(path) + "?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_foreign_keys=off"
+	// Statements are kept prepared: an AS's freeze or completion is a few
+	// small statements, and preparing them again cost about as much as
+	// running them.
+	dsn := "file:" + url.PathEscape(path) + "?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=10000&_foreign_keys=off&_stmt_cache_size=256"
 	wdb, err := sql.Open("sqlite3", dsn+"&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("txnstore: open %s: %w", path, err)
@@ -241,6 +244,10 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 		if err := s.flushStreams(tx, b, seq0); err != nil {
 			return err
 		}
+		// Before the collection below, which reads the cursors.
+		if err := s.flushRows(tx, b); err != nil {
+			return err
+		}
 		if len(b.posUndo) > 0 {
 			if err := writePositions(context.Background(), tx, sqliteSQL, s.positions, slices.Collect(maps.Keys(b.posUndo))); err != nil {
 				return err
@@ -344,6 +351,48 @@ func (s *SQLite) flushStreams(tx *sql.Tx, b *batch, seq0 int64) error {
 }
 
 var insertStreams = streamsInsert(rowsPerInsert)
+
+// flushRows writes the counters and cursors the batch's freezes and
+// completions moved, from the writer's cache: one statement for up to
+// rowsPerInsert ASes instead of one per freeze and per completion, each of
+// which dirtied a page of appservices at 10,000 ASes. A cursor that moved
+// records the batch's time as the last success.
+func (s *SQLite) flushRows(tx *sql.Tx, b *batch) error {
+	args := make([]any, 0, 4*rowsPerInsert)
+	n := 0
+	flush := func() error {
+		if n == 0 {
+			return nil
+		}
+		_, err := tx.Exec(rowsUpdate(n), args...)
+		args, n = args[:0], 0
+		return err
+	}
+	for k, old := range b.undo {
+		r := s.ases[k]
+		if r == nil || (r.nextTxn == old.nextTxn && r.delivered == old.delivered) {
+			continue
+		}
+		success := int64(0)
+		if r.delivered != old.delivered {
+			success = b.now
+		}
+		args = append(args, k, r.nextTxn, r.delivered, success)
+		if n++; n == rowsPerInsert {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
+}
+
+// rowsUpdate is flushRows' statement for n ASes.
+func rowsUpdate(n int) string {
+	return `UPDATE appservices SET next_txn = v.column2, delivered = v.column3,
+		last_success_ms = CASE WHEN v.column4 > 0 THEN v.column4 ELSE last_success_ms END
+		FROM (VALUES ` + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ") + `) AS v WHERE appservices.as_key = v.column1`
+}
 
 func streamsInsert(n int) string {
 	return "INSERT INTO streams (as_key, last_seq, first_seq, seqs) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", n), ", ")
@@ -511,7 +560,7 @@ func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
 		got, next, err := freezeTxns(context.Background(), tx, sqliteSQL, as, replace, max(r.delivered, r.lastFrozen), r.nextTxn, txns,
-			s.unsure.repeats(as, key))
+			s.unsure.repeats(as, key), false)
 		if err != nil {
 			var ce callError
 			refused = errors.As(err, &ce)
@@ -556,7 +605,7 @@ func (s *SQLite) CompleteMany(ctx context.Context, as ASKey, ids []int64) error 
 		if r == nil {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
 		}
-		d, err := completeTxns(context.Background(), tx, sqliteSQL, as, ids, r.delivered, r.nextTxn, b.now)
+		d, err := completeTxns(context.Background(), tx, sqliteSQL, as, ids, r.delivered, r.nextTxn, b.now, false)
 		var ce callError
 		if err != nil && !errors.As(err, &ce) {
 			return err
