@@ -7,9 +7,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
-	"syscall"
+	"strconv"
 	"testing"
-	"time"
 
 	"github.com/asdispatch/asdispatch/txnstore/pgtest"
 )
@@ -34,18 +33,31 @@ func BenchmarkDecisions(b *testing.B) {
 	}
 }
 
-// BenchmarkCatchup profiles catch-up of one AS, e.g.
-// go test -run X -bench Catchup -cpuprofile cpu.out ./bench/
+// BenchmarkCatchup profiles catch-up of one AS, at 10 ASes and at 10,000
+// (each interested in 0.1% of the events), e.g.
+// go test -run X -bench Catchup/ases=10000 -cpuprofile cpu.out ./bench/
+// CATCHUP_MAX_EVENTS, if set, is --catchup-max-events-per-txn.
 func BenchmarkCatchup(b *testing.B) {
-	cfg := Config{CatchupEvents: 200000}
-	cfg.defaults()
-	srv, set, _ := setup(b, &cfg, false)
-	for range b.N {
-		r, err := catchup(context.Background(), &cfg, set, srv)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
+	for _, n := range []int{10, 10000} {
+		b.Run(fmt.Sprintf("ases=%d", n), func(b *testing.B) {
+			cfg := Config{ASes: n, CatchupEvents: 200000}
+			if n > 10 {
+				cfg.Interest, cfg.CatchupEvents = 0.001, 20000
+			}
+			if v, err := strconv.Atoi(os.Getenv("CATCHUP_MAX_EVENTS")); err == nil {
+				cfg.CatchupMaxEventsPerTxn = v
+			}
+			cfg.defaults()
+			srv, set, _ := setup(b, &cfg, n > cfg.SharedServerAbove)
+			b.ResetTimer()
+			for range b.N {
+				r, err := catchup(context.Background(), &cfg, set, srv)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
+			}
+		})
 	}
 }
 
@@ -157,9 +169,3 @@ func phaseProfile(b *testing.B) func() func() {
 	}
 }
 
-// cpuTime is the process's user and system CPU time so far.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}

@@ -230,6 +230,9 @@ func Run(ctx context.Context, cfg Config, progress Progress) (*Report, error) {
 		}
 		f := Figure{Name: FigCatchup, Unit: "s", Value: c.drain.Seconds(), LowerIsBetter: true,
 			Note: fmt.Sprintf("%d events; %s events/s", cfg.CatchupEvents, FormatNumber(float64(cfg.CatchupEvents)/c.drain.Seconds()))}
+		if cfg.CatchupMaxEventsPerTxn > cfg.MaxEventsPerTxn {
+			f.Note += fmt.Sprintf("; catch-up batching: up to %d events a transaction (baseline and limit: %d)", cfg.CatchupMaxEventsPerTxn, cfg.MaxEventsPerTxn)
+		}
 		scale := float64(cfg.CatchupEvents) / float64(n)
 		f.Baseline, f.Limit = b.Seconds()*scale, lim.Seconds()*scale
 		if n < cfg.CatchupEvents {
@@ -296,7 +299,8 @@ func matcherFigure(set *registry.Set, pats []namespace.Pattern, cfg *Config) Fig
 // registered in the store concurrently first: one commit for many instead
 // of one each, which a 10,000-AS start would otherwise spend minutes on.
 func openDispatcher(ctx context.Context, cfg *Config, set *registry.Set, env *storeEnv, state dispatcher.RoomState, owner string) (*dispatcher.Dispatcher, error) {
-	q := queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, RetryInitial: 100 * time.Millisecond, RetryMax: time.Second, Owner: owner}
+	q := queue.Options{MaxEvents: cfg.MaxEventsPerTxn, MaxBytes: cfg.MaxTxnBytes, CatchupMaxEvents: cfg.CatchupMaxEventsPerTxn,
+		RetryInitial: 100 * time.Millisecond, RetryMax: time.Second, Owner: owner}
 	if cfg.ASes > cfg.SharedServerAbove {
 		// One server for every AS: let more than 8 connections to it idle.
 		q.Client = asapi.New(asapi.Options{Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxConnsPerHost: 256, IdleConnTimeout: 90 * time.Second}})

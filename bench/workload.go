@@ -33,9 +33,11 @@ type Config struct {
 	Events int
 	// Rounds is how many rounds each figure is the median of.
 	Rounds int
-	// MaxEventsPerTxn and MaxTxnBytes are the transaction caps.
-	MaxEventsPerTxn int
-	MaxTxnBytes     int
+	// MaxEventsPerTxn and MaxTxnBytes are the transaction caps;
+	// CatchupMaxEventsPerTxn is queue.Options.CatchupMaxEvents (0: off).
+	MaxEventsPerTxn        int
+	MaxTxnBytes            int
+	CatchupMaxEventsPerTxn int
 	// Namespaces is the number of users regexes per AS (default 3), their
 	// kinds taken in turn from Mix (default prefix, suffix, alternation).
 	Namespaces int

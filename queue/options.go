@@ -28,6 +28,13 @@ type Options struct {
 	MaxEphemeral int
 	MaxToDevice  int
 	MaxBytes     int
+	// CatchupMaxEvents, when above MaxEvents, lets the transactions of an
+	// AS with a backlog grow to that many events, MaxBytes still capping
+	// them. An AS has a backlog when, as its next transaction is cut, more
+	// items wait for it than one transaction of the other caps holds. A
+	// 413 still splits a transaction. Zero (default): off, MaxEvents
+	// always, for receivers with small request body limits.
+	CatchupMaxEvents int
 	// Client sends the transactions; nil builds one with default options.
 	Client *asapi.Client
 	Logger *zap.Logger

@@ -95,9 +95,10 @@ const (
 	defaultMaxItems     = 100
 	defaultMaxBytes     = 4 << 20
 	// pipelineDepth is how many transactions a sender freezes ahead, the
-	// one in flight included: enough to keep one commit in flight while
-	// the AS works.
-	pipelineDepth = 4
+	// one in flight included: enough that the AS keeps receiving while a
+	// commit freezes the next ones (a catch-up freezes what it sent during
+	// one commit in the next).
+	pipelineDepth = 16
 	// memLimit bounds the items a sender keeps in memory (and memBytes
 	// times MaxBytes their size); past it, the sender reads its backlog
 	// from the store instead.
@@ -194,8 +195,9 @@ func Schedule(initial, max time.Duration) []time.Duration {
 func (q *Queues) coreConfig(as AS) core.Config {
 	ttl := q.opts.LeaseTTL
 	return core.Config{
-		Key:          as.Key,
-		Limits:       core.Limits{Events: q.opts.MaxEvents, Ephemeral: q.opts.MaxEphemeral, ToDevice: q.opts.MaxToDevice, Bytes: q.opts.MaxBytes},
+		Key: as.Key,
+		Limits: core.Limits{Events: q.opts.MaxEvents, Ephemeral: q.opts.MaxEphemeral, ToDevice: q.opts.MaxToDevice, Bytes: q.opts.MaxBytes,
+			CatchupEvents: q.opts.CatchupMaxEvents},
 		Retry:        q.retry,
 		RetryMax:     q.opts.RetryMax,
 		StoreRetry:   q.storeRetry,

@@ -261,13 +261,26 @@ func (d *driver) carryOut(r core.Ready) {
 			return core.ReadDone{Tok: op.Tok, Items: items, Err: err}
 		})
 	}
-	if op := r.Freeze; op != nil {
+	writes, combined := r.Writes, false
+	if op := r.Freeze; op != nil && len(writes) == 1 && writes[0].Complete != nil {
+		if cf, ok := q.store.(completeFreezer); ok {
+			// One commit, one fsync, for both.
+			w := writes[0]
+			writes, combined = nil, true
+			d.async(func() core.Input {
+				ids, cerr, ferr := cf.CompleteFreeze(ctx, key, w.Complete, op.Replace, op.Txns)
+				d.post(core.WriteDone{Tok: w.Tok, Err: cerr})
+				return core.FreezeDone{Tok: op.Tok, IDs: ids, Err: ferr}
+			})
+		}
+	}
+	if op := r.Freeze; op != nil && !combined {
 		d.async(func() core.Input {
 			ids, err := q.store.Freeze(ctx, key, op.Replace, op.Txns)
 			return core.FreezeDone{Tok: op.Tok, IDs: ids, Err: err}
 		})
 	}
-	for _, w := range r.Writes {
+	for _, w := range writes {
 		d.async(func() core.Input { return core.WriteDone{Tok: w.Tok, Err: d.write(ctx, w)} })
 	}
 	if op := r.Lease; op != nil {
@@ -297,6 +310,12 @@ func (d *driver) carryOut(r core.Ready) {
 // read is the one place the sender reads its stream.
 func (d *driver) read(ctx context.Context, op *core.ReadOp) ([]txnstore.Item, error) {
 	return d.q.store.Read(ctx, d.key, op.After, op.MaxItems, op.MaxBytes)
+}
+
+// completeFreezer is a store that records completions and freezes the
+// next transactions in one commit.
+type completeFreezer interface {
+	CompleteFreeze(ctx context.Context, as txnstore.ASKey, complete []int64, replace int64, txns []txnstore.Txn) (ids []int64, completeErr, freezeErr error)
 }
 
 // manyCompleter is a store that records several completions in one write.

@@ -551,31 +551,81 @@ func (s *SQLite) Delivered(ctx context.Context, as ASKey) (int64, error) {
 
 // Freeze implements Store.
 func (s *SQLite) Freeze(ctx context.Context, as ASKey, replace int64, txns []Txn) ([]int64, error) {
-	var ids []int64
-	key, refused := freezeKey(replace, txns), false
+	f := s.freezeOp(as, replace, txns)
+	err := s.do(ctx, storehook.Freeze, 0, f.run)
+	return f.done(err)
+}
+
+// CompleteFreeze is CompleteMany(complete) then Freeze(replace, txns) in
+// one commit, each with its own answer as if called alone: a catching-up
+// sender records what the AS took and freezes what goes next with one
+// fsync instead of two.
+func (s *SQLite) CompleteFreeze(ctx context.Context, as ASKey, complete []int64, replace int64, txns []Txn) (ids []int64, completeErr, freezeErr error) {
+	f := s.freezeOp(as, replace, txns)
+	c := s.completeOp(as, complete)
+	var cerr error
 	err := s.do(ctx, storehook.Freeze, 0, func(tx *sql.Tx, b *batch) error {
-		r := b.touch(s, as)
-		if r == nil {
-			refused = true
-			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
-		}
-		got, next, err := freezeTxns(context.Background(), tx, sqliteSQL, as, replace, max(r.delivered, r.lastFrozen), r.nextTxn, txns,
-			s.unsure.repeats(as, key), false)
-		if err != nil {
+		cerr, f.ids, f.refused = nil, nil, false
+		if err := c(tx, b); err != nil {
 			var ce callError
-			refused = errors.As(err, &ce)
-			return err
+			if !errors.As(err, &ce) {
+				return err
+			}
+			cerr = ce.error
 		}
-		ids, r.nextTxn = got, next
-		r.lastFrozen = max(r.lastFrozen, txns[len(txns)-1].Range.Last)
-		return nil
+		return f.run(tx, b)
 	})
+	ids, freezeErr = f.done(err)
+	if err != nil && !f.refused {
+		// The commit failed (or landed unanswered): both are unsure.
+		return nil, err, err
+	}
+	return ids, cerr, freezeErr
+}
+
+// freezing is one Freeze's op and its answer.
+type freezing struct {
+	s       *SQLite
+	as      ASKey
+	replace int64
+	txns    []Txn
+	key     string
+	ids     []int64
+	refused bool
+}
+
+func (s *SQLite) freezeOp(as ASKey, replace int64, txns []Txn) *freezing {
+	return &freezing{s: s, as: as, replace: replace, txns: txns, key: freezeKey(replace, txns)}
+}
+
+func (f *freezing) run(tx *sql.Tx, b *batch) error {
+	s, as := f.s, f.as
+	f.ids, f.refused = nil, false
+	r := b.touch(s, as)
+	if r == nil {
+		f.refused = true
+		return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
+	}
+	got, next, err := freezeTxns(context.Background(), tx, sqliteSQL, as, f.replace, max(r.delivered, r.lastFrozen), r.nextTxn, f.txns,
+		s.unsure.repeats(as, f.key), false)
+	if err != nil {
+		var ce callError
+		f.refused = errors.As(err, &ce)
+		return err
+	}
+	f.ids, r.nextTxn = got, next
+	r.lastFrozen = max(r.lastFrozen, f.txns[len(f.txns)-1].Range.Last)
+	return nil
+}
+
+// done records the outcome of a freeze that returned err.
+func (f *freezing) done(err error) ([]int64, error) {
 	// A failed freeze that was not refused may have landed all the same.
-	s.unsure.record(as, key, err == nil, err != nil && !refused)
+	f.s.unsure.record(f.as, f.key, err == nil, err != nil && !f.refused)
 	if err != nil {
 		return nil, err
 	}
-	return ids, nil
+	return f.ids, nil
 }
 
 // SaveBody implements Store.
@@ -600,7 +650,11 @@ func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
 // committed. An id it does not know, or one after a transaction not
 // completed, is an error; the others are still recorded.
 func (s *SQLite) CompleteMany(ctx context.Context, as ASKey, ids []int64) error {
-	return s.do(ctx, storehook.Complete, 0, func(tx *sql.Tx, b *batch) error {
+	return s.do(ctx, storehook.Complete, 0, s.completeOp(as, ids))
+}
+
+func (s *SQLite) completeOp(as ASKey, ids []int64) func(tx *sql.Tx, b *batch) error {
+	return func(tx *sql.Tx, b *batch) error {
 		r := b.touch(s, as)
 		if r == nil {
 			return callError{fmt.Errorf("%w: key %d", ErrUnknownAS, as)}
@@ -612,7 +666,7 @@ func (s *SQLite) CompleteMany(ctx context.Context, as ASKey, ids []int64) error 
 		}
 		r.delivered = d
 		return err
-	})
+	}
 }
 
 // SetState implements Store.

@@ -542,3 +542,60 @@ func testCompleteMany(t *testing.T, be backend) {
 		t.Errorf("Frozen = %v, %v; want none", frozen, err)
 	}
 }
+
+// TestCompleteFreeze: each half of a CompleteFreeze answers as if called
+// alone, and a refused half does not hold the other back.
+func TestCompleteFreeze(t *testing.T) {
+	tests := []struct {
+		name                string
+		complete            func(ids []int64) []int64
+		after               int // index into seqs the new transaction starts after
+		wantCompleteErr     error
+		wantFreezeErr       error
+		wantDelivered, last int // indexes into seqs (-1: the start, none frozen)
+	}{
+		{"both land", func(ids []int64) []int64 { return ids[:1] }, 3, nil, nil, 1, 5},
+		{"unknown id refused, freeze lands", func(ids []int64) []int64 { return []int64{99} }, 3, ErrUnknownTxn, nil, -1, 5},
+		{"bad range refused, complete lands", func(ids []int64) []int64 { return ids[:2] }, 2, nil, ErrBadRange, 3, -1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			s, err := Open(ctx, filepath.Join(t.TempDir(), "s.db"), Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			a := ensure(t, s, "a")
+			seqs := appendN(t, s, 6, KindEvent, a)
+			start, _ := s.Delivered(ctx, a)
+			ids, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{start, seqs[1]}}, {Range: Range{seqs[1], seqs[3]}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, cerr, ferr := s.CompleteFreeze(ctx, a, tt.complete(ids), 0, []Txn{{Range: Range{seqs[tt.after], seqs[5]}}})
+			if !errors.Is(cerr, tt.wantCompleteErr) || !errors.Is(ferr, tt.wantFreezeErr) {
+				t.Fatalf("errors %v, %v; want %v, %v", cerr, ferr, tt.wantCompleteErr, tt.wantFreezeErr)
+			}
+			if ferr == nil && (len(got) != 1 || got[0] != ids[1]+1) {
+				t.Errorf("ids %v, want [%d]", got, ids[1]+1)
+			}
+			want := start
+			if tt.wantDelivered >= 0 {
+				want = seqs[tt.wantDelivered]
+			}
+			if d, _ := s.Delivered(ctx, a); d != want {
+				t.Errorf("delivered %d, want %d", d, want)
+			}
+			frozen, err := s.Frozen(ctx, a)
+			switch {
+			case err != nil:
+				t.Error(err)
+			case tt.last < 0 && len(frozen) != 0:
+				t.Errorf("Frozen = %v, want none", frozen)
+			case tt.last >= 0 && (len(frozen) == 0 || frozen[len(frozen)-1].Range.Last != seqs[tt.last]):
+				t.Errorf("Frozen = %v, want the last ending at %d", frozen, seqs[tt.last])
+			}
+		})
+	}
+}

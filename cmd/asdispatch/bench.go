@@ -27,6 +27,7 @@ func runBench(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "rounds; each figure is their median")
 	fs.IntVar(&cfg.MaxEventsPerTxn, "max-events-per-txn", 100, "events per transaction")
 	fs.IntVar(&cfg.MaxTxnBytes, "max-txn-bytes", 4<<20, "bytes per transaction")
+	fs.IntVar(&cfg.CatchupMaxEventsPerTxn, "catchup-max-events-per-txn", 0, "events per transaction while an AS has a backlog, up to --max-txn-bytes (0: off)")
 	fs.IntVar(&cfg.Namespaces, "namespaces", 3, "users regexes per AS (plus one aliases and one rooms regex)")
 	mix := fs.String("mix", "prefix,suffix,alternation", "kinds of the users regexes, in turn: prefix, suffix, alternation, casefold, noliteral")
 	fs.Float64Var(&cfg.Churn, "churn", 0.05, "share of events that are a ghost joining or leaving (negative: none)")

@@ -63,7 +63,11 @@ type serveConfig struct {
 		RetryMax        time.Duration `yaml:"retry_max"`
 		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
 		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
-		QueryTimeout    time.Duration `yaml:"query_timeout"`
+		// CatchupMaxEventsPerTxn lets the transactions of an AS with a
+		// backlog grow to that many events, max_txn_bytes still capping
+		// them (default 0: off).
+		CatchupMaxEventsPerTxn int           `yaml:"catchup_max_events_per_txn"`
+		QueryTimeout           time.Duration `yaml:"query_timeout"`
 		// TxnTimeout bounds one transaction (default 90s; mautrix-go
 		// handles a transaction before it answers).
 		TxnTimeout time.Duration `yaml:"txn_timeout"`
@@ -214,6 +218,26 @@ func storeOpener(cfg serveConfig) (func(context.Context, txnstore.Options) (txns
 	}
 }
 
+// checkTxnCaps checks the transaction caps of the appservice section (0:
+// the default).
+func checkTxnCaps(maxEvents, maxBytes, catchupMaxEvents int) error {
+	events := maxEvents
+	if events == 0 {
+		events = 100
+	}
+	switch {
+	case maxEvents < 0:
+		return fmt.Errorf("max_events_per_txn must not be negative, got %d", maxEvents)
+	case maxBytes < 0:
+		return fmt.Errorf("max_txn_bytes must not be negative, got %d", maxBytes)
+	case catchupMaxEvents < 0:
+		return fmt.Errorf("catchup_max_events_per_txn must not be negative (0 turns it off), got %d", catchupMaxEvents)
+	case catchupMaxEvents > 0 && catchupMaxEvents < events:
+		return fmt.Errorf("catchup_max_events_per_txn (%d) must be 0 (off) or at least max_events_per_txn (%d)", catchupMaxEvents, events)
+	}
+	return nil
+}
+
 type stringList []string
 
 func (l *stringList) String() string     { return fmt.Sprint(*l) }
@@ -232,6 +256,9 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 	if err != nil {
 		return err
 	}
+	if err := checkTxnCaps(cfg.AppService.MaxEventsPerTxn, cfg.AppService.MaxTxnBytes, cfg.AppService.CatchupMaxEventsPerTxn); err != nil {
+		return fmt.Errorf("appservice: %w", err)
+	}
 	openStore, err := storeOpener(cfg)
 	if err != nil {
 		return err
@@ -248,7 +275,8 @@ func serve(ctx context.Context, cfg serveConfig, log *zap.Logger, stdout io.Writ
 		Websocket:             cfg.AppService.Websocket == nil || *cfg.AppService.Websocket,
 		WebsocketPingInterval: cfg.AppService.WebsocketPingInterval,
 		Queue: queue.Options{RetryInitial: cfg.AppService.RetryInitial, RetryMax: cfg.AppService.RetryMax,
-			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes, Logger: log,
+			MaxEvents: cfg.AppService.MaxEventsPerTxn, MaxBytes: cfg.AppService.MaxTxnBytes,
+			CatchupMaxEvents: cfg.AppService.CatchupMaxEventsPerTxn, Logger: log,
 			LeaseTTL: cfg.Database.LeaseTTL},
 	}
 	if serveFaults != nil {

@@ -46,6 +46,32 @@ func TestStoreOpener(t *testing.T) {
 	}
 }
 
+func TestCheckTxnCaps(t *testing.T) {
+	tests := []struct {
+		yaml string
+		err  string
+	}{
+		{"server_name: hs\n", ""},
+		{"appservice: {catchup_max_events_per_txn: 5000}\n", ""},
+		{"appservice: {max_events_per_txn: 20, catchup_max_events_per_txn: 20}\n", ""},
+		{"appservice: {catchup_max_events_per_txn: 50}\n", "at least max_events_per_txn (100)"},
+		{"appservice: {max_events_per_txn: 500, catchup_max_events_per_txn: 200}\n", "at least max_events_per_txn (500)"},
+		{"appservice: {catchup_max_events_per_txn: -1}\n", "catchup_max_events_per_txn must not be negative"},
+		{"appservice: {max_txn_bytes: -1}\n", "max_txn_bytes must not be negative"},
+	}
+	for _, tt := range tests {
+		var cfg serveConfig
+		if err := yaml.Unmarshal([]byte(tt.yaml), &cfg); err != nil {
+			t.Fatalf("%q: %v", tt.yaml, err)
+		}
+		a := cfg.AppService
+		err := checkTxnCaps(a.MaxEventsPerTxn, a.MaxTxnBytes, a.CatchupMaxEventsPerTxn)
+		if tt.err == "" && err != nil || tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err)) {
+			t.Errorf("%q: err = %v, want %q", tt.yaml, err, tt.err)
+		}
+	}
+}
+
 // TestAdminListener: the admin endpoints and /metrics are served on
 // admin_listen only, behind admin_token; the client listener does not
 // know them.

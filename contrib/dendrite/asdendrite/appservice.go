@@ -96,7 +96,8 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 		Logger:    log,
 		Metrics:   cfg.Metrics,
 		Queue: queue.Options{RetryInitial: st.RetryInitial, RetryMax: st.RetryMax,
-			MaxEvents: st.MaxEventsPerTxn, MaxBytes: st.MaxTxnBytes, Client: client, Logger: log},
+			MaxEvents: st.MaxEventsPerTxn, MaxBytes: st.MaxTxnBytes, CatchupMaxEvents: st.CatchupMaxEventsPerTxn,
+			Client: client, Logger: log},
 	}
 	if dsn := cfg.Settings.PostgresDSN; dsn != "" {
 		dcfg.OpenStore = func(ctx context.Context, opts txnstore.Options) (txnstore.Store, error) {

@@ -25,7 +25,11 @@ type Settings struct {
 		RetryMax        time.Duration `yaml:"retry_max"`
 		MaxEventsPerTxn int           `yaml:"max_events_per_txn"`
 		MaxTxnBytes     int           `yaml:"max_txn_bytes"`
-		QueryTimeout    time.Duration `yaml:"query_timeout"`
+		// CatchupMaxEventsPerTxn lets the transactions of an AS with a
+		// backlog grow to that many events, max_txn_bytes still capping
+		// them (default 0: off).
+		CatchupMaxEventsPerTxn int           `yaml:"catchup_max_events_per_txn"`
+		QueryTimeout           time.Duration `yaml:"query_timeout"`
 	} `yaml:"appservice"`
 }
 
@@ -52,7 +56,30 @@ func LoadSettings(path string) (Settings, error) {
 	if s.DataDir == "" {
 		s.DataDir = "./asdispatch"
 	}
+	if err := s.checkTxnCaps(); err != nil {
+		return s, fmt.Errorf("asdispatch settings: %s: section asdispatch: appservice: %w", path, err)
+	}
 	return s, nil
+}
+
+// checkTxnCaps checks the transaction caps (0: the default).
+func (s *Settings) checkTxnCaps() error {
+	a := s.AppService
+	events := a.MaxEventsPerTxn
+	if events == 0 {
+		events = 100
+	}
+	switch {
+	case a.MaxEventsPerTxn < 0:
+		return fmt.Errorf("max_events_per_txn must not be negative, got %d", a.MaxEventsPerTxn)
+	case a.MaxTxnBytes < 0:
+		return fmt.Errorf("max_txn_bytes must not be negative, got %d", a.MaxTxnBytes)
+	case a.CatchupMaxEventsPerTxn < 0:
+		return fmt.Errorf("catchup_max_events_per_txn must not be negative (0 turns it off), got %d", a.CatchupMaxEventsPerTxn)
+	case a.CatchupMaxEventsPerTxn > 0 && a.CatchupMaxEventsPerTxn < events:
+		return fmt.Errorf("catchup_max_events_per_txn (%d) must be 0 (off) or at least max_events_per_txn (%d)", a.CatchupMaxEventsPerTxn, events)
+	}
+	return nil
 }
 
 func decodeStrict(n *yaml.Node, v any) error {

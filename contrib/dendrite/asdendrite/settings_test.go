@@ -22,6 +22,10 @@ func TestLoadSettings(t *testing.T) {
 				return s.DataDir == "/var/lib/asd" && s.AppService.RetryInitial == 250*time.Millisecond && s.AppService.MaxEventsPerTxn == 7
 			}},
 		{"typo refused", "appservice:\n  retry_inital: 1s\n", "retry_inital", nil},
+		{"catch-up batching", "appservice:\n  catchup_max_events_per_txn: 5000\n", "",
+			func(s Settings) bool { return s.AppService.CatchupMaxEventsPerTxn == 5000 }},
+		{"catch-up below the cap refused", "appservice:\n  max_events_per_txn: 200\n  catchup_max_events_per_txn: 150\n",
+			"catchup_max_events_per_txn (150) must be 0 (off) or at least max_events_per_txn (200)", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path, err := harness.WriteConfig(t.TempDir(), harness.Options{AsDispatch: tc.section})

@@ -29,6 +29,12 @@ const MaxPDUBytes = 65536
 // Limits caps one transaction.
 type Limits struct {
 	Events, Ephemeral, ToDevice, Bytes int
+	// CatchupEvents, when above Events, caps the events of a transaction
+	// cut while the AS has a backlog: when, at the moment the transaction
+	// is cut, more items wait to go out than one transaction of the other
+	// limits holds. Bytes still caps it, and a 413 still splits it. Zero
+	// (or not above Events): Events always.
+	CatchupEvents int
 }
 
 // Config configures one machine.
@@ -55,8 +61,9 @@ type Config struct {
 	// transaction, while the AS may still be working on this one.
 	SendTimeout time.Duration
 	// Depth is how many transactions are frozen ahead, the one in flight
-	// included. MemItems and MemBytes bound the committed items kept in
-	// memory; past them the backlog is read from the store.
+	// included, as long as their bodies add up to less than readTxns
+	// transactions of Bytes. MemItems and MemBytes bound the committed
+	// items kept in memory; past them the backlog is read from the store.
 	Depth    int
 	MemItems int
 	MemBytes int
@@ -357,7 +364,7 @@ type Sender struct {
 	readGen    uint64
 	readAfter  int64
 	readMax    int
-	readBytes  int
+	readLimit  int  // bytes
 	exhausted  bool // the last read saw the end of the stream
 	dirty      bool // shared: items were committed since the last read
 	pollAt     time.Time
@@ -805,8 +812,11 @@ func (s *Sender) advanceRead() {
 	if s.readTok != 0 || s.reconcile {
 		return
 	}
-	need := s.unbuilt > 0 || (s.split == nil && len(s.q) < s.cfg.Depth && cut(s.carry, s.limits(), s.target.Format) == len(s.carry) &&
-		s.carryBytes < s.cfg.Depth*s.cfg.Bytes)
+	// Read ahead: while the transactions frozen ahead go out, the next
+	// read is on its way, not started once carry runs dry.
+	need := s.unbuilt > 0 || (s.split == nil &&
+		(len(s.q) < s.cfg.Depth && cut(s.carry, s.cutLimits(s.carry), s.target.Format) == len(s.carry) && s.carryBytes < s.readBytes() ||
+			len(s.carry) < s.readItems()/2 && s.carryBytes < s.readBytes()/2))
 	if !need {
 		return
 	}
@@ -818,14 +828,13 @@ func (s *Sender) advanceRead() {
 		return
 	}
 	if !s.now.Before(s.retryAt) {
-		room := max(s.cfg.Depth-len(s.q), 1)
 		s.readTok = s.nextTok()
 		s.readGen = s.overflows
 		s.readAfter = s.fetchedTo
 		s.dirty = false
-		s.readMax = room * (s.cfg.Events + 3*s.cfg.Ephemeral + s.cfg.ToDevice) // ephemeral, device lists, key counts
-		s.readBytes = room * s.cfg.Bytes
-		s.out.Read = &ReadOp{Tok: s.readTok, After: s.fetchedTo, MaxItems: s.readMax, MaxBytes: s.readBytes}
+		s.readMax = s.readItems()
+		s.readLimit = s.readBytes()
+		s.out.Read = &ReadOp{Tok: s.readTok, After: s.fetchedTo, MaxItems: s.readMax, MaxBytes: s.readLimit}
 	}
 }
 
@@ -844,7 +853,7 @@ func (s *Sender) takeMem() {
 	}
 	n := 0
 	bytes := 0
-	for n < len(s.mem) && (n == 0 || bytes < 2*s.cfg.Depth*s.cfg.Bytes) {
+	for n < len(s.mem) && (n == 0 || bytes < 2*s.readBytes()) {
 		bytes += len(s.mem[n].Data)
 		n++
 	}
@@ -873,7 +882,7 @@ func (s *Sender) readDone(in ReadDone) {
 	for _, it := range in.Items {
 		bytes += len(it.Data)
 	}
-	short := len(in.Items) < s.readMax && (s.readBytes <= 0 || 2*bytes < s.readBytes)
+	short := len(in.Items) < s.readMax && (s.readLimit <= 0 || 2*bytes < s.readLimit)
 	if short && !s.cfg.Shared && s.readGen == s.overflows {
 		// The read saw every committed item; later ones are in memory.
 		last := s.readAfter
@@ -960,19 +969,50 @@ func (s *Sender) limits() limits {
 	return limits{events: s.cfg.Events, ephemeral: s.cfg.Ephemeral, toDevice: s.cfg.ToDevice, bytes: s.cfg.Bytes, keys: s.cfg.Ephemeral}
 }
 
+// cutLimits are the limits of the next transaction cut from items: the
+// catch-up ones while items hold more than one transaction of the others.
+func (s *Sender) cutLimits(items []txnstore.Item) limits {
+	lim := s.limits()
+	if s.cfg.CatchupEvents > lim.events && cut(items, lim, s.target.Format) < len(items) {
+		lim.events = s.cfg.CatchupEvents
+	}
+	return lim
+}
+
+// readTxns is how many of the largest transactions one read fetches, and
+// how many transactions of Bytes the frozen ones ahead may add up to.
+const readTxns = 4
+
+// readItems and readBytes bound one read of the stream.
+func (s *Sender) readItems() int {
+	return readTxns * (max(s.cfg.Events, s.cfg.CatchupEvents) + 3*s.cfg.Ephemeral + s.cfg.ToDevice) // ephemeral, device lists, key counts
+}
+
+func (s *Sender) readBytes() int { return readTxns * s.cfg.Bytes }
+
+// aheadBytes adds up the bodies of the transactions frozen ahead.
+func (s *Sender) aheadBytes() int {
+	n := 0
+	for _, t := range s.q {
+		n += t.Len
+	}
+	return n
+}
+
 func (s *Sender) advanceFreeze() {
 	if s.freezing != nil || s.pending != nil || s.reconcile || s.unbuilt > 0 || s.split != nil || len(s.carry) == 0 {
 		return
 	}
-	lim, f := s.limits(), s.target.Format
+	f := s.target.Format
 	var txns []*txn
 	prev := s.frozenEnd
 	carry := s.carry
-	for len(s.q)+len(txns) < s.cfg.Depth && len(carry) > 0 {
-		n := cut(carry, lim, f)
+	ahead := s.aheadBytes()
+	for len(s.q)+len(txns) < s.cfg.Depth && len(carry) > 0 && (len(s.q)+len(txns) == 0 || ahead < s.readBytes()) {
+		n := cut(carry, s.cutLimits(carry), f)
 		// More items may join a partial transaction unless the stream was
 		// read to its end or carry is full.
-		more := s.readTok != 0 || (!s.exhausted && s.carryBytes < s.cfg.Depth*s.cfg.Bytes)
+		more := s.readTok != 0 || (!s.exhausted && s.carryBytes < s.readBytes())
 		if n == len(carry) && (len(s.q)+len(txns) > 0 || more) {
 			// Hold a partial transaction back while another is queued or
 			// in flight, or more items are on their way: what arrives
@@ -987,6 +1027,7 @@ func (s *Sender) advanceFreeze() {
 		})
 		carry = carry[n:]
 		prev = last
+		ahead += len(body)
 	}
 	if len(txns) == 0 {
 		return
@@ -1281,6 +1322,11 @@ func (s *Sender) advanceWrites() {
 		return
 	}
 	if s.writing != nil || len(s.writes) == 0 || s.now.Before(s.retryAt) || s.aborted {
+		return
+	}
+	if s.freezing != nil {
+		// Wait for the freeze: the writes queued meanwhile then go out
+		// with the next one, and share its commit.
 		return
 	}
 	if s.cfg.Shared && !s.leading {

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -192,4 +193,55 @@ func TestLeaseOutlastsSend(t *testing.T) {
 		}
 	}
 	t.Fatal("idle renewals still ask for a lease outlasting a send")
+}
+
+// TestCatchupBatching: with CatchupEvents set, a transaction cut while more
+// items wait than one of the other limits holds grows to CatchupEvents
+// events (Bytes still capping it); without a backlog, or with it off,
+// transactions keep Events.
+func TestCatchupBatching(t *testing.T) {
+	tests := []struct {
+		name           string
+		catchup, bytes int
+		waiting        int
+		want           []int // events of the transactions frozen (a partial one waits)
+	}{
+		{"off", 0, 1 << 20, 250, []int{100, 100}},
+		{"no backlog", 1000, 1 << 20, 80, []int{80}},
+		{"one normal transaction is no backlog", 1000, 1 << 20, 100, []int{100}},
+		{"backlog", 1000, 1 << 20, 250, []int{250}},
+		{"backlog over the catch-up cap", 150, 1 << 20, 250, []int{150}},
+		{"bytes still cap", 1000, 128 + 150*14, 250, []int{150}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig(false)
+			cfg.CatchupEvents, cfg.Bytes = tt.catchup, tt.bytes
+			m := New(cfg, rand.New(rand.NewPCG(1, 2)))
+			now := time.Unix(0, 0)
+			m.Step(now, Start{Target: Target{HasURL: true}})
+			r := m.Ready()
+			m.Step(now, RecoverDone{Tok: r.Recover.Tok})
+			r = m.Ready()
+			if r.Read == nil {
+				t.Fatalf("no read after recovery: %+v", r)
+			}
+			items := make([]txnstore.Item, tt.waiting)
+			for i := range items {
+				items[i] = txnstore.Item{Seq: int64(i + 1), Kind: txnstore.KindEvent, Data: []byte(`{"a":"12345"}`)} // 14 bytes with its comma
+			}
+			m.Step(now, ReadDone{Tok: r.Read.Tok, Items: items})
+			r = m.Ready()
+			if r.Freeze == nil {
+				t.Fatalf("nothing frozen: %+v", r)
+			}
+			var got []int
+			for _, tx := range r.Freeze.Txns {
+				got = append(got, int(tx.Range.Last-tx.Range.After))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("transactions of %v events, want %v", got, tt.want)
+			}
+		})
+	}
 }
