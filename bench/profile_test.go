@@ -168,4 +168,3 @@ func phaseProfile(b *testing.B) func() func() {
 		}
 	}
 }
-
