@@ -489,24 +489,31 @@ var errSimStore = errors.New("sim: store fault")
 // to c. op returns the input to deliver; a fault before the commit skips
 // op, one after it runs op and replaces its answer by an error.
 func (w *world) storeOp(c *simCore, kind int, fenced bool, op func() core.Input, failed func(error) core.Input) {
+	w.storeOps(c, kind, fenced, func() []core.Input { return []core.Input{op()} },
+		func(err error) []core.Input { return []core.Input{failed(err)} })
+}
+
+// storeOps is storeOp for one commit that answers several ops, each
+// answer reaching the core on its own.
+func (w *world) storeOps(c *simCore, kind int, fenced bool, op func() []core.Input, failed func(error) []core.Input) {
 	w.at(w.lat(), c.p, func() {
 		before, after := w.storeFault(kind)
-		var in core.Input
-		defer func() {
-			w.trace("%s as %d store op %d: %T%+v before=%v after=%v", c.p.name, c.key, kind, in, in, before, after)
-		}()
+		var ins []core.Input
 		switch {
 		case before:
-			in = failed(errSimStore)
+			ins = failed(errSimStore)
 		case fenced && w.store.fence(c.key, c.p.name, w.dbNow()) != nil:
-			in = failed(txnstore.ErrLeaseLost)
+			ins = failed(txnstore.ErrLeaseLost)
 		default:
-			in = op()
+			ins = op()
 			if after {
-				in = failed(errSimStore)
+				ins = failed(errSimStore)
 			}
 		}
-		w.at(w.lat(), c.p, func() { w.step(c, in) })
+		for _, in := range ins {
+			w.trace("%s as %d store op %d: %T%+v before=%v after=%v", c.p.name, c.key, kind, in, in, before, after)
+			w.at(w.lat(), c.p, func() { w.step(c, in) })
+		}
 	})
 }
 
@@ -523,13 +530,26 @@ func (w *world) carryOut(c *simCore, r core.Ready) {
 			return core.ReadDone{Tok: op.Tok, Items: w.store.read(k, op.After, op.MaxItems, op.MaxBytes)}
 		}, func(err error) core.Input { return core.ReadDone{Tok: op.Tok, Err: err} })
 	}
-	if op := r.Freeze; op != nil {
+	writes := r.Writes
+	if op := r.Freeze; op != nil && len(writes) == 1 && writes[0].Complete != nil && k%2 == 0 {
+		// What the driver does on a store with CompleteFreeze (SQLite):
+		// one commit, the completion first; half of the ASes get it.
+		wr := writes[0]
+		writes = nil
+		w.storeOps(c, opFreeze, true, func() []core.Input {
+			cerr := w.store.complete(k, wr.Complete)
+			ids, ferr := w.store.freeze(k, op.Replace, op.Txns)
+			return []core.Input{core.WriteDone{Tok: wr.Tok, Err: cerr}, core.FreezeDone{Tok: op.Tok, IDs: ids, Err: ferr}}
+		}, func(err error) []core.Input {
+			return []core.Input{core.WriteDone{Tok: wr.Tok, Err: err}, core.FreezeDone{Tok: op.Tok, Err: err}}
+		})
+	} else if op := r.Freeze; op != nil {
 		w.storeOp(c, opFreeze, true, func() core.Input {
 			ids, err := w.store.freeze(k, op.Replace, op.Txns)
 			return core.FreezeDone{Tok: op.Tok, IDs: ids, Err: err}
 		}, func(err error) core.Input { return core.FreezeDone{Tok: op.Tok, Err: err} })
 	}
-	for _, op := range r.Writes {
+	for _, op := range writes {
 		kind, fenced := opComplete, true
 		switch {
 		case op.SaveBody != nil:
