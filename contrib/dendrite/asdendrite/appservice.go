@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -62,6 +64,10 @@ type API struct {
 	// Start; empty hands events over without a position).
 	stream string
 	reg    *registry.Registry
+	// seen drops the copies Dendrite publishes of events handed over
+	// already; handed is the last sequence of stream handed over.
+	seen   *seenStore
+	handed int64
 }
 
 var _ appserviceAPI.AppServiceInternalAPI = (*API)(nil)
@@ -110,6 +116,14 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 		return nil, fmt.Errorf("asdispatch: %w", err)
 	}
 	a.d = d
+	if err := os.MkdirAll(cfg.Settings.DataDir, 0o700); err != nil {
+		_ = d.Close(ctx)
+		return nil, fmt.Errorf("asdispatch: %w", err)
+	}
+	if a.seen, err = openSeen(ctx, filepath.Join(cfg.Settings.DataDir, "dendrite-seen.db")); err != nil {
+		_ = d.Close(ctx)
+		return nil, fmt.Errorf("asdispatch: %w", err)
+	}
 	a.q = queries.New(queries.Config{Registry: cfg.Registry, Client: client, Wake: d.Wake,
 		Logger: log, Metrics: cfg.Metrics})
 	all := cfg.Registry.Current().All()
@@ -117,7 +131,7 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 	t0 = time.Now()
 	created, err := senderAccounts(ctx, cfg.UserAPI, all, cfg.Dendrite.Global.ServerName)
 	if err != nil {
-		_ = d.Close(ctx)
+		_ = a.Close(ctx)
 		return nil, fmt.Errorf("asdispatch: %w", err)
 	}
 	log.Info("sender accounts ready", zap.Int("appservices", len(all)), zap.Int("created", created),
@@ -129,7 +143,13 @@ func New(ctx context.Context, cfg Config) (*API, error) {
 func (a *API) Dispatcher() *dispatcher.Dispatcher { return a.d }
 
 // Close stops the dispatcher; what is queued stays queued.
-func (a *API) Close(ctx context.Context) error { return a.d.Close(ctx) }
+func (a *API) Close(ctx context.Context) error {
+	err := a.d.Close(ctx)
+	if a.seen != nil {
+		err = errors.Join(err, a.seen.close())
+	}
+	return err
+}
 
 // senderAccounts puts each AS's sender account and device in place,
 // accountWorkers at a time, and returns how many it had to create.

@@ -54,6 +54,7 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 	if err != nil {
 		return fmt.Errorf("position of %s: %w", a.stream, err)
 	}
+	a.handed = pos
 	a.log.Info("consuming room events", zap.String("stream", a.stream), zap.Int64("handed_over", pos))
 	if last := info.State.LastSeq; last < uint64(pos) {
 		// Seen once after a SIGKILL ("could not locate msg block"): the
@@ -179,6 +180,30 @@ func (a *API) submit(ctx context.Context, items []item) error {
 	// below the stored one, so within a call it is dropped here.
 	slices.SortStableFunc(items, func(x, y item) int { return cmp.Compare(x.seq, y.seq) })
 	items = slices.CompactFunc(items, func(x, y item) bool { return x.seq > 0 && x.seq == y.seq })
+	if a.seen != nil && a.stream != "" {
+		var dropped []item
+		var err error
+		if items, dropped, err = a.seen.dropCopies(ctx, a.stream, a.handed, items); err != nil {
+			return err
+		}
+		for _, it := range dropped {
+			a.log.Warn("event published again by Dendrite, copy dropped", zap.String("event_id", it.ev.ID), zap.Uint64("stream_seq", it.seq))
+		}
+		if err := a.seen.record(ctx, a.stream, a.handed, items); err != nil {
+			return err
+		}
+	}
+	if err := a.handOver(ctx, items); err != nil {
+		return err
+	}
+	for _, it := range items {
+		a.handed = max(a.handed, int64(it.seq))
+	}
+	return nil
+}
+
+// handOver submits the items, each at its position.
+func (a *API) handOver(ctx context.Context, items []item) error {
 	evs := make([]dispatcher.Event, len(items))
 	for i := range items {
 		if a.stream != "" && items[i].seq > 0 {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -122,6 +123,101 @@ func TestSubmitReplayAtPositions(t *testing.T) {
 		t.Fatalf("Position = %d, %v; want 7", p, err)
 	}
 	want := "$1,$2,$3,$4,$5,$6,$7"
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		s := strings.Join(got, ",")
+		mu.Unlock()
+		if s == want {
+			break
+		}
+		if time.Now().After(deadline) || len(s) > len(want) {
+			t.Fatalf("the AS got %q, want %s", s, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // a duplicate would arrive by now
+	mu.Lock()
+	defer mu.Unlock()
+	if s := strings.Join(got, ","); s != want {
+		t.Fatalf("the AS got %q, want %s", s, want)
+	}
+}
+
+// A copy Dendrite's sync API publishes again after a kill (the same event
+// at a new sequence) is dropped once the original was handed over, also
+// across a restart; an original whose hand-over never landed still goes.
+func TestSubmitDropsRepublishedCopies(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var txn struct {
+			Events []struct {
+				EventID string `json:"event_id"`
+			} `json:"events"`
+		}
+		json.NewDecoder(r.Body).Decode(&txn)
+		mu.Lock()
+		for _, e := range txn.Events {
+			got = append(got, e.EventID)
+		}
+		mu.Unlock()
+		w.Write([]byte("{}"))
+	}))
+	defer srv.Close()
+	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	stream := positionStream("DendriteOutputAppserviceEvent", time.Unix(1700000000, 0))
+	ev := func(id string, seq uint64) item {
+		return item{seq: seq, ev: dispatcher.Event{ID: id, RoomID: "!r:example.org", Type: "m.room.message",
+			Sender: "@irc_bob:example.org", JSON: []byte(fmt.Sprintf(`{"event_id":%q}`, id))}}
+	}
+	// open is a (re)start: dispatcher and seen store on dir, at the stored position.
+	open := func() *API {
+		d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen, err := openSeen(ctx, filepath.Join(dir, "dendrite-seen.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := &API{d: d, log: zap.NewNop(), stream: stream, seen: seen}
+		if a.handed, err = d.Position(ctx, stream); err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	a := open()
+	for _, batch := range [][]item{
+		{ev("$1", 1), ev("$2", 2)},
+		{ev("$1", 3), ev("$3", 4)},              // $1 published again
+		{ev("$4", 5), ev("$3", 6), ev("$4", 7)}, // copies in the same fetch
+	} {
+		if err := a.submit(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// $5 recorded at 8, then killed before its hand-over landed.
+	if err := a.seen.record(ctx, stream, a.handed, []item{ev("$5", 8)}); err != nil {
+		t.Fatal(err)
+	}
+	a.Close(ctx)
+	a = open()
+	defer a.Close(ctx)
+	for _, batch := range [][]item{
+		{ev("$2", 9), ev("$5", 10)}, // $2 again after the restart; $5's first hand-over
+		{ev("$5", 8)},               // the original $5 redelivered: skipped at its position
+	} {
+		if err := a.submit(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := "$1,$2,$3,$4,$5"
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		mu.Lock()
