@@ -728,6 +728,9 @@ func (s *SQLite) completeOp(as ASKey, ids []int64) func(tx *sql.Tx, b *batch) er
 		if d != r.delivered {
 			// completeTxns deleted the rows the cursor passed.
 			r.txns = slices.DeleteFunc(slices.Clone(rows), func(t txnRow) bool { return t.last <= d })
+			if len(r.txns) == 0 {
+				r.txns = nil // an AS that caught up keeps no buffer
+			}
 		}
 		r.delivered = d
 		return err
