@@ -50,3 +50,25 @@ func TestGCWalksOnlyMovedCursors(t *testing.T) {
 		t.Errorf("an undelivered AS reads %d items after the collection (%v), want 4", len(items), err)
 	}
 }
+
+// TestIdleWriterCollectsEveryFewCommits: one caller at a time leaves the
+// writer idle at every commit; it still collects only every gcIdleEvery-th
+// commit, not every other one (a fifth of its time at 10,000 ASes).
+func TestIdleWriterCollectsEveryFewCommits(t *testing.T) {
+	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "s.db"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a := ensure(t, s, "a")
+	st0 := s.stats()
+	const n = 80
+	for range n {
+		appendN(t, s, 1, KindEvent, a)
+	}
+	st := s.stats()
+	commits, gcs := int(st.commits-st0.commits), st.gcs-st0.gcs
+	if want := commits / gcIdleEvery; gcs < want-1 || gcs > want+1 {
+		t.Errorf("%d collections in %d commits of an idle writer, want about %d", gcs, commits, want)
+	}
+}

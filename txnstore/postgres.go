@@ -533,7 +533,11 @@ func (s *Postgres) CompleteMany(ctx context.Context, as ASKey, ids []int64) erro
 		if err != nil {
 			return err
 		}
-		_, err = completeTxns(ctx, tx, postgresSQL, as, ids, delivered, nextTxn, b.now, true)
+		rows, err := readTxnRows(ctx, tx, postgresSQL, as)
+		if err != nil {
+			return err
+		}
+		_, err = completeTxns(ctx, tx, postgresSQL, as, ids, rows, delivered, nextTxn, b.now, true)
 		return err
 	})
 }

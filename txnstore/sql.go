@@ -736,28 +736,15 @@ func alreadyFrozen(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, replac
 // (its range is at or below the cursor): that is no error, so a retried
 // Complete whose first attempt landed succeeds. writeRow false leaves the
 // cursor's write in appservices (with last_success_ms = now) to the caller.
-func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []int64, delivered, nextTxn, now int64, writeRow bool) (int64, error) {
-	type row struct{ id, after, last, replacedBy int64 }
-	rows, err := tx.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, replaced_by FROM txns WHERE as_key = ? ORDER BY after_seq, txn_id`), as)
-	if err != nil {
-		return 0, err
-	}
-	byID := map[int64]row{}
-	var live []row
-	for rows.Next() {
-		var r row
-		if err := rows.Scan(&r.id, &r.after, &r.last, &r.replacedBy); err != nil {
-			rows.Close()
-			return 0, err
-		}
+// rows are as's rows of txns (readTxnRows), in stream order.
+func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []int64, rows []txnRow, delivered, nextTxn, now int64, writeRow bool) (int64, error) {
+	byID := make(map[int64]txnRow, len(rows))
+	var live []txnRow
+	for _, r := range rows {
 		byID[r.id] = r
 		if r.replacedBy == 0 && r.last > delivered {
 			live = append(live, r)
 		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return 0, err
 	}
 	want := make(map[int64]bool, len(ids))
 	for _, id := range ids {
@@ -803,6 +790,28 @@ func completeTxns(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey, ids []i
 		return delivered, callError{errors.Join(errs...)}
 	}
 	return delivered, nil
+}
+
+// txnRow is a row of txns as the completion check needs it.
+type txnRow struct{ id, after, last, replacedBy int64 }
+
+// readTxnRows returns as's rows of txns in stream order: by after_seq,
+// then txn_id (a split's tombstone before its parts).
+func readTxnRows(ctx context.Context, tx *sql.Tx, d *dialect, as ASKey) ([]txnRow, error) {
+	rows, err := tx.QueryContext(ctx, d.q(`SELECT txn_id, after_seq, last_seq, replaced_by FROM txns WHERE as_key = ? ORDER BY after_seq, txn_id`), as)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []txnRow
+	for rows.Next() {
+		var r txnRow
+		if err := rows.Scan(&r.id, &r.after, &r.last, &r.replacedBy); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
 }
 
 // saveBody implements SaveBody inside tx for both backends. The first body
