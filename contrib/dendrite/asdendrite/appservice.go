@@ -68,6 +68,12 @@ type API struct {
 	// already; handed is the last sequence of stream handed over.
 	seen   *seenStore
 	handed int64
+	// floor: messages at or below it were in the JetStream stream when
+	// stream's epoch began, all handed over in earlier epochs (see Start).
+	floor uint64
+	// past caches how far earlier position streams were handed over
+	// (final: nothing is handed over under their names any more).
+	past map[string]int64
 }
 
 var _ appserviceAPI.AppServiceInternalAPI = (*API)(nil)

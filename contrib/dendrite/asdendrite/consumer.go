@@ -39,9 +39,12 @@ type item struct {
 // Start consumes the room events the sync API re-publishes for appservices
 // (the stream Dendrite's own appservice consumers read), hands each new event
 // to Submit and acknowledges a batch only after Submit returned: a crash
-// before the ack replays it.
+// before the ack replays it. Nothing is published to the stream before
+// Start (the sync API starts after the appservice component), so what
+// Start finds in it is what JetStream kept from before.
 func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.JetStream) error {
 	subj := jcfg.Prefixed(jetstream.OutputAppserviceEvent)
+	consumer := jcfg.Durable(durableName) + "Pull"
 	if err := removeStockConsumers(js, jcfg, a.log); err != nil {
 		return err
 	}
@@ -49,26 +52,97 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", subj, err)
 	}
-	a.stream = positionStream(subj, info.Created)
-	pos, err := a.d.Position(ctx, a.stream)
-	if err != nil {
-		return fmt.Errorf("position of %s: %w", a.stream, err)
+	last := info.State.LastSeq
+	if err := a.openEpoch(ctx, subj, info.Created, last); err != nil {
+		return err
 	}
-	a.handed = pos
-	a.log.Info("consuming room events", zap.String("stream", a.stream), zap.Int64("handed_over", pos))
-	if last := info.State.LastSeq; last < uint64(pos) {
-		// Seen once after a SIGKILL ("could not locate msg block"): the
-		// stream came back shorter, and new messages will take sequences
-		// the dispatcher already holds and skip them. Not repaired yet.
-		a.log.Error("JetStream stream came back behind what was handed over: its storage lost messages; new events up to the handed-over sequence will be skipped as replays",
-			zap.String("stream", subj), zap.Uint64("last_seq", last), zap.Int64("handed_over", pos))
+	if err := a.replayPending(ctx, js, subj, consumer, last); err != nil {
+		return err
 	}
-	if err := a.replayPending(ctx, js, subj, jcfg.Durable(durableName)+"Pull"); err != nil {
+	if err := dropConsumerAhead(js, subj, consumer, last, a.log); err != nil {
 		return err
 	}
 	return jetstream.JetStreamConsumer(ctx, js, subj, jcfg.Durable(durableName), consumerBatch,
 		func(ctx context.Context, msgs []*nats.Msg) bool { return a.onMessages(ctx, msgs) },
 		nats.DeliverAll(), nats.ManualAck())
+}
+
+// openEpoch picks the position stream for subj's sequences and loads how
+// far it was handed over. Dendrite's in-process JetStream came back from a
+// SIGKILL once without the stream's tail ("could not locate msg block"),
+// under the same creation time: the sequences it hands out next are ones
+// the dispatcher holds under the current name, and every new event would be
+// skipped as a replay. So when the stream's last sequence is below the
+// stored position, a new epoch of the name begins (kept in the seen store
+// before anything is handed over under it), with the last sequence as its
+// floor: below it the stream holds only messages handed over before.
+func (a *API) openEpoch(ctx context.Context, subj string, created time.Time, last uint64) error {
+	base := positionStream(subj, created)
+	epoch, floor, err := a.seen.epoch(ctx, base)
+	if err != nil {
+		return err
+	}
+	// Should the seen store have been lost, a later epoch shows in the
+	// dispatcher's positions. Its floor does not matter then: the epoch's
+	// position is above it once anything was handed over under it.
+	for {
+		p, err := a.d.Position(ctx, epochStream(base, epoch+1))
+		if err != nil {
+			return fmt.Errorf("position of %s: %w", epochStream(base, epoch+1), err)
+		}
+		if p == 0 {
+			break
+		}
+		epoch, floor = epoch+1, 0
+	}
+	name := epochStream(base, epoch)
+	pos, err := a.d.Position(ctx, name)
+	if err != nil {
+		return fmt.Errorf("position of %s: %w", name, err)
+	}
+	if last < uint64(pos) {
+		old := name
+		epoch, floor = epoch+1, last
+		name = epochStream(base, epoch)
+		if err := a.seen.setEpoch(ctx, base, epoch, floor); err != nil {
+			return err
+		}
+		a.log.Error("JetStream stream came back behind what was handed over (its storage lost messages): new position epoch, so the sequences it hands out again are not taken for replays",
+			zap.String("jetstream_stream", subj), zap.Uint64("last_seq", last), zap.Int64("handed_over", pos),
+			zap.String("old_position_stream", old), zap.String("position_stream", name), zap.Int64("epoch", epoch))
+		if pos, err = a.d.Position(ctx, name); err != nil {
+			return fmt.Errorf("position of %s: %w", name, err)
+		}
+	}
+	a.stream, a.handed, a.floor = name, pos, floor
+	a.log.Info("consuming room events", zap.String("position_stream", name), zap.Int64("handed_over", pos),
+		zap.Int64("epoch", epoch), zap.Uint64("floor", floor), zap.Uint64("last_seq", last))
+	return nil
+}
+
+// dropConsumerAhead deletes our consumer if it delivered past the stream's
+// last sequence (the stream lost its tail): JetStream would hand it only
+// messages above that sequence, and every message published until then
+// would never reach us. JetStreamConsumer creates it again, delivering from
+// the stream's first message; what was handed over before is skipped at its
+// position or below the epoch's floor.
+func dropConsumerAhead(js nats.JetStreamContext, subj, consumer string, last uint64, log *zap.Logger) error {
+	ci, err := js.ConsumerInfo(subj, consumer)
+	if errors.Is(err, nats.ErrConsumerNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("consumer %s: %w", consumer, err)
+	}
+	if ci.Delivered.Stream <= last {
+		return nil
+	}
+	if err := js.DeleteConsumer(subj, consumer); err != nil && !errors.Is(err, nats.ErrConsumerNotFound) {
+		return fmt.Errorf("removing consumer %s ahead of its stream: %w", consumer, err)
+	}
+	log.Warn("consumer was ahead of its JetStream stream (the stream lost messages): recreated",
+		zap.String("consumer", consumer), zap.Uint64("delivered_seq", ci.Delivered.Stream), zap.Uint64("last_seq", last))
+	return nil
 }
 
 // replayPending hands over, in stream order, what JetStream delivered to
@@ -77,7 +151,7 @@ func (a *API) Start(ctx context.Context, js nats.JetStreamContext, jcfg *config.
 // messages: handed over first, those would move the position past them and
 // the dispatcher would skip them as replays. Read from the stream here,
 // they go first; their redeliveries are then skipped at their positions.
-func (a *API) replayPending(ctx context.Context, js nats.JetStreamContext, subj, consumer string) error {
+func (a *API) replayPending(ctx context.Context, js nats.JetStreamContext, subj, consumer string, last uint64) error {
 	ci, err := js.ConsumerInfo(subj, consumer)
 	if errors.Is(err, nats.ErrConsumerNotFound) {
 		return nil
@@ -85,7 +159,8 @@ func (a *API) replayPending(ctx context.Context, js nats.JetStreamContext, subj,
 	if err != nil {
 		return fmt.Errorf("consumer %s: %w", consumer, err)
 	}
-	from, to := ci.AckFloor.Stream+1, ci.Delivered.Stream
+	// Past last the stream lost them (see openEpoch).
+	from, to := ci.AckFloor.Stream+1, min(ci.Delivered.Stream, last)
 	if from > to {
 		return nil
 	}
@@ -170,6 +245,35 @@ func positionStream(subj string, created time.Time) string {
 	return fmt.Sprintf("dendrite/%s/%d", subj, created.UnixNano())
 }
 
+// epochStream is the name of base's epoch: base itself at first, base@N
+// after the Nth time the stream came back behind it (see openEpoch).
+func epochStream(base string, epoch int64) string {
+	if epoch == 0 {
+		return base
+	}
+	return fmt.Sprintf("%s@%d", base, epoch)
+}
+
+// handedIn returns how far the position stream was handed over: a.handed
+// for the current one; an earlier one's stored position is final.
+func (a *API) handedIn(ctx context.Context, stream string) (int64, error) {
+	if stream == a.stream {
+		return a.handed, nil
+	}
+	if p, ok := a.past[stream]; ok {
+		return p, nil
+	}
+	p, err := a.d.Position(ctx, stream)
+	if err != nil {
+		return 0, fmt.Errorf("position of %s: %w", stream, err)
+	}
+	if a.past == nil {
+		a.past = map[string]int64{}
+	}
+	a.past[stream] = p
+	return p, nil
+}
+
 // submit hands the items to the dispatcher in one call, each at its
 // JetStream sequence: a batch redelivered after a crash between Submit and
 // the ack is skipped by the dispatcher instead of delivered twice.
@@ -180,10 +284,20 @@ func (a *API) submit(ctx context.Context, items []item) error {
 	// below the stored one, so within a call it is dropped here.
 	slices.SortStableFunc(items, func(x, y item) int { return cmp.Compare(x.seq, y.seq) })
 	items = slices.CompactFunc(items, func(x, y item) bool { return x.seq > 0 && x.seq == y.seq })
+	if a.floor > 0 {
+		// Messages the stream kept from before its epoch began, handed over
+		// then under an earlier name.
+		n := len(items)
+		items = slices.DeleteFunc(items, func(it item) bool { return it.seq > 0 && it.seq <= a.floor })
+		if n > len(items) {
+			a.log.Info("messages handed over before the position epoch began, skipped",
+				zap.Int("events", n-len(items)), zap.Uint64("floor", a.floor))
+		}
+	}
 	if a.seen != nil && a.stream != "" {
 		var dropped []item
 		var err error
-		if items, dropped, err = a.seen.dropCopies(ctx, a.stream, a.handed, items); err != nil {
+		if items, dropped, err = a.seen.dropCopies(ctx, a.stream, a.handedIn, items); err != nil {
 			return err
 		}
 		for _, it := range dropped {
@@ -192,6 +306,9 @@ func (a *API) submit(ctx context.Context, items []item) error {
 		if err := a.seen.record(ctx, a.stream, a.handed, items); err != nil {
 			return err
 		}
+	}
+	if len(items) == 0 {
+		return nil
 	}
 	if err := a.handOver(ctx, items); err != nil {
 		return err

@@ -140,7 +140,7 @@ func TestReplayPending(t *testing.T) {
 	if err := msgs[0].AckSync(); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.replayPending(ctx, js, stream, consumer); err != nil {
+	if err := a.replayPending(ctx, js, stream, consumer, 4); err != nil {
 		t.Fatal(err)
 	}
 	if p, err := d.Position(ctx, pos); err != nil || p != 3 {

@@ -39,6 +39,9 @@ type run struct {
 }
 
 func (r *run) close() {
+	if r == nil {
+		return
+	}
 	if r.fds != nil {
 		r.fds.stop()
 	}

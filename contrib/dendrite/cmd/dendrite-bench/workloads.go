@@ -103,21 +103,32 @@ func (sk *sink) lastDelivery() time.Time {
 	return last
 }
 
-// catchup: the ASes answer 503 while the messages are sent, then come back;
-// measured from their return until each has every message.
-func catchup(ctx context.Context, name, bin string, o options) (result, error) {
-	res := result{Server: name, ASes: o.ases, Groups: o.groups, Events: o.events}
-	r, err := start(ctx, bin, o, &res)
-	defer r.close()
+// startDown starts a run and sends the messages while the ASes answer 503,
+// as catchup and crash begin; res gets the acceptance rate. Close the run
+// (nil-safe) also on an error.
+func startDown(ctx context.Context, bin string, o options, res *result) (*run, error) {
+	r, err := start(ctx, bin, o, res)
 	if err != nil {
-		return res, err
+		return r, err
 	}
 	r.setDown(true)
 	_, begin, err := r.send(ctx, o.events, o.senders)
 	if err != nil {
-		return res, err
+		return r, err
 	}
 	res.AcceptedPerS = float64(o.events) / time.Since(begin).Seconds()
+	return r, nil
+}
+
+// catchup: the ASes answer 503 while the messages are sent, then come back;
+// measured from their return until each has every message.
+func catchup(ctx context.Context, name, bin string, o options) (result, error) {
+	res := result{Server: name, ASes: o.ases, Groups: o.groups, Events: o.events}
+	r, err := startDown(ctx, bin, o, &res)
+	defer r.close()
+	if err != nil {
+		return res, err
+	}
 	up := r.setDown(false)
 	if res.PingStatus, err = r.ping(ctx, o.ases); err != nil {
 		return res, err
@@ -149,17 +160,11 @@ func catchup(ctx context.Context, name, bin string, o options) (result, error) {
 // count), or at --timeout with what is missing.
 func crash(ctx context.Context, name, bin string, o options) (result, error) {
 	res := result{Server: name, ASes: o.ases, Groups: o.groups, Events: o.events}
-	r, err := start(ctx, bin, o, &res)
+	r, err := startDown(ctx, bin, o, &res)
 	defer r.close()
 	if err != nil {
 		return res, err
 	}
-	r.setDown(true)
-	_, begin, err := r.send(ctx, o.events, o.senders)
-	if err != nil {
-		return res, err
-	}
-	res.AcceptedPerS = float64(o.events) / time.Since(begin).Seconds()
 	// Kill while a transaction is being retried: each AS has refused one.
 	deadline := time.Now().Add(o.timeout)
 	for {

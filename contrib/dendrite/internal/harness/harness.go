@@ -101,6 +101,9 @@ func Build(ctx context.Context, which Binary) (string, error) {
 		bin = filepath.Join(dir, fmt.Sprintf("%s-%s-%x", which, DendriteVersion, h.Sum(nil)[:8]))
 	}
 	if _, err := os.Stat(bin); err == nil {
+		// Marks it used: pruneCache keeps what was used recently.
+		now := time.Now()
+		_ = os.Chtimes(bin, now, now)
 		return bin, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -119,14 +122,36 @@ func Build(ctx context.Context, which Binary) (string, error) {
 	if err := os.Rename(tmp, bin); err != nil {
 		return "", err
 	}
-	// Older builds of the same binary are of no use any more (64 MB each).
+	pruneCache(dir, which, bin, time.Now())
+	return bin, nil
+}
+
+// Cached binaries are 64 MB each. Other source hashes may be other
+// checkouts' (worktrees, a CI job next to a developer): a binary is
+// removed only once it has gone unused for cacheMaxAge, a partial build
+// (a .tmp of a killed build) after tmpMaxAge.
+const (
+	cacheMaxAge = 7 * 24 * time.Hour
+	tmpMaxAge   = 24 * time.Hour
+)
+
+// pruneCache removes which's cached binaries but keep that were not used
+// (built or returned by Build) within cacheMaxAge of now.
+func pruneCache(dir string, which Binary, keep string, now time.Time) {
 	old, _ := filepath.Glob(filepath.Join(dir, fmt.Sprintf("%s-%s-*", which, DendriteVersion)))
 	for _, o := range old {
-		if o != bin && !strings.Contains(filepath.Base(o), ".tmp") {
+		fi, err := os.Stat(o)
+		if o == keep || err != nil {
+			continue
+		}
+		age := cacheMaxAge
+		if strings.Contains(filepath.Base(o), ".tmp") {
+			age = tmpMaxAge
+		}
+		if now.Sub(fi.ModTime()) > age {
 			_ = os.Remove(o)
 		}
 	}
-	return bin, nil
 }
 
 // sourceKey hashes what the asdispatch binary is built from.
