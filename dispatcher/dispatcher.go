@@ -216,8 +216,9 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		d.queues.Start(queueAS(as, v.keys[i], d.cfg.Websocket))
 	}
 	if old != nil {
+		kept := keySet(v.keys)
 		for i, key := range old.keys {
-			if !slices.Contains(v.keys, key) {
+			if _, ok := kept[key]; !ok {
 				id := old.set.All()[i].ID
 				d.log.Warn("appservice removed from the registrations; its queue is kept, paused",
 					zap.String("appservice", id))
@@ -237,6 +238,16 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 		}
 	}
 	return nil
+}
+
+// keySet is keys as a set: asking a slice for each of 10,000 ASes made
+// Statuses and Reload quadratic in the number of ASes.
+func keySet(keys []txnstore.ASKey) map[txnstore.ASKey]struct{} {
+	set := make(map[txnstore.ASKey]struct{}, len(keys))
+	for _, k := range keys {
+		set[k] = struct{}{}
+	}
+	return set
 }
 
 // ensureWorkers is how many EnsureAS calls are in flight at once: the
@@ -681,10 +692,11 @@ func (d *Dispatcher) Statuses(ctx context.Context) ([]Status, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: statuses: %w", err)
 	}
-	v := d.view.Load()
+	registered := keySet(d.view.Load().keys)
 	out := make([]Status, len(sts))
 	for i, st := range sts {
-		out[i] = Status{Status: st, Registered: slices.Contains(v.keys, st.Key)}
+		_, reg := registered[st.Key]
+		out[i] = Status{Status: st, Registered: reg}
 		if live, ok := d.queues.Live(st.Key); ok {
 			out[i].Up, out[i].Failures, out[i].NextRetry = live.Up, live.Failures, live.NextRetry
 			out[i].InFlight = live.InFlight
