@@ -640,6 +640,17 @@ func (s *SQLite) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 	return readFrozen(ctx, s.rdb, sqliteSQL, as)
 }
 
+// Recover implements Recoverer.
+func (s *SQLite) Recover(ctx context.Context, as ASKey) (Recovery, error) {
+	m, err := readRecovery(ctx, s.rdb, sqliteSQL, as, false)
+	return m[as], err
+}
+
+// RecoverAll implements Recoverer.
+func (s *SQLite) RecoverAll(ctx context.Context) (map[ASKey]Recovery, error) {
+	return readRecovery(ctx, s.rdb, sqliteSQL, 0, true)
+}
+
 // Complete implements Store.
 func (s *SQLite) Complete(ctx context.Context, as ASKey, id int64) error {
 	return s.CompleteMany(ctx, as, []int64{id})
