@@ -212,6 +212,13 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
 
+	if old == nil {
+		// Every sender's recovery in one query, not two queries and a
+		// read per AS.
+		if err := d.queues.Preload(ctx); err != nil {
+			d.log.Warn("reading every sender's recovery at once failed; each reads its own", zap.Error(err))
+		}
+	}
 	for i, as := range all {
 		d.queues.Start(queueAS(as, v.keys[i], d.cfg.Websocket))
 	}
