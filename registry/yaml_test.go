@@ -2,8 +2,12 @@ package registry
 
 import (
 	"errors"
+	"fmt"
+	"reflect"
 	"strings"
 	"testing"
+
+	"gopkg.in/yaml.v3"
 )
 
 // TestPyTag: plain scalars get the type PyYAML's safe_load gives them (the
@@ -169,4 +173,55 @@ func TestLenientAsSynapse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzResolveInPlace: a tree without anchors resolved in place is the
+// tree the copying resolver makes, with the same problems.
+func FuzzResolveInPlace(f *testing.F) {
+	f.Add([]byte(valid))
+	f.Add([]byte("a: {<<: {b: 1, c: 2}, b: 3}\nl: [yes, '1', !!str 2, [x, {y: z}]]\n"))
+	f.Add([]byte("a: 1\na: 2\n<<: [{x: 1}, {x: 2}]\n=: 3\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		decode := func() *yaml.Node {
+			var doc yaml.Node
+			if yaml.Unmarshal(data, &doc) != nil {
+				return nil
+			}
+			return &doc
+		}
+		a, b := decode(), decode()
+		if a == nil || anchored(a) {
+			return
+		}
+		pc, pi := &parser{file: "f"}, &parser{file: "f"}
+		copied := (&resolver{p: pc, active: map[*yaml.Node]bool{}}).node(a, "(file)")
+		inPlace := (&resolver{p: pi, active: map[*yaml.Node]bool{}, inPlace: true}).node(b, "(file)")
+		if d := nodeDiff(copied, inPlace, "(file)"); d != "" {
+			t.Fatalf("in place differs from copied at %s", d)
+		}
+		if !reflect.DeepEqual(pc.problems, pi.problems) {
+			t.Fatalf("problems: copied %v, in place %v", pc.problems, pi.problems)
+		}
+	})
+}
+
+// nodeDiff names the first place where the resolved trees a and b differ
+// in what the parser reads of them ("" if nowhere).
+func nodeDiff(a, b *yaml.Node, at string) string {
+	if a == nil || b == nil {
+		if a != b {
+			return at + ": one is nil"
+		}
+		return ""
+	}
+	if a.Kind != b.Kind || a.Tag != b.Tag || a.Value != b.Value || a.Line != b.Line || a.Column != b.Column ||
+		a.Style != b.Style || len(a.Content) != len(b.Content) {
+		return fmt.Sprintf("%s: %+v vs %+v", at, *a, *b)
+	}
+	for i := range a.Content {
+		if d := nodeDiff(a.Content[i], b.Content[i], fmt.Sprintf("%s[%d]", at, i)); d != "" {
+			return d
+		}
+	}
+	return ""
 }
