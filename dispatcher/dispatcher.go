@@ -265,6 +265,18 @@ const ensureWorkers = 256
 // ensureASes sets keys[i] to the store key of all[i], adding the ASes the
 // store does not have yet.
 func ensureASes(ctx context.Context, store txnstore.Store, all []*registry.AppService, keys []txnstore.ASKey) error {
+	if me, ok := store.(txnstore.ManyEnsurer); ok {
+		ids := make([]string, len(all))
+		for i, as := range all {
+			ids[i] = as.ID
+		}
+		got, err := me.EnsureASes(ctx, ids)
+		if err != nil {
+			return fmt.Errorf("dispatcher: reload: appservices: %w", err)
+		}
+		copy(keys, got)
+		return nil
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	g.SetLimit(ensureWorkers)
 	for i, as := range all {

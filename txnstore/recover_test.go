@@ -3,6 +3,7 @@ package txnstore
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"reflect"
 	"testing"
 )
@@ -77,5 +78,33 @@ func testRecover(t *testing.T, be backend) {
 	}
 	if _, err := r.Recover(ctx, 99); !errors.Is(err, ErrUnknownAS) {
 		t.Errorf("Recover of an unknown AS: %v, want ErrUnknownAS", err)
+	}
+}
+
+// TestEnsureASes: EnsureASes gives the keys EnsureAS gives, adds the new
+// ASes at the end of the log, and an id twice gets one key.
+func TestEnsureASes(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, filepath.Join(t.TempDir(), "s.db"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a := ensure(t, s, "a")
+	seqs := appendN(t, s, 2, KindEvent, a)
+	keys, err := s.EnsureASes(ctx, []string{"b", "a", "c", "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if keys[1] != a || keys[0] != keys[3] || keys[0] == a || keys[2] == keys[0] || keys[2] == a {
+		t.Fatalf("keys %v (a is %d)", keys, a)
+	}
+	for _, k := range keys {
+		if d, err := s.Delivered(ctx, k); err != nil || (k != a && d != seqs[1]) {
+			t.Errorf("AS %d: delivered %d, %v; a new AS starts at the end of the log (%d)", k, d, err, seqs[1])
+		}
+	}
+	if k := ensure(t, s, "c"); k != keys[2] {
+		t.Errorf("EnsureAS(c) = %d after EnsureASes gave %d", k, keys[2])
 	}
 }

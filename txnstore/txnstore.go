@@ -225,6 +225,13 @@ type Recoverer interface {
 	RecoverAll(ctx context.Context) (map[ASKey]Recovery, error)
 }
 
+// ManyEnsurer is implemented by stores that add many ASes in one write.
+type ManyEnsurer interface {
+	// EnsureASes is EnsureAS of each id, keys[i] for ids[i], all in one
+	// commit: what a process starting with thousands of new ASes needs.
+	EnsureASes(ctx context.Context, ids []string) (keys []ASKey, err error)
+}
+
 // ErrLeaseLost fails a write for an AS whose sender lease this store took
 // and no longer holds: another process may be sending for it now.
 var ErrLeaseLost = errors.New("txnstore: sender lease lost")
