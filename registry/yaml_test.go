@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -26,6 +27,28 @@ func TestPyTag(t *testing.T) {
 	for v, tag := range want {
 		if got := pyTag(v); got != "!!"+tag {
 			t.Errorf("pyTag(%q) = %s, want !!%s", v, got, tag)
+		}
+	}
+}
+
+// TestPyTagWords: resolveTag's null and bool words are PyYAML's resolvers.
+func TestPyTagWords(t *testing.T) {
+	pyBool := regexp.MustCompile(`^(?:yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$`)
+	pyNull := regexp.MustCompile(`^(?:~|null|Null|NULL|)$`)
+	words := []string{"", "~", "~~", " ", "null", "nulL", "NULL", "NuLL", "null ", "yes", "yEs", "YES", "Yes", "y", "n", "no", "No",
+		"nO", "NO", "true", "True", "TRUE", "TRue", "false", "False", "FALSE", "fALSE", "on", "On", "ON", "oN", "off", "Off", "OFF", "oFF", "0", "1"}
+	for _, w := range words {
+		want := "!!str"
+		switch {
+		case pyNull.MatchString(w):
+			want = "!!null"
+		case pyBool.MatchString(w):
+			want = "!!bool"
+		case pyInt.MatchString(w):
+			want = "!!int"
+		}
+		if got := resolveTag(w); got != want {
+			t.Errorf("resolveTag(%q) = %s, PyYAML's resolvers say %s", w, got, want)
 		}
 	}
 }
@@ -224,4 +247,21 @@ func nodeDiff(a, b *yaml.Node, at string) string {
 		}
 	}
 	return ""
+}
+
+// TestKeyTwiceInLargeMapping: a key written twice is refused in a mapping
+// of more keys than keysSeen keeps in its array too.
+func TestKeyTwiceInLargeMapping(t *testing.T) {
+	for _, n := range []int{3, 16, 17, 40} {
+		var b strings.Builder
+		b.WriteString(valid)
+		for i := range n {
+			fmt.Fprintf(&b, "x%d: 1\n", i)
+		}
+		b.WriteString("x1: 2\n")
+		_, _, err := Parse("f.yaml", []byte(b.String()))
+		if err == nil || !strings.Contains(err.Error(), "x1: key written twice") {
+			t.Errorf("%d extra keys: err = %v, want x1 written twice", n, err)
+		}
+	}
 }
