@@ -212,12 +212,20 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	old := d.view.Swap(v)
 	d.cfg.Registry.Swap(set)
 
+	if old == nil {
+		// Every sender's recovery in one query, not two queries and a
+		// read per AS.
+		if err := d.queues.Preload(ctx); err != nil {
+			d.log.Warn("reading every sender's recovery at once failed; each reads its own", zap.Error(err))
+		}
+	}
 	for i, as := range all {
 		d.queues.Start(queueAS(as, v.keys[i], d.cfg.Websocket))
 	}
 	if old != nil {
+		kept := keySet(v.keys)
 		for i, key := range old.keys {
-			if !slices.Contains(v.keys, key) {
+			if _, ok := kept[key]; !ok {
 				id := old.set.All()[i].ID
 				d.log.Warn("appservice removed from the registrations; its queue is kept, paused",
 					zap.String("appservice", id))
@@ -239,6 +247,16 @@ func (d *Dispatcher) Reload(ctx context.Context, set *registry.Set) error {
 	return nil
 }
 
+// keySet is keys as a set: asking a slice for each of 10,000 ASes made
+// Statuses and Reload quadratic in the number of ASes.
+func keySet(keys []txnstore.ASKey) map[txnstore.ASKey]struct{} {
+	set := make(map[txnstore.ASKey]struct{}, len(keys))
+	for _, k := range keys {
+		set[k] = struct{}{}
+	}
+	return set
+}
+
 // ensureWorkers is how many EnsureAS calls are in flight at once: the
 // store commits concurrent calls together, where one at a time would cost
 // a commit (an fsync for a new AS) each, minutes for 10,000 ASes.
@@ -247,6 +265,18 @@ const ensureWorkers = 256
 // ensureASes sets keys[i] to the store key of all[i], adding the ASes the
 // store does not have yet.
 func ensureASes(ctx context.Context, store txnstore.Store, all []*registry.AppService, keys []txnstore.ASKey) error {
+	if me, ok := store.(txnstore.ManyEnsurer); ok {
+		ids := make([]string, len(all))
+		for i, as := range all {
+			ids[i] = as.ID
+		}
+		got, err := me.EnsureASes(ctx, ids)
+		if err != nil {
+			return fmt.Errorf("dispatcher: reload: appservices: %w", err)
+		}
+		copy(keys, got)
+		return nil
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	g.SetLimit(ensureWorkers)
 	for i, as := range all {
@@ -681,10 +711,11 @@ func (d *Dispatcher) Statuses(ctx context.Context) ([]Status, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: statuses: %w", err)
 	}
-	v := d.view.Load()
+	registered := keySet(d.view.Load().keys)
 	out := make([]Status, len(sts))
 	for i, st := range sts {
-		out[i] = Status{Status: st, Registered: slices.Contains(v.keys, st.Key)}
+		_, reg := registered[st.Key]
+		out[i] = Status{Status: st, Registered: reg}
 		if live, ok := d.queues.Live(st.Key); ok {
 			out[i].Up, out[i].Failures, out[i].NextRetry = live.Up, live.Failures, live.NextRetry
 			out[i].InFlight = live.InFlight

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/asdispatch/asdispatch/queue/internal/core"
 	"github.com/asdispatch/asdispatch/txnstore"
 )
 
@@ -190,6 +191,16 @@ func (s *memStore) complete(k txnstore.ASKey, ids []int64) error {
 	}
 	a.stream = a.stream[n:]
 	return err
+}
+
+// recovery is what txnstore.Recoverer.Recover returns, as a RecoverDone.
+func (s *memStore) recovery(k txnstore.ASKey) core.RecoverDone {
+	a := s.ases[k]
+	end := a.delivered
+	if n := len(a.stream); n > 0 {
+		end = max(end, a.stream[n-1])
+	}
+	return core.RecoverDone{Frozen: s.frozenOf(k), Delivered: a.delivered, End: end, HasEnd: true}
 }
 
 func (s *memStore) frozenOf(k txnstore.ASKey) []txnstore.Txn {

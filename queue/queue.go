@@ -87,6 +87,13 @@ type Queues struct {
 	// first met; OnCommit runs on the store's single committing goroutine.
 	scratch map[*slot][]txnstore.Item
 	order   []*slot
+
+	// preload holds recoveries Preload read, for the Start of each AS;
+	// the first commit announced afterwards drops them (a machine
+	// started from one must get every item committed since as Committed).
+	preload map[txnstore.ASKey]txnstore.Recovery
+	// announced counts OnCommit calls.
+	announced uint64
 }
 
 const (
@@ -217,6 +224,8 @@ func (q *Queues) coreConfig(as AS) core.Config {
 // commit order. It is meant for txnstore.Options.OnCommit.
 func (q *Queues) OnCommit(committed []txnstore.Committed) {
 	q.mu.Lock()
+	q.announced++
+	q.preload = nil
 	for _, c := range committed {
 		for _, k := range c.Targets {
 			if s := q.slots[k]; s != nil {
@@ -249,7 +258,39 @@ func (q *Queues) Start(as AS) {
 		s = newSlot(q, as)
 		q.slots[as.Key] = s
 	}
-	s.start(as)
+	var rec *core.RecoverDone
+	if r, ok := q.preload[as.Key]; ok {
+		delete(q.preload, as.Key)
+		rec = &core.RecoverDone{Frozen: r.Frozen, Delivered: r.Delivered, End: r.End, HasEnd: true}
+	}
+	s.start(as, rec)
+}
+
+// Preload reads the recovery of every AS in one query, for the Starts
+// that follow (at a process's start, where each sender would otherwise
+// ask the store on its own: 10,000 queries, then a read each). A commit
+// announced to OnCommit afterwards drops what is left: a sender started
+// from a recovery must learn of every item committed since from OnCommit.
+// It does nothing on a shared store, whose senders recover once they hold
+// their lease, or on a store that is not a txnstore.Recoverer.
+func (q *Queues) Preload(ctx context.Context) error {
+	rs, ok := q.store.(txnstore.Recoverer)
+	if !ok || q.leaser != nil {
+		return nil
+	}
+	q.mu.Lock()
+	before := q.announced
+	q.mu.Unlock()
+	recs, err := rs.RecoverAll(ctx)
+	if err != nil {
+		return fmt.Errorf("queue: preload: %w", err)
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.announced == before && !q.closed {
+		q.preload = recs
+	}
+	return nil
 }
 
 // Stop stops the sender of key, leaving its queue in the store. A send in
@@ -311,6 +352,7 @@ func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 func (q *Queues) Close(ctx context.Context) error {
 	q.mu.Lock()
 	q.closed = true
+	q.preload = nil
 	slots := make([]*slot, 0, len(q.slots))
 	for _, s := range q.slots {
 		slots = append(slots, s)

@@ -659,3 +659,48 @@ func TestRestartKeepsMSC3202BodyBytes(t *testing.T) {
 		t.Errorf("fallback types %v", body.Fallback)
 	}
 }
+
+// TestPreload: senders started from the recoveries Preload read at once
+// deliver the backlog and what comes later; a commit announced between
+// Preload and the Starts voids them, so an item the senders were never
+// told of is still read from the store.
+func TestPreload(t *testing.T) {
+	for _, commitBetween := range []bool{false, true} {
+		t.Run(fmt.Sprintf("commit between %v", commitBetween), func(t *testing.T) {
+			fa, fb := newFakeAS(t, nil), newFakeAS(t, nil)
+			h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+			defer h.close()
+			ctx := context.Background()
+			a, err := h.store.EnsureAS(ctx, "a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := h.store.EnsureAS(ctx, "b")
+			if err != nil {
+				t.Fatal(err)
+			}
+			h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{a}, "a1", "a2", "a3")
+			if err := h.q.Preload(ctx); err != nil {
+				t.Fatal(err)
+			}
+			wantA, wantB := []string{"a1", "a2", "a3"}, []string(nil)
+			if commitBetween {
+				h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{b}, "b1")
+				wantB = append(wantB, "b1")
+			}
+			asA, asB := fa.target("a"), fb.target("b")
+			asA.Key, asB.Key = a, b
+			h.q.Start(asA)
+			h.q.Start(asB)
+			h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{a, b}, "later")
+			wantA, wantB = append(wantA, "later"), append(wantB, "later")
+			waitFor(t, "every event", func() bool { return len(fa.delivered()) >= len(wantA) && len(fb.delivered()) >= len(wantB) })
+			if got := fa.delivered(); !equal(got, wantA) {
+				t.Errorf("a got %v, want %v", got, wantA)
+			}
+			if got := fb.delivered(); !equal(got, wantB) {
+				t.Errorf("b got %v, want %v", got, wantB)
+			}
+		})
+	}
+}

@@ -98,11 +98,13 @@ func machineTarget(as AS) core.Target {
 	return core.Target{HasURL: as.Target.URL != "", Format: as.Format}
 }
 
-func (s *slot) start(as AS) {
+// start starts the machine; rec, if not nil, is its recovery read
+// before any commit since was announced (Queues.Preload).
+func (s *slot) start(as AS, rec *core.RecoverDone) {
 	s.mu.Lock()
 	s.as = as
 	s.running = true
-	s.inbox = append(s.inbox, core.Start{Target: machineTarget(as)})
+	s.inbox = append(s.inbox, core.Start{Target: machineTarget(as), Recovered: rec})
 	s.scheduleLocked()
 }
 
@@ -247,6 +249,12 @@ func (d *driver) carryOut(r core.Ready) {
 	if r.Recover != nil {
 		tok := r.Recover.Tok
 		d.async(func() core.Input {
+			if rs, ok := q.store.(txnstore.Recoverer); ok {
+				// One query, and the stream's end: an AS with nothing
+				// past its cursor reads nothing more.
+				rec, err := rs.Recover(ctx, key)
+				return core.RecoverDone{Tok: tok, Frozen: rec.Frozen, Delivered: rec.Delivered, End: rec.End, HasEnd: err == nil, Err: err}
+			}
 			frozen, err := q.store.Frozen(ctx, key)
 			if err != nil {
 				return core.RecoverDone{Tok: tok, Err: err}

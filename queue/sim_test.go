@@ -39,6 +39,7 @@ var simBugs = map[string]core.Bug{
 	"split-order":     core.BugSplitOrder,
 	"no-reconcile":    core.BugNoReconcile,
 	"no-lease-check":  core.BugNoLeaseCheck,
+	"stale-end":       core.BugStaleEnd,
 	"two-owners":      core.NoBug, // a process model bug, not a core one: see world.twoOwners
 }
 
@@ -109,6 +110,9 @@ func TestSimBites(t *testing.T) {
 		{"split-order", "duplicate, gap or disorder", ""},
 		{"no-reconcile", "liveness", ""},
 		{"two-owners", "in flight", ""},
+		// Items committed before a memory overflow during a recover are
+		// neither read nor remembered: the AS gets the later ones first.
+		{"stale-end", "duplicate, gap or disorder", "liveness"},
 	} {
 		t.Run(tc.bug, func(t *testing.T) {
 			for seed := uint64(1); seed <= 2000; seed++ {
@@ -235,13 +239,19 @@ type world struct {
 	sendTimeout time.Duration
 	// srnd draws the websocket ASes and their connections, apart from rnd
 	// so the other draws of a seed stay as they were.
-	srnd  *rand.Rand
-	f     faults
-	ases  []*simAS
-	reg   map[txnstore.ASKey]*regState
-	procs []*simProc
-	nextP int
-	err   error
+	srnd *rand.Rand
+	// recoverer: the store answers a recover with the stream's end
+	// (txnstore.Recoverer); preload: on an unshared store a process
+	// reads every AS's recovery before it starts them (Queues.Preload),
+	// and a commit it announces meanwhile voids it. Drawn from prnd.
+	recoverer, preload bool
+	prnd               *rand.Rand
+	f                  faults
+	ases               []*simAS
+	reg                map[txnstore.ASKey]*regState
+	procs              []*simProc
+	nextP              int
+	err                error
 }
 
 type simProc struct {
@@ -250,6 +260,8 @@ type simProc struct {
 	closing      bool
 	stalledUntil time.Time
 	cores        map[txnstore.ASKey]*simCore
+	// announced counts the commits the process was told of (OnCommit).
+	announced int
 	// old are cores a broken process model (twoOwners) left running.
 	old []*simCore
 }
@@ -276,6 +288,9 @@ func newWorld(seed uint64, log *zap.Logger) *world {
 	r := w.rnd
 	w.shared = r.Float64() < 0.35
 	w.srnd = rand.New(rand.NewPCG(seed, 0x50c7e7))
+	w.prnd = rand.New(rand.NewPCG(seed, 0x9e10ad))
+	w.recoverer = w.prnd.IntN(4) > 0
+	w.preload = w.recoverer && w.prnd.IntN(2) == 0
 	w.sendTimeout = simTTL * 2 / 5
 	if seed%2 == 1 {
 		w.sendTimeout = 3 * simTTL
@@ -353,6 +368,12 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 	if w.rnd.IntN(2) == 0 {
 		catchup = 5 + w.rnd.IntN(12)
 	}
+	depth := 1 + w.rnd.IntN(8) // drawn in the order they always were
+	mem := 5 + w.rnd.IntN(40)
+	if w.prnd.IntN(4) == 0 {
+		// Memory that overflows at a burst, even while a recover is out.
+		mem = 1 + w.prnd.IntN(3)
+	}
 	return core.Config{
 		Key:        k,
 		Limits:     core.Limits{Events: 4, Ephemeral: 3, ToDevice: 3, Bytes: 600, CatchupEvents: catchup},
@@ -361,7 +382,7 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 		StoreRetry: Schedule(50*time.Millisecond, 2*time.Second),
 		Shared:     w.shared, LeaseTTL: simTTL, AcquireEvery: 2 * time.Second,
 		PollInterval: time.Second, SendTimeout: w.sendTimeout,
-		Depth: 1 + w.rnd.IntN(8), MemItems: 5 + w.rnd.IntN(40), MemBytes: 4000,
+		Depth: depth, MemItems: mem, MemBytes: 4000,
 		Log: w.log.With(zap.String("proc", p.name), zap.Int32("as", int32(k))),
 		Bug: w.bug,
 	}
@@ -373,9 +394,32 @@ func (w *world) startProc() *simProc {
 	w.nextP++
 	p := &simProc{name: fmt.Sprintf("p%d", w.nextP), alive: true, cores: map[txnstore.ASKey]*simCore{}}
 	w.procs = append(w.procs, p)
+	if w.preload && !w.shared {
+		// Every recovery read at once; the senders start a little later,
+		// each from its recovery unless the process announced a commit
+		// in between (an AS without a sender yet is not told of it).
+		recs := map[txnstore.ASKey]*core.RecoverDone{}
+		for _, a := range w.ases {
+			rec := w.store.recovery(a.key)
+			recs[a.key] = &rec
+		}
+		before := p.announced
+		w.at(w.lat(), p, func() {
+			for _, a := range w.ases {
+				if w.reg[a.key].registered && p.cores[a.key] == nil {
+					var rec *core.RecoverDone
+					if p.announced == before {
+						rec = recs[a.key]
+					}
+					w.startCore(p, a.key, rec)
+				}
+			}
+		})
+		return p
+	}
 	for _, a := range w.ases {
 		if w.reg[a.key].registered {
-			w.startCore(p, a.key)
+			w.startCore(p, a.key, nil)
 		}
 	}
 	return p
@@ -397,7 +441,7 @@ func (w *world) target(k txnstore.ASKey) core.Target {
 	return core.Target{HasURL: w.reg[k].hasURL}
 }
 
-func (w *world) startCore(p *simProc, k txnstore.ASKey) {
+func (w *world) startCore(p *simProc, k txnstore.ASKey, rec *core.RecoverDone) {
 	if p.closing {
 		return
 	}
@@ -416,7 +460,7 @@ func (w *world) startCore(p *simProc, k txnstore.ASKey) {
 		p.cores[k] = c
 	}
 	c.halted = false
-	w.step(c, core.Start{Target: w.target(k)})
+	w.step(c, core.Start{Target: w.target(k), Recovered: rec})
 }
 
 func (w *world) haltCore(c *simCore) {
@@ -522,6 +566,11 @@ func (w *world) carryOut(c *simCore, r core.Ready) {
 	k := c.key
 	if op := r.Recover; op != nil {
 		w.storeOp(c, opRead, false, func() core.Input {
+			if w.recoverer {
+				rec := w.store.recovery(k)
+				rec.Tok = op.Tok
+				return rec
+			}
 			return core.RecoverDone{Tok: op.Tok, Frozen: w.store.frozenOf(k), Delivered: w.store.ases[k].delivered}
 		}, func(err error) core.Input { return core.RecoverDone{Tok: op.Tok, Err: err} })
 	}
@@ -807,6 +856,7 @@ func (w *world) appendSome() {
 			byAS[k] = append(byAS[k], cm.Item)
 		}
 	}
+	p.announced++
 	for k := txnstore.ASKey(1); k <= 3; k++ {
 		if c := p.cores[k]; c != nil && len(byAS[k]) > 0 {
 			w.step(c, core.Committed{Items: byAS[k]})
@@ -827,7 +877,7 @@ func (w *world) lifecycle() {
 		reg.registered = !reg.registered
 		for _, p := range w.procs {
 			if reg.registered {
-				w.startCore(p, a.key)
+				w.startCore(p, a.key, nil)
 			} else if c := p.cores[a.key]; c != nil {
 				w.haltCore(c)
 			}
@@ -987,7 +1037,7 @@ func (w *world) heal() {
 		if !reg.registered {
 			reg.registered = true
 			for _, p := range w.procs {
-				w.startCore(p, a.key)
+				w.startCore(p, a.key, nil)
 			}
 		}
 		for _, p := range w.procs {

@@ -290,7 +290,7 @@ func (p *parser) protocols(n *yaml.Node) []string {
 	}
 	out := make([]string, 0, len(n.Content))
 	for i, c := range n.Content {
-		out = append(out, p.str(c, fmt.Sprintf("%s[%d]", field, i)))
+		out = append(out, p.str(c, indexField(field, i)))
 	}
 	return out
 }
@@ -324,7 +324,7 @@ func (p *parser) namespaces(n *yaml.Node, ns *Namespaces) {
 			continue
 		}
 		for j, e := range v.Content {
-			ef := fmt.Sprintf("%s[%d]", field, j)
+			ef := indexField(field, j)
 			if e.Kind != yaml.MappingNode {
 				p.fail(e, ef, "must be a mapping {regex: string, exclusive: bool}, got %s", kindName(e))
 				continue

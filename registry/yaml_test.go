@@ -2,8 +2,13 @@ package registry
 
 import (
 	"errors"
+	"fmt"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
+
+	"gopkg.in/yaml.v3"
 )
 
 // TestPyTag: plain scalars get the type PyYAML's safe_load gives them (the
@@ -22,6 +27,28 @@ func TestPyTag(t *testing.T) {
 	for v, tag := range want {
 		if got := pyTag(v); got != "!!"+tag {
 			t.Errorf("pyTag(%q) = %s, want !!%s", v, got, tag)
+		}
+	}
+}
+
+// TestPyTagWords: resolveTag's null and bool words are PyYAML's resolvers.
+func TestPyTagWords(t *testing.T) {
+	pyBool := regexp.MustCompile(`^(?:yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$`)
+	pyNull := regexp.MustCompile(`^(?:~|null|Null|NULL|)$`)
+	words := []string{"", "~", "~~", " ", "null", "nulL", "NULL", "NuLL", "null ", "yes", "yEs", "YES", "Yes", "y", "n", "no", "No",
+		"nO", "NO", "true", "True", "TRUE", "TRue", "false", "False", "FALSE", "fALSE", "on", "On", "ON", "oN", "off", "Off", "OFF", "oFF", "0", "1"}
+	for _, w := range words {
+		want := "!!str"
+		switch {
+		case pyNull.MatchString(w):
+			want = "!!null"
+		case pyBool.MatchString(w):
+			want = "!!bool"
+		case pyInt.MatchString(w):
+			want = "!!int"
+		}
+		if got := resolveTag(w); got != want {
+			t.Errorf("resolveTag(%q) = %s, PyYAML's resolvers say %s", w, got, want)
 		}
 	}
 }
@@ -168,5 +195,73 @@ func TestLenientAsSynapse(t *testing.T) {
 				t.Errorf("warnings %q lack %q, or parsed %+v", all, tt.warn, r)
 			}
 		})
+	}
+}
+
+// FuzzResolveInPlace: a tree without anchors resolved in place is the
+// tree the copying resolver makes, with the same problems.
+func FuzzResolveInPlace(f *testing.F) {
+	f.Add([]byte(valid))
+	f.Add([]byte("a: {<<: {b: 1, c: 2}, b: 3}\nl: [yes, '1', !!str 2, [x, {y: z}]]\n"))
+	f.Add([]byte("a: 1\na: 2\n<<: [{x: 1}, {x: 2}]\n=: 3\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		decode := func() *yaml.Node {
+			var doc yaml.Node
+			if yaml.Unmarshal(data, &doc) != nil {
+				return nil
+			}
+			return &doc
+		}
+		a, b := decode(), decode()
+		if a == nil || anchored(a) {
+			return
+		}
+		pc, pi := &parser{file: "f"}, &parser{file: "f"}
+		copied := (&resolver{p: pc, active: map[*yaml.Node]bool{}}).node(a, "(file)")
+		inPlace := (&resolver{p: pi, active: map[*yaml.Node]bool{}, inPlace: true}).node(b, "(file)")
+		if d := nodeDiff(copied, inPlace, "(file)"); d != "" {
+			t.Fatalf("in place differs from copied at %s", d)
+		}
+		if !reflect.DeepEqual(pc.problems, pi.problems) {
+			t.Fatalf("problems: copied %v, in place %v", pc.problems, pi.problems)
+		}
+	})
+}
+
+// nodeDiff names the first place where the resolved trees a and b differ
+// in what the parser reads of them ("" if nowhere).
+func nodeDiff(a, b *yaml.Node, at string) string {
+	if a == nil || b == nil {
+		if a != b {
+			return at + ": one is nil"
+		}
+		return ""
+	}
+	if a.Kind != b.Kind || a.Tag != b.Tag || a.Value != b.Value || a.Line != b.Line || a.Column != b.Column ||
+		a.Style != b.Style || len(a.Content) != len(b.Content) {
+		return fmt.Sprintf("%s: %+v vs %+v", at, *a, *b)
+	}
+	for i := range a.Content {
+		if d := nodeDiff(a.Content[i], b.Content[i], fmt.Sprintf("%s[%d]", at, i)); d != "" {
+			return d
+		}
+	}
+	return ""
+}
+
+// TestKeyTwiceInLargeMapping: a key written twice is refused in a mapping
+// of more keys than keysSeen keeps in its array too.
+func TestKeyTwiceInLargeMapping(t *testing.T) {
+	for _, n := range []int{3, 16, 17, 40} {
+		var b strings.Builder
+		b.WriteString(valid)
+		for i := range n {
+			fmt.Fprintf(&b, "x%d: 1\n", i)
+		}
+		b.WriteString("x1: 2\n")
+		_, _, err := Parse("f.yaml", []byte(b.String()))
+		if err == nil || !strings.Contains(err.Error(), "x1: key written twice") {
+			t.Errorf("%d extra keys: err = %v, want x1 written twice", n, err)
+		}
 	}
 }

@@ -516,6 +516,17 @@ func (s *Postgres) Frozen(ctx context.Context, as ASKey) ([]Txn, error) {
 	return readFrozen(ctx, s.db, postgresSQL, as)
 }
 
+// Recover implements Recoverer.
+func (s *Postgres) Recover(ctx context.Context, as ASKey) (Recovery, error) {
+	m, err := readRecovery(ctx, s.db, postgresSQL, as, false)
+	return m[as], err
+}
+
+// RecoverAll implements Recoverer.
+func (s *Postgres) RecoverAll(ctx context.Context) (map[ASKey]Recovery, error) {
+	return readRecovery(ctx, s.db, postgresSQL, 0, true)
+}
+
 // Complete implements Store.
 func (s *Postgres) Complete(ctx context.Context, as ASKey, id int64) error {
 	return s.CompleteMany(ctx, as, []int64{id})

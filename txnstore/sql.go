@@ -541,6 +541,54 @@ func readFrozen(ctx context.Context, db *sql.DB, d *dialect, as ASKey) ([]Txn, e
 	return out, nil
 }
 
+// recoverySQL reads ASes' cursors, stream ends and live frozen
+// transactions (those Store.Frozen returns) in one statement, so one
+// snapshot: a row per transaction, or one with NULLs for an AS without.
+const recoverySQL = `SELECT a.as_key, a.delivered, COALESCE((SELECT MAX(s.last_seq) FROM streams s WHERE s.as_key = a.as_key), 0),
+	t.txn_id, t.after_seq, t.last_seq, t.format, t.len, t.checksum, t.body
+	FROM appservices a LEFT JOIN txns t ON t.as_key = a.as_key AND t.replaced_by = 0 AND t.last_seq > a.delivered`
+
+// readRecovery implements Recoverer: of as, or of every AS when all.
+func readRecovery(ctx context.Context, db *sql.DB, d *dialect, as ASKey, all bool) (map[ASKey]Recovery, error) {
+	var rows *sql.Rows
+	var err error
+	if all {
+		rows, err = db.QueryContext(ctx, recoverySQL+` ORDER BY a.as_key, t.after_seq`)
+	} else {
+		rows, err = db.QueryContext(ctx, d.q(recoverySQL+` WHERE a.as_key = ? ORDER BY t.after_seq`), as)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: recover: %w", err)
+	}
+	defer rows.Close()
+	out := map[ASKey]Recovery{}
+	for rows.Next() {
+		var k ASKey
+		var r Recovery
+		var id, after, last, format, length, checksum sql.NullInt64
+		var body []byte
+		if err := rows.Scan(&k, &r.Delivered, &r.End, &id, &after, &last, &format, &length, &checksum, &body); err != nil {
+			return nil, fmt.Errorf("txnstore: recover: %w", err)
+		}
+		if prev, ok := out[k]; ok {
+			r.Frozen = prev.Frozen
+		}
+		r.End = max(r.End, r.Delivered)
+		if id.Valid {
+			r.Frozen = append(r.Frozen, Txn{AS: k, ID: id.Int64, Range: Range{After: after.Int64, Last: last.Int64},
+				Format: uint32(format.Int64), Len: int(length.Int64), Checksum: uint32(checksum.Int64), Body: body})
+		}
+		out[k] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("txnstore: recover: %w", err)
+	}
+	if _, ok := out[as]; !all && !ok {
+		return nil, fmt.Errorf("%w: key %d", ErrUnknownAS, as)
+	}
+	return out, nil
+}
+
 // statuses implements Store.Statuses.
 func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 	// A read-only status may see a store not migrated yet by the new

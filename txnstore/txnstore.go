@@ -203,6 +203,35 @@ type Store interface {
 	Close() error
 }
 
+// Recovery is what a sender starts from, read in one snapshot: an AS's
+// frozen transactions (as Store.Frozen returns them), its cursor (as
+// Store.Delivered) and the end of its stream.
+type Recovery struct {
+	Frozen    []Txn
+	Delivered int64
+	// End is the last seq of the AS's stream, at least Delivered: an AS
+	// whose End is its Delivered has nothing to send, and every item
+	// appended for it later has a higher seq.
+	End int64
+}
+
+// Recoverer is implemented by stores that read a sender's recovery in one
+// query: for one AS, or for every AS at once when a process starts (one
+// query where there were two per AS).
+type Recoverer interface {
+	// Recover returns as's recovery.
+	Recover(ctx context.Context, as ASKey) (Recovery, error)
+	// RecoverAll returns the recovery of every AS the store knows.
+	RecoverAll(ctx context.Context) (map[ASKey]Recovery, error)
+}
+
+// ManyEnsurer is implemented by stores that add many ASes in one write.
+type ManyEnsurer interface {
+	// EnsureASes is EnsureAS of each id, keys[i] for ids[i], all in one
+	// commit: what a process starting with thousands of new ASes needs.
+	EnsureASes(ctx context.Context, ids []string) (keys []ASKey, err error)
+}
+
 // ErrLeaseLost fails a write for an AS whose sender lease this store took
 // and no longer holds: another process may be sending for it now.
 var ErrLeaseLost = errors.New("txnstore: sender lease lost")

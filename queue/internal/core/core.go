@@ -89,13 +89,25 @@ const (
 	BugNoReconcile
 	// BugNoLeaseCheck: sends without checking the lease's validity.
 	BugNoLeaseCheck
+	// BugStaleEnd: a recovery's End is trusted even when memory was
+	// reset since the recover was issued, or on a shared store.
+	BugStaleEnd
 )
 
 // Input is what the driver feeds to Step.
 type Input interface{ isInput() }
 
 // Start (re)starts the machine, with the AS's target.
-type Start struct{ Target Target }
+type Start struct {
+	Target Target
+	// Recovered, if set, is the AS's recovery (Tok unused) as the store
+	// held it before this Start, read by a driver that guarantees every
+	// item committed since that read reaches the machine as Committed
+	// after this Start. A machine started from stopped on an unshared
+	// store then starts from it instead of asking with a RecoverOp: a
+	// process reads every AS's recovery in one query.
+	Recovered *RecoverDone
+}
 
 // Retarget changes the AS's target (a reload changed url, token or format).
 type Retarget struct{ Target Target }
@@ -123,7 +135,13 @@ type RecoverDone struct {
 	Tok       uint64
 	Frozen    []txnstore.Txn
 	Delivered int64
-	Err       error
+	// End, if HasEnd, is the last seq of the AS's stream when the store
+	// was read (txnstore.Recovery.End): on an unshared store the machine
+	// then reads nothing past it, the later items being those Committed
+	// brings, and an AS with nothing pending reads nothing at all.
+	End    int64
+	HasEnd bool
+	Err    error
 }
 
 // ReadDone answers a ReadOp.
@@ -348,13 +366,21 @@ type Sender struct {
 	// what the store holds
 	recovered  bool
 	recoverTok uint64 // outstanding recover (0: none)
-	reconcile  bool   // a write failed: re-read before going on
-	retryAt    time.Time
-	delivered  int64
-	q          []*txn // frozen, undelivered, stream order; q[0] is next to send
-	unbuilt    int    // q[len(q)-unbuilt:] await their items (rebuild)
-	frozenEnd  int64
-	broken     bool
+	// recoverGen is overflows when the recover was issued: unchanged at
+	// its answer, memory holds every item committed since.
+	recoverGen uint64
+	// preload is Start's Recovered, used by the first recover of a start
+	// from stopped if memory was not reset since (startGen).
+	preload  *RecoverDone
+	startGen uint64
+
+	reconcile bool // a write failed: re-read before going on
+	retryAt   time.Time
+	delivered int64
+	q         []*txn // frozen, undelivered, stream order; q[0] is next to send
+	unbuilt   int    // q[len(q)-unbuilt:] await their items (rebuild)
+	frozenEnd int64
+	broken    bool
 
 	// items after frozenEnd
 	carry      []txnstore.Item
@@ -449,12 +475,17 @@ func (s *Sender) Step(now time.Time, in Input) {
 			s.recovered = false
 			s.resetMem()
 			s.nextAcquire = s.now
+			s.preload, s.startGen = nil, s.overflows
+			if !s.cfg.Shared {
+				s.preload = in.Recovered
+			}
 		} else if s.mode == stopping {
 			// Back before it stopped: what it dropped while stopping is
 			// recovered from the store.
 			s.mode = running
 			s.aborted = false
 			s.recovered = false
+			s.preload = nil
 		}
 	case Retarget:
 		s.target = in.Target
@@ -530,9 +561,22 @@ func (s *Sender) advance() {
 		if !s.recovered {
 			if s.recoverTok == 0 && s.opsOut == 0 && len(s.writes) == 0 && s.inflight == nil && !s.now.Before(s.retryAt) {
 				s.recoverTok = s.nextTok()
-				s.out.Recover = &RecoverOp{Tok: s.recoverTok}
+				s.recoverGen = s.overflows
+				pre := s.preload
+				s.preload = nil
+				if pre != nil && (s.overflows == s.startGen || s.cfg.Bug == BugStaleEnd) {
+					// Memory holds every item committed since the
+					// preload was read: it came after the Start.
+					in := *pre
+					in.Tok = s.recoverTok
+					s.recoverDone(in)
+					s.advanceWrites() // what the recovery queued
+				} else {
+					s.out.Recover = &RecoverOp{Tok: s.recoverTok}
+				}
 			}
-		} else {
+		}
+		if s.recovered {
 			s.advanceRead()
 			s.advanceFreeze()
 			s.advanceSend()
@@ -732,6 +776,24 @@ func (s *Sender) recoverDone(in RecoverDone) {
 	s.exhausted = false
 	s.dirty = true
 	s.readTok = 0 // a read still out was from the old position
+	trust := in.HasEnd && !s.cfg.Shared && s.recoverGen == s.overflows
+	if s.cfg.Bug == BugStaleEnd {
+		trust = in.HasEnd && !s.cfg.Shared
+	}
+	if trust {
+		// Every item committed after the store was read came as Committed
+		// since the recover was issued and is in memory; those up to End
+		// are read from the store. An AS with nothing past its cursor
+		// reads nothing.
+		i := 0
+		for i < len(s.mem) && s.mem[i].Seq <= in.End {
+			s.memBytes -= len(s.mem[i].Data)
+			i++
+		}
+		s.mem = s.mem[i:]
+		s.completeAfter = in.End
+		return
+	}
 	// Memory was trimmed up to where the last term had read: from the
 	// recovered position the store is read until it is caught up again.
 	s.resetMem()

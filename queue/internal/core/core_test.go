@@ -245,3 +245,73 @@ func TestCatchupBatching(t *testing.T) {
 		})
 	}
 }
+
+// TestRecoverEnd: on an unshared store, a recovery that gives the
+// stream's end spares an AS with nothing past its cursor any read, and a
+// preloaded one the recover too; items committed afterwards go out from
+// memory, and a backlog is read from the store up to End only.
+func TestRecoverEnd(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	item := func(seq int64) txnstore.Item {
+		return txnstore.Item{Seq: seq, Kind: txnstore.KindEvent, Data: []byte(`{}`)}
+	}
+	for _, tc := range []struct {
+		name      string
+		preload   bool
+		hasEnd    bool
+		delivered int64
+		end       int64
+		wantRead  bool // a read after the recovery
+	}{
+		{"idle, end known", false, true, 7, 7, false},
+		{"idle, preloaded", true, true, 7, 7, false},
+		{"idle, end unknown", false, false, 7, 0, true},
+		{"backlog", false, true, 7, 9, true},
+		{"backlog, preloaded", true, true, 7, 9, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := New(testConfig(false), rand.New(rand.NewPCG(1, 2)))
+			rec := RecoverDone{Delivered: tc.delivered, End: tc.end, HasEnd: tc.hasEnd}
+			start := Start{Target: Target{HasURL: true}}
+			if tc.preload {
+				start.Recovered = &rec
+			}
+			m.Step(t0, start)
+			r := m.Ready()
+			if tc.preload != (r.Recover == nil) {
+				t.Fatalf("preload %v, recover op %+v", tc.preload, r.Recover)
+			}
+			if r.Recover != nil {
+				// An item committed while the recover is out, after the
+				// store was read.
+				m.Step(t0, Committed{Items: []txnstore.Item{item(tc.end + 1)}})
+				rec.Tok = r.Recover.Tok
+				m.Step(t0, rec)
+				r = m.Ready()
+			}
+			if (r.Read != nil) != tc.wantRead {
+				t.Fatalf("read %+v, want a read: %v", r.Read, tc.wantRead)
+			}
+			if r.Read != nil && tc.hasEnd {
+				items := []txnstore.Item{}
+				for q := tc.delivered + 1; q <= tc.end; q++ {
+					items = append(items, item(q))
+				}
+				m.Step(t0, ReadDone{Tok: r.Read.Tok, Items: items})
+				r = m.Ready()
+			}
+			if r.Freeze == nil && tc.hasEnd && (tc.end > tc.delivered || !tc.preload) {
+				t.Fatalf("nothing frozen: %+v", r)
+			}
+			if r.Freeze != nil && tc.hasEnd {
+				want := tc.end
+				if !tc.preload {
+					want++ // the committed item, from memory
+				}
+				if last := r.Freeze.Txns[len(r.Freeze.Txns)-1].Range.Last; last != want {
+					t.Fatalf("froze up to %d, want %d", last, want)
+				}
+			}
+		})
+	}
+}
