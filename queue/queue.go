@@ -97,8 +97,12 @@ const (
 	// pipelineDepth is how many transactions a sender freezes ahead, the
 	// one in flight included: enough that the AS keeps receiving while a
 	// commit freezes the next ones (a catch-up freezes what it sent during
-	// one commit in the next).
-	pipelineDepth = 16
+	// one commit in the next). An AS takes a 100-event transaction in
+	// about 0.2 ms and a commit that also collects delivered items can take
+	// tens of ms: 16 ran dry within each. The bodies frozen ahead stay
+	// bounded by 4 transactions of MaxBytes (core.readTxns), whatever the
+	// depth.
+	pipelineDepth = 256
 	// memLimit bounds the items a sender keeps in memory (and memBytes
 	// times MaxBytes their size); past it, the sender reads its backlog
 	// from the store instead.

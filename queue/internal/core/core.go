@@ -983,9 +983,13 @@ func (s *Sender) cutLimits(items []txnstore.Item) limits {
 // how many transactions of Bytes the frozen ones ahead may add up to.
 const readTxns = 4
 
-// readItems and readBytes bound one read of the stream.
+// readItems and readBytes bound one read of the stream: readTxns of the
+// largest transactions, and at least half of Depth transactions of the
+// usual size, so that a catch-up of small transactions can keep Depth
+// frozen ahead (readBytes still bounds what a read holds).
 func (s *Sender) readItems() int {
-	return readTxns * (max(s.cfg.Events, s.cfg.CatchupEvents) + 3*s.cfg.Ephemeral + s.cfg.ToDevice) // ephemeral, device lists, key counts
+	other := 3*s.cfg.Ephemeral + s.cfg.ToDevice // ephemeral, device lists, key counts
+	return max(readTxns*(max(s.cfg.Events, s.cfg.CatchupEvents)+other), s.cfg.Depth/2*(s.cfg.Events+other))
 }
 
 func (s *Sender) readBytes() int { return readTxns * s.cfg.Bytes }
