@@ -361,10 +361,19 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 		StoreRetry: Schedule(50*time.Millisecond, 2*time.Second),
 		Shared:     w.shared, LeaseTTL: simTTL, AcquireEvery: 2 * time.Second,
 		PollInterval: time.Second, SendTimeout: w.sendTimeout,
-		Depth: 1 + w.rnd.IntN(8), MemItems: 5 + w.rnd.IntN(40), MemBytes: 4000,
+		Depth: simDepth(w.rnd.IntN(9)), MemItems: 5 + w.rnd.IntN(40), MemBytes: 4000,
 		Log: w.log.With(zap.String("proc", p.name), zap.Int32("as", int32(k))),
 		Bug: w.bug,
 	}
+}
+
+// simDepth is a pipeline depth from 1 to 8, or (one in nine) one far
+// deeper than the bytes allowed ahead, as the queue's default is.
+func simDepth(n int) int {
+	if n == 8 {
+		return 64
+	}
+	return 1 + n
 }
 
 // --- processes ---
