@@ -13,6 +13,7 @@ import (
 
 type catchupResult struct {
 	drain         time.Duration
+	drainCPU      time.Duration // the process's CPU time while draining
 	bytesPerEvent float64
 }
 
@@ -73,7 +74,11 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 		return nil, fmt.Errorf("a down AS accepted %d events", got)
 	}
 	a.down.Store(false)
+	if cfg.profile != nil {
+		defer cfg.profile()()
+	}
 	d.Wake(set.All()[0].ID)
+	cpu0 := cpuTime()
 	start := time.Now()
 	deadline := start.Add(30 * time.Minute)
 	for a.events.Load() < int64(n) {
@@ -83,6 +88,7 @@ func catchup(ctx context.Context, cfg *Config, set *registry.Set, srv *servers) 
 		time.Sleep(time.Millisecond)
 	}
 	res.drain = time.Since(start)
+	res.drainCPU = cpuTime() - cpu0
 	if got := a.events.Load(); got != int64(n) {
 		return nil, fmt.Errorf("AS got %d events, want %d", got, n)
 	}

@@ -49,6 +49,7 @@ func BenchmarkCatchup(b *testing.B) {
 			}
 			cfg.defaults()
 			srv, set, _ := setup(b, &cfg, n > cfg.SharedServerAbove)
+			cfg.profile = phaseProfile(b)
 			b.ResetTimer()
 			for range b.N {
 				r, err := catchup(context.Background(), &cfg, set, srv)
@@ -56,6 +57,7 @@ func BenchmarkCatchup(b *testing.B) {
 					b.Fatal(err)
 				}
 				b.ReportMetric(float64(cfg.CatchupEvents)/r.drain.Seconds(), "events/s")
+				b.ReportMetric(float64(r.drainCPU.Nanoseconds())/float64(cfg.CatchupEvents), "cpu-ns/event")
 			}
 		})
 	}

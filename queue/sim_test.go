@@ -368,7 +368,7 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 	if w.rnd.IntN(2) == 0 {
 		catchup = 5 + w.rnd.IntN(12)
 	}
-	depth := 1 + w.rnd.IntN(8) // drawn in the order they always were
+	depth := simDepth(w.rnd.IntN(9)) // drawn in the order they always were
 	mem := 5 + w.rnd.IntN(40)
 	if w.prnd.IntN(4) == 0 {
 		// Memory that overflows at a burst, even while a recover is out.
@@ -386,6 +386,15 @@ func (w *world) config(p *simProc, k txnstore.ASKey) core.Config {
 		Log: w.log.With(zap.String("proc", p.name), zap.Int32("as", int32(k))),
 		Bug: w.bug,
 	}
+}
+
+// simDepth is a pipeline depth from 1 to 8, or (one in nine) one far
+// deeper than the bytes allowed ahead, as the queue's default is.
+func simDepth(n int) int {
+	if n == 8 {
+		return 64
+	}
+	return 1 + n
 }
 
 // --- processes ---

@@ -1045,9 +1045,15 @@ func (s *Sender) cutLimits(items []txnstore.Item) limits {
 // how many transactions of Bytes the frozen ones ahead may add up to.
 const readTxns = 4
 
-// readItems and readBytes bound one read of the stream.
+// readItems and readBytes bound one read of the stream: readTxns of the
+// largest transactions, or Depth/8 transactions of the usual size if more,
+// so that a catch-up of small transactions freezes many at once while a
+// commit is slow (readBytes still bounds what a read holds). Reads of
+// Depth/2 were no faster; reads of readTxns (2,000 items at the defaults)
+// left each freeze about 20 transactions.
 func (s *Sender) readItems() int {
-	return readTxns * (max(s.cfg.Events, s.cfg.CatchupEvents) + 3*s.cfg.Ephemeral + s.cfg.ToDevice) // ephemeral, device lists, key counts
+	other := 3*s.cfg.Ephemeral + s.cfg.ToDevice // ephemeral, device lists, key counts
+	return max(readTxns*(max(s.cfg.Events, s.cfg.CatchupEvents)+other), s.cfg.Depth/8*(s.cfg.Events+other))
 }
 
 func (s *Sender) readBytes() int { return readTxns * s.cfg.Bytes }

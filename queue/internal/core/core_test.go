@@ -315,3 +315,61 @@ func TestRecoverEnd(t *testing.T) {
 		})
 	}
 }
+
+// TestDeepPipeline: a catch-up of small transactions reads enough to
+// freeze many of them in one freeze (Depth/8 transactions' worth of items,
+// ephemeral headroom included: 160 of 100 events, the last held back as
+// more may join it), while the bodies frozen ahead stay under readTxns
+// transactions of Bytes however deep the pipeline.
+func TestDeepPipeline(t *testing.T) {
+	const item = 14 // bytes of an item with its comma
+	tests := []struct {
+		name       string
+		depth      int
+		bytes      int
+		wantFrozen int
+	}{
+		{"small transactions", 256, 1 << 20, 159},
+		{"bytes bound what is ahead", 256, bodyOverhead + 100*item, readTxns},
+		{"a shallow pipeline", 4, 1 << 20, 4},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig(false)
+			cfg.Depth, cfg.Bytes = tt.depth, tt.bytes
+			m := New(cfg, rand.New(rand.NewPCG(1, 2)))
+			now := time.Unix(0, 0)
+			m.Step(now, Start{Target: Target{HasURL: true}})
+			r := m.Ready()
+			m.Step(now, RecoverDone{Tok: r.Recover.Tok})
+			r = m.Ready()
+			if r.Read == nil {
+				t.Fatalf("no read after recovery: %+v", r)
+			}
+			if min(r.Read.MaxItems, r.Read.MaxBytes/item) <= tt.wantFrozen*cfg.Events {
+				t.Fatalf("read of %d items, %d bytes: not enough for %d transactions of %d events", r.Read.MaxItems, r.Read.MaxBytes, tt.wantFrozen, cfg.Events)
+			}
+			// The store returns what it was asked for: a backlog of more.
+			n := min(r.Read.MaxItems, r.Read.MaxBytes/item+1)
+			items := make([]txnstore.Item, n)
+			for i := range items {
+				items[i] = txnstore.Item{Seq: int64(i + 1), Kind: txnstore.KindEvent, Data: []byte(`{"a":"12345"}`)}
+			}
+			m.Step(now, ReadDone{Tok: r.Read.Tok, Items: items})
+			r = m.Ready()
+			if r.Freeze == nil {
+				t.Fatalf("nothing frozen: %+v", r)
+			}
+			ahead := 0
+			for _, tx := range r.Freeze.Txns {
+				ahead += tx.Len
+			}
+			if len(r.Freeze.Txns) != tt.wantFrozen {
+				t.Errorf("froze %d transactions, want %d", len(r.Freeze.Txns), tt.wantFrozen)
+			}
+			if limit := readTxns * cfg.Bytes; ahead-r.Freeze.Txns[len(r.Freeze.Txns)-1].Len >= limit {
+				t.Errorf("%d bytes frozen ahead before the last transaction, over %d", ahead, limit)
+			}
+		})
+	}
+}
