@@ -82,6 +82,7 @@ type Queues struct {
 	closed bool
 	wg     sync.WaitGroup // the scheduler's workers
 	sched  *sched
+	reads  reads
 
 	// scratch is OnCommit's per-slot grouping, in the order slots are
 	// first met; OnCommit runs on the store's single committing goroutine.
@@ -167,6 +168,7 @@ func New(store txnstore.Store, opts Options) *Queues {
 		scratch:    make(map[*slot][]txnstore.Item),
 	}
 	q.sched = newSched(&q.wg)
+	q.reads.max = maxReads
 	return q
 }
 

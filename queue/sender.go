@@ -242,11 +242,21 @@ func (d *driver) async(f func() core.Input) {
 	}()
 }
 
+// asyncRead is async for a store read: it waits its turn among the
+// reads of every AS (see maxReads).
+func (d *driver) asyncRead(f func() core.Input) {
+	d.ops.Add(1)
+	d.q.reads.do(func() {
+		defer d.ops.Done()
+		d.post(f())
+	})
+}
+
 func (d *driver) carryOut(r core.Ready) {
 	q, key, ctx := d.q, d.key, d.ctx
 	if r.Recover != nil {
 		tok := r.Recover.Tok
-		d.async(func() core.Input {
+		d.asyncRead(func() core.Input {
 			frozen, err := q.store.Frozen(ctx, key)
 			if err != nil {
 				return core.RecoverDone{Tok: tok, Err: err}
@@ -256,7 +266,7 @@ func (d *driver) carryOut(r core.Ready) {
 		})
 	}
 	if op := r.Read; op != nil {
-		d.async(func() core.Input {
+		d.asyncRead(func() core.Input {
 			items, err := d.read(ctx, op)
 			return core.ReadDone{Tok: op.Tok, Items: items, Err: err}
 		})
