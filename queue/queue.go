@@ -309,7 +309,8 @@ func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 // new transaction is started, sends in flight finish unless ctx ends first.
 // Their transactions stay frozen in the store either way and are resent
 // with the same id after a restart. When Close returns, no sender touches
-// the store any more.
+// the store any more, and the client's idle connections are closed (each
+// holds a goroutine and buffers on both ends, until IdleConnTimeout).
 func (q *Queues) Close(ctx context.Context) error {
 	q.mu.Lock()
 	q.closed = true
@@ -334,6 +335,7 @@ func (q *Queues) Close(ctx context.Context) error {
 	}
 	q.sched.close()
 	q.wg.Wait()
+	q.client.CloseIdleConnections()
 	return errors.Join(errs...)
 }
 
