@@ -211,7 +211,8 @@ func (q *Queues) coreConfig(as AS) core.Config {
 		Depth:        pipelineDepth,
 		MemItems:     memLimit,
 		MemBytes:     memBytes * q.opts.MaxBytes,
-		Log:          q.log.With(zap.String("appservice", as.ID)),
+		Log:          q.log,
+		ID:           as.ID,
 	}
 }
 
