@@ -84,10 +84,14 @@ type Queues struct {
 	sched  *sched
 	reads  reads
 
-	// scratch is OnCommit's per-slot grouping, in the order slots are
-	// first met; OnCommit runs on the store's single committing goroutine.
-	scratch map[*slot][]txnstore.Item
-	order   []*slot
+	// OnCommit's grouping, on the store's single committing goroutine:
+	// the slots in the order first met, their index there, and their
+	// items. Emptied after each call: kept per slot, the buffers held
+	// ~150 B for every AS that ever received an item.
+	index  map[*slot]int
+	order  []*slot
+	counts []int
+	groups [][]txnstore.Item
 }
 
 const (
@@ -165,7 +169,7 @@ func New(store txnstore.Store, opts Options) *Queues {
 		storeRetry: Schedule(50*time.Millisecond, 5*time.Second),
 		seed:       binary.LittleEndian.Uint64(rb[:]),
 		slots:      make(map[txnstore.ASKey]*slot),
-		scratch:    make(map[*slot][]txnstore.Item),
+		index:      make(map[*slot]int),
 	}
 	q.sched = newSched(&q.wg)
 	q.reads.max = maxReads
@@ -219,24 +223,41 @@ func (q *Queues) coreConfig(as AS) core.Config {
 // OnCommit hands freshly committed items to the senders of their targets, in
 // commit order. It is meant for txnstore.Options.OnCommit.
 func (q *Queues) OnCommit(committed []txnstore.Committed) {
+	// Two passes: each slot's items counted, then copied into a slice of
+	// their own, which the slot keeps.
 	q.mu.Lock()
 	for _, c := range committed {
 		for _, k := range c.Targets {
 			if s := q.slots[k]; s != nil {
-				if len(q.scratch[s]) == 0 {
+				i, ok := q.index[s]
+				if !ok {
+					i = len(q.order)
+					q.index[s] = i
 					q.order = append(q.order, s)
+					q.counts = append(q.counts, 0)
 				}
-				q.scratch[s] = append(q.scratch[s], c.Item)
+				q.counts[i]++
+			}
+		}
+	}
+	for _, n := range q.counts {
+		q.groups = append(q.groups, make([]txnstore.Item, 0, n))
+	}
+	for _, c := range committed {
+		for _, k := range c.Targets {
+			if s := q.slots[k]; s != nil {
+				i := q.index[s]
+				q.groups[i] = append(q.groups[i], c.Item)
 			}
 		}
 	}
 	q.mu.Unlock()
-	for _, s := range q.order {
-		items := q.scratch[s]
-		s.post(core.Committed{Items: append([]txnstore.Item(nil), items...)})
-		q.scratch[s] = items[:0]
+	for i, s := range q.order {
+		s.post(core.Committed{Items: q.groups[i]})
+		q.groups[i] = nil
 	}
-	q.order = q.order[:0]
+	clear(q.index)
+	q.order, q.counts, q.groups = q.order[:0], q.counts[:0], q.groups[:0]
 }
 
 // Start starts the sender of as, or updates a running one (a changed URL,
