@@ -38,7 +38,7 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
-	body, _ := io.ReadAll(r.Body)
+	body := readBody(r)
 	now := time.Now().UnixNano()
 	var n int64
 	var sample []time.Duration
@@ -67,6 +67,22 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		a.mu.Unlock()
 	}
 	w.Write([]byte("{}"))
+}
+
+// readBody reads a request's body into one buffer of its Content-Length.
+// io.ReadAll grows a buffer from 512 bytes by doubling: about twice each
+// body in garbage, 22% of the whole process's allocations in the
+// 10,000-AS bench, which the AS servers are part of.
+func readBody(r *http.Request) []byte {
+	if n := r.ContentLength; n > 0 && n <= 64<<20 {
+		b := make([]byte, n)
+		if _, err := io.ReadFull(r.Body, b); err != nil {
+			return nil
+		}
+		return b
+	}
+	b, _ := io.ReadAll(r.Body)
+	return b
 }
 
 func (a *asServer) reset() {
