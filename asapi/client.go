@@ -153,6 +153,10 @@ const maxErrorBody = 512
 // TxnTimeout is how long PutTransaction waits for the AS.
 func (c *Client) TxnTimeout() time.Duration { return c.opts.TxnTimeout }
 
+// CloseIdleConnections closes the keep-alive connections not in use, with
+// their buffers; the next request dials again.
+func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
+
 // PutTransaction sends one transaction: PUT /_matrix/app/v1/transactions/{txnID}
 // with body exactly as given, or, while the AS has a websocket open, the
 // same body as a transaction frame that the AS must acknowledge within

@@ -135,7 +135,9 @@ func BenchmarkHalfLoad(b *testing.B) {
 
 // phaseProfile profiles the end-to-end phase alone (the setup of 10,000
 // registrations would swamp it) when ASDISPATCH_BENCH_PROFILE names a
-// directory: cpu.out, block.out and mutex.out, e.g.
+// directory: cpu.out, block.out, mutex.out and heap.out (written as the
+// phase ends, its dispatcher still open; inuse_space is as of the last
+// GC), e.g.
 // ASDISPATCH_BENCH_PROFILE=/tmp/p go test -run X -bench EndToEnd/ases=10000 ./bench/
 func phaseProfile(b *testing.B) func() func() {
 	dir := os.Getenv("ASDISPATCH_BENCH_PROFILE")
@@ -155,7 +157,7 @@ func phaseProfile(b *testing.B) func() func() {
 		return func() {
 			pprof.StopCPUProfile()
 			f.Close()
-			for _, name := range []string{"block", "mutex"} {
+			for _, name := range []string{"block", "mutex", "heap"} {
 				w, err := os.Create(filepath.Join(dir, name+".out"))
 				if err != nil {
 					b.Fatal(err)

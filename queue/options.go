@@ -36,6 +36,7 @@ type Options struct {
 	// always, for receivers with small request body limits.
 	CatchupMaxEvents int
 	// Client sends the transactions; nil builds one with default options.
+	// Close closes its idle connections.
 	Client *asapi.Client
 	Logger *zap.Logger
 	// Metrics, if set, records deliveries, failures and AS state.

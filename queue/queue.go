@@ -82,11 +82,16 @@ type Queues struct {
 	closed bool
 	wg     sync.WaitGroup // the scheduler's workers
 	sched  *sched
+	reads  reads
 
-	// scratch is OnCommit's per-slot grouping, in the order slots are
-	// first met; OnCommit runs on the store's single committing goroutine.
-	scratch map[*slot][]txnstore.Item
-	order   []*slot
+	// OnCommit's grouping, on the store's single committing goroutine:
+	// the slots in the order first met, their index there, and their
+	// items. Emptied after each call: kept per slot, the buffers held
+	// ~150 B for every AS that ever received an item.
+	index  map[*slot]int
+	order  []*slot
+	counts []int
+	groups [][]txnstore.Item
 
 	// preload holds recoveries Preload read, for the Start of each AS;
 	// the first commit announced afterwards drops them (a machine
@@ -178,9 +183,10 @@ func New(store txnstore.Store, opts Options) *Queues {
 		storeRetry: Schedule(50*time.Millisecond, 5*time.Second),
 		seed:       binary.LittleEndian.Uint64(rb[:]),
 		slots:      make(map[txnstore.ASKey]*slot),
-		scratch:    make(map[*slot][]txnstore.Item),
+		index:      make(map[*slot]int),
 	}
 	q.sched = newSched(&q.wg)
+	q.reads.max = maxReads
 	return q
 }
 
@@ -223,33 +229,51 @@ func (q *Queues) coreConfig(as AS) core.Config {
 		Depth:        pipelineDepth,
 		MemItems:     memLimit,
 		MemBytes:     memBytes * q.opts.MaxBytes,
-		Log:          q.log.With(zap.String("appservice", as.ID)),
+		Log:          q.log,
+		ID:           as.ID,
 	}
 }
 
 // OnCommit hands freshly committed items to the senders of their targets, in
 // commit order. It is meant for txnstore.Options.OnCommit.
 func (q *Queues) OnCommit(committed []txnstore.Committed) {
+	// Two passes: each slot's items counted, then copied into a slice of
+	// their own, which the slot keeps.
 	q.mu.Lock()
 	q.announced++
 	q.preload = nil
 	for _, c := range committed {
 		for _, k := range c.Targets {
 			if s := q.slots[k]; s != nil {
-				if len(q.scratch[s]) == 0 {
+				i, ok := q.index[s]
+				if !ok {
+					i = len(q.order)
+					q.index[s] = i
 					q.order = append(q.order, s)
+					q.counts = append(q.counts, 0)
 				}
-				q.scratch[s] = append(q.scratch[s], c.Item)
+				q.counts[i]++
+			}
+		}
+	}
+	for _, n := range q.counts {
+		q.groups = append(q.groups, make([]txnstore.Item, 0, n))
+	}
+	for _, c := range committed {
+		for _, k := range c.Targets {
+			if s := q.slots[k]; s != nil {
+				i := q.index[s]
+				q.groups[i] = append(q.groups[i], c.Item)
 			}
 		}
 	}
 	q.mu.Unlock()
-	for _, s := range q.order {
-		items := q.scratch[s]
-		s.post(core.Committed{Items: append([]txnstore.Item(nil), items...)})
-		q.scratch[s] = items[:0]
+	for i, s := range q.order {
+		s.post(core.Committed{Items: q.groups[i]})
+		q.groups[i] = nil
 	}
-	q.order = q.order[:0]
+	clear(q.index)
+	q.order, q.counts, q.groups = q.order[:0], q.counts[:0], q.groups[:0]
 }
 
 // Start starts the sender of as, or updates a running one (a changed URL,
@@ -355,7 +379,8 @@ func (q *Queues) Live(key txnstore.ASKey) (Live, bool) {
 // new transaction is started, sends in flight finish unless ctx ends first.
 // Their transactions stay frozen in the store either way and are resent
 // with the same id after a restart. When Close returns, no sender touches
-// the store any more.
+// the store any more, and the client's idle connections are closed (each
+// holds a goroutine and buffers on both ends, until IdleConnTimeout).
 func (q *Queues) Close(ctx context.Context) error {
 	q.mu.Lock()
 	q.closed = true
@@ -381,6 +406,7 @@ func (q *Queues) Close(ctx context.Context) error {
 	}
 	q.sched.close()
 	q.wg.Wait()
+	q.client.CloseIdleConnections()
 	return errors.Join(errs...)
 }
 

@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -50,9 +51,7 @@ type slot struct {
 
 func newSlot(q *Queues, as AS) *slot {
 	s := &slot{q: q, key: as.Key, as: as, done: make(chan struct{}), hidx: -1}
-	d := &driver{slot: s, m: core.New(q.coreConfig(as), q.newRand(as.Key))}
-	d.ctx, d.cancel = context.WithCancel(context.Background())
-	s.d = d
+	s.d = &driver{slot: s, m: core.New(q.coreConfig(as), q.newRand(as.Key))}
 	return s
 }
 
@@ -169,12 +168,10 @@ func (s *slot) step() {
 			switch in.(type) {
 			case core.Abort:
 				// Abandon the ops in flight; answers still come back.
-				d.cancel()
+				d.abortOps()
 			case core.Start:
 				started = true
-				if d.ctx.Err() != nil {
-					d.ctx, d.cancel = context.WithCancel(context.Background())
-				}
+				d.reviveOps()
 			}
 			m.Step(now, in)
 		}
@@ -203,7 +200,7 @@ func (s *slot) step() {
 			close(ch)
 		}
 		if finish {
-			d.cancel()
+			d.abortOps()
 			s.q.sched.setDeadline(s, time.Time{})
 			close(s.done)
 		} else {
@@ -226,29 +223,105 @@ func (s *slot) step() {
 // driver carries out a machine's Ready against the store and the AS.
 type driver struct {
 	*slot
-	m      *core.Sender
-	ops    sync.WaitGroup
-	ctx    context.Context // ends on Abort
-	cancel context.CancelFunc
+	m   *core.Sender
+	ops sync.WaitGroup
+
+	// Each op in flight has a context of its own, cancelled on Abort. One
+	// context for the AS's life grew a children map (go-sqlite3 watches the
+	// context of every query) and a done channel with its first store
+	// call, ~450 bytes an AS kept for good.
+	opMu      sync.Mutex
+	opsDead   bool // aborted: ops start cancelled until the next Start
+	opSeq     uint64
+	opCancels []opCancel
 
 	sendMu     sync.Mutex
 	cancelSend context.CancelFunc
 	aborted    bool
 }
 
-func (d *driver) async(f func() core.Input) {
+type opCancel struct {
+	seq    uint64
+	cancel context.CancelFunc
+}
+
+// opContext returns the context of an op and the func to call once it
+// ended.
+func (d *driver) opContext() (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	d.opMu.Lock()
+	if d.opsDead {
+		d.opMu.Unlock()
+		cancel()
+		return ctx, func() {}
+	}
+	d.opSeq++
+	seq := d.opSeq
+	d.opCancels = append(d.opCancels, opCancel{seq, cancel})
+	d.opMu.Unlock()
+	return ctx, func() {
+		d.opMu.Lock()
+		for i, c := range d.opCancels {
+			if c.seq == seq {
+				d.opCancels = slices.Delete(d.opCancels, i, i+1)
+				break
+			}
+		}
+		if len(d.opCancels) == 0 {
+			d.opCancels = nil
+		}
+		d.opMu.Unlock()
+		cancel()
+	}
+}
+
+// abortOps cancels the ops in flight and those started until reviveOps.
+func (d *driver) abortOps() {
+	d.opMu.Lock()
+	cancels := d.opCancels
+	d.opsDead, d.opCancels = true, nil
+	d.opMu.Unlock()
+	for _, c := range cancels {
+		c.cancel()
+	}
+}
+
+func (d *driver) reviveOps() {
+	d.opMu.Lock()
+	d.opsDead = false
+	d.opMu.Unlock()
+}
+
+// async runs f on a goroutine of its own and posts what it returns.
+func (d *driver) async(f func(ctx context.Context) core.Input) {
+	ctx, done := d.opContext()
 	d.ops.Add(1)
 	go func() {
 		defer d.ops.Done()
-		d.post(f())
+		in := f(ctx)
+		done()
+		d.post(in)
 	}()
 }
 
+// asyncRead is async for a store read: it waits its turn among the
+// reads of every AS (see maxReads).
+func (d *driver) asyncRead(f func(ctx context.Context) core.Input) {
+	ctx, done := d.opContext()
+	d.ops.Add(1)
+	d.q.reads.do(func() {
+		defer d.ops.Done()
+		in := f(ctx)
+		done()
+		d.post(in)
+	})
+}
+
 func (d *driver) carryOut(r core.Ready) {
-	q, key, ctx := d.q, d.key, d.ctx
+	q, key := d.q, d.key
 	if r.Recover != nil {
 		tok := r.Recover.Tok
-		d.async(func() core.Input {
+		d.asyncRead(func(ctx context.Context) core.Input {
 			if rs, ok := q.store.(txnstore.Recoverer); ok {
 				// One query, and the stream's end: an AS with nothing
 				// past its cursor reads nothing more.
@@ -264,7 +337,7 @@ func (d *driver) carryOut(r core.Ready) {
 		})
 	}
 	if op := r.Read; op != nil {
-		d.async(func() core.Input {
+		d.asyncRead(func(ctx context.Context) core.Input {
 			items, err := d.read(ctx, op)
 			return core.ReadDone{Tok: op.Tok, Items: items, Err: err}
 		})
@@ -275,7 +348,7 @@ func (d *driver) carryOut(r core.Ready) {
 			// One commit, one fsync, for both.
 			w := writes[0]
 			writes, combined = nil, true
-			d.async(func() core.Input {
+			d.async(func(ctx context.Context) core.Input {
 				ids, cerr, ferr := cf.CompleteFreeze(ctx, key, w.Complete, op.Replace, op.Txns)
 				d.post(core.WriteDone{Tok: w.Tok, Err: cerr})
 				return core.FreezeDone{Tok: op.Tok, IDs: ids, Err: ferr}
@@ -283,16 +356,16 @@ func (d *driver) carryOut(r core.Ready) {
 		}
 	}
 	if op := r.Freeze; op != nil && !combined {
-		d.async(func() core.Input {
+		d.async(func(ctx context.Context) core.Input {
 			ids, err := q.store.Freeze(ctx, key, op.Replace, op.Txns)
 			return core.FreezeDone{Tok: op.Tok, IDs: ids, Err: err}
 		})
 	}
 	for _, w := range writes {
-		d.async(func() core.Input { return core.WriteDone{Tok: w.Tok, Err: d.write(ctx, w)} })
+		d.async(func(ctx context.Context) core.Input { return core.WriteDone{Tok: w.Tok, Err: d.write(ctx, w)} })
 	}
 	if op := r.Lease; op != nil {
-		d.async(func() core.Input { return d.lease(ctx, op) })
+		d.async(func(ctx context.Context) core.Input { return d.lease(ctx, op) })
 	}
 	if r.CancelSend {
 		d.sendMu.Lock()
@@ -379,7 +452,7 @@ func (d *driver) lease(ctx context.Context, op *core.LeaseOp) core.Input {
 
 func (d *driver) send(op *core.SendOp) {
 	as := d.target()
-	base := d.ctx
+	base, opDone := d.opContext()
 	ctx, cancel := context.WithCancel(base)
 	if !op.Deadline.IsZero() {
 		ctx, cancel = context.WithDeadline(base, op.Deadline)
@@ -387,13 +460,16 @@ func (d *driver) send(op *core.SendOp) {
 	d.sendMu.Lock()
 	d.cancelSend, d.aborted = cancel, false
 	d.sendMu.Unlock()
-	d.async(func() core.Input {
+	d.ops.Add(1)
+	go func() {
+		defer d.ops.Done()
 		err := d.q.client.PutTransaction(ctx, as.Target, strconv.FormatInt(op.ID, 10), op.Body)
 		d.sendMu.Lock()
 		aborted := d.aborted || base.Err() != nil
 		d.cancelSend = nil
 		d.sendMu.Unlock()
 		cancel()
+		opDone()
 		done := core.SendDone{ID: op.ID, Err: err}
 		if err != nil {
 			done.Aborted = aborted && ctx.Err() != nil
@@ -404,8 +480,8 @@ func (d *driver) send(op *core.SendOp) {
 			done.TooLarge = errors.Is(err, asapi.ErrTooLarge)
 			done.TokenMismatch = errors.Is(err, asapi.ErrTokenMismatch)
 		}
-		return done
-	})
+		d.post(done)
+	}()
 }
 
 func (d *driver) notes(notes []core.Note) {

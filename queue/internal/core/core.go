@@ -67,7 +67,10 @@ type Config struct {
 	Depth    int
 	MemItems int
 	MemBytes int
-	Log      *zap.Logger
+	// Log, with ID as its "appservice" field (when set), is the machine's
+	// logger.
+	Log *zap.Logger
+	ID  string
 	// Bug is for tests only: it brings back one bug fixed since, so the
 	// simulation can show it would find it.
 	Bug Bug
@@ -439,7 +442,7 @@ func New(cfg Config, rnd *rand.Rand) *Sender {
 	if cfg.Depth < 1 {
 		cfg.Depth = 1
 	}
-	return &Sender{cfg: cfg, rnd: rnd, log: cfg.Log, completeAfter: unknown, live: Live{Up: true, Leading: !cfg.Shared}, liveDirty: true}
+	return &Sender{cfg: cfg, rnd: rnd, completeAfter: unknown, live: Live{Up: true, Leading: !cfg.Shared}, liveDirty: true}
 }
 
 // Stopped reports whether nothing of the machine runs.
@@ -456,6 +459,19 @@ func (s *Sender) Ready() Ready {
 	}
 	r.Next = s.next()
 	return r
+}
+
+// logger is Log with the AS's field, made on first use: zap's With copies
+// the logger's core and encoder, about 1.3 KiB with a JSON encoder, which
+// every AS paid at start though most never log.
+func (s *Sender) logger() *zap.Logger {
+	if s.log == nil {
+		s.log = s.cfg.Log
+		if s.cfg.ID != "" {
+			s.log = s.log.With(zap.String("appservice", s.cfg.ID))
+		}
+	}
+	return s.log
 }
 
 func (s *Sender) nextTok() uint64 { s.tok++; return s.tok }
@@ -637,7 +653,7 @@ func (s *Sender) advanceLease() {
 		return
 	}
 	if s.leading && !s.now.Before(s.leaseValid) {
-		s.log.Warn("sender lease not renewed in time; stopping sends for another process to take over")
+		s.logger().Warn("sender lease not renewed in time; stopping sends for another process to take over")
 		s.loseLease()
 	}
 	if s.leaseOp != nil || s.mode == stopped {
@@ -689,7 +705,7 @@ func (s *Sender) leaseDone(in LeaseDone) {
 	switch op.Kind {
 	case Acquire:
 		if in.OK {
-			s.log.Info("sending for this appservice: lease acquired")
+			s.logger().Info("sending for this appservice: lease acquired")
 			s.leading, s.live.Leading, s.liveDirty = true, true, true
 			s.warnedLease = false
 			s.term++
@@ -699,7 +715,7 @@ func (s *Sender) leaseDone(in LeaseDone) {
 			return
 		}
 		if in.Err != nil && !s.warnedLease {
-			s.log.Warn("acquiring the sender lease failed; retrying", zap.Error(in.Err))
+			s.logger().Warn("acquiring the sender lease failed; retrying", zap.Error(in.Err))
 			s.warnedLease = true
 		}
 		s.nextAcquire = s.now.Add(s.cfg.AcquireEvery)
@@ -714,10 +730,10 @@ func (s *Sender) leaseDone(in LeaseDone) {
 			s.leaseValid = s.leaseAt.Add(op.TTL - ttl/4)
 			s.nextRenew = s.leaseAt.Add(ttl / 4)
 		case in.Err == nil:
-			s.log.Warn("sender lease lost to another process; stopping sends")
+			s.logger().Warn("sender lease lost to another process; stopping sends")
 			s.loseLease()
 		default:
-			s.log.Warn("renewing the sender lease failed; retrying", zap.Error(in.Err))
+			s.logger().Warn("renewing the sender lease failed; retrying", zap.Error(in.Err))
 			s.nextRenew = s.now.Add(ttl / 20)
 		}
 	case Release:
@@ -765,7 +781,7 @@ func (s *Sender) recoverDone(in RecoverDone) {
 		s.frozenEnd = max(s.frozenEnd, ft.Range.Last)
 	}
 	if len(stale) > 0 && s.cfg.Bug != BugDropCompletion {
-		s.log.Warn("dropping frozen transactions the cursor already covers", zap.Int64s("txn_ids", stale))
+		s.logger().Warn("dropping frozen transactions the cursor already covers", zap.Int64s("txn_ids", stale))
 		s.writes = append(s.writes, &write{complete: stale})
 	}
 	s.unbuilt = len(s.q)
@@ -847,7 +863,7 @@ func (s *Sender) reconciled(frozen []txnstore.Txn, delivered int64) {
 	}
 	_, replacedLeft := byID[op.Replace]
 	if len(ids) == len(txns) && (op.Replace == 0 || !replacedLeft) {
-		s.log.Info("a freeze reported failed had landed; going on with it", zap.Int64s("txn_ids", ids))
+		s.logger().Info("a freeze reported failed had landed; going on with it", zap.Int64s("txn_ids", ids))
 		s.frozeOK(op, txns, ids)
 		return
 	}
@@ -865,7 +881,7 @@ func (s *Sender) storeFailed(what string, err error) {
 	s.storeFail++
 	wait := s.backoff(s.cfg.StoreRetry, s.cfg.StoreRetry[len(s.cfg.StoreRetry)-1], s.storeFail)
 	s.retryAt = s.now.Add(wait)
-	s.log.Warn("store operation failed; retrying", zap.String("op", what), zap.Duration("backoff", wait), zap.Error(err))
+	s.logger().Warn("store operation failed; retrying", zap.String("op", what), zap.Duration("backoff", wait), zap.Error(err))
 }
 
 // --- reading the stream ---
@@ -1009,12 +1025,12 @@ func (s *Sender) rebuilt(t *txn) {
 	}
 	if len(t.body) != t.Len || checksum(t.body) != t.Checksum {
 		if s.cfg.Bug == BugDropCompletion {
-			s.log.Error("rebuilt transaction differs from the one first sent; sending the rebuilt body", zap.Int64("txn_id", t.ID))
+			s.logger().Error("rebuilt transaction differs from the one first sent; sending the rebuilt body", zap.Int64("txn_id", t.ID))
 			return
 		}
 		s.broken = true
 		msg := fmt.Sprintf("transaction %d cannot be rebuilt as first sent (%d bytes, want %d, checksum mismatch): its items are gone; delivery is paused, an operator must act", t.ID, len(t.body), t.Len)
-		s.log.Error("frozen transaction fails its checksum; never sending another body under its id; appservice paused",
+		s.logger().Error("frozen transaction fails its checksum; never sending another body under its id; appservice paused",
 			zap.Int64("txn_id", t.ID), zap.Int("len", len(t.body)), zap.Int("first_len", t.Len), zap.Int("items", len(t.items)))
 		s.live.Up = false
 		s.live.LastError = msg
@@ -1170,7 +1186,7 @@ func (s *Sender) frozeOK(op *FreezeOp, txns []*txn, ids []int64) {
 	if len(s.q) == 0 || s.q[0].ID != op.Replace {
 		return
 	}
-	s.log.Info("transaction too large for the appservice; split in two",
+	s.logger().Info("transaction too large for the appservice; split in two",
 		zap.Int64("txn_id", op.Replace), zap.Int64s("new_txn_ids", ids), zap.Int("events", len(s.q[0].items)))
 	if s.cfg.Bug == BugSplitOrder {
 		txns = []*txn{txns[1], txns[0]}
@@ -1249,7 +1265,7 @@ func (s *Sender) sendDone(in SendDone) {
 			return
 		}
 		if len(t.items) == 1 && len(t.items[0].Data) > MaxPDUBytes {
-			s.log.Error("appservice refuses a single item larger than Matrix's 64 KiB event limit; dropping it",
+			s.logger().Error("appservice refuses a single item larger than Matrix's 64 KiB event limit; dropping it",
 				zap.Int64("txn_id", t.ID), zap.Int("bytes", len(t.body)))
 			s.out.Notes = append(s.out.Notes, Note{Kind: NoteDropped, Events: 1})
 			s.delivered1(t, false)
@@ -1263,7 +1279,7 @@ func (s *Sender) sendDone(in SendDone) {
 
 // delivered1 records that the AS took q[0] (or that it can never be sent).
 func (s *Sender) delivered1(t *txn, sent bool) {
-	s.q = s.q[1:]
+	s.q = popFront(s.q)
 	wasDown := !s.live.Up
 	failures, attempt := s.live.Failures, s.attempt
 	s.attempt = 0
@@ -1276,12 +1292,22 @@ func (s *Sender) delivered1(t *txn, sent bool) {
 		s.out.Notes = append(s.out.Notes, Note{Kind: NoteSent, Took: s.now.Sub(s.sentAt), Events: ev, Ephemeral: eph, ToDevice: td})
 	}
 	if wasDown {
-		s.log.Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempt), zap.Int("failures", failures),
+		s.logger().Info("appservice up again", zap.Int64("txn_id", t.ID), zap.Int("attempt", attempt), zap.Int("failures", failures),
 			zap.Int("events", len(t.items)), zap.Duration("down_for", s.now.Sub(s.downSince)))
 		st := txnstore.State{Up: true, LastSuccess: s.now, LastError: s.live.LastError}
 		s.writes = append(s.writes, &write{state: &st})
 	}
 	s.queueComplete(t.ID)
+}
+
+// popFront drops q[0]. The array behind an idle AS's empty queue kept its
+// last transaction, body and items, or its last write alive; it is let go.
+func popFront[T any](q []*T) []*T {
+	q[0] = nil
+	if len(q) == 1 {
+		return nil
+	}
+	return q[1:]
 }
 
 func (s *Sender) queueComplete(id int64) {
@@ -1338,11 +1364,11 @@ func (s *Sender) failed(t *txn, in SendDone) {
 	}
 	switch {
 	case in.TokenMismatch && wasUp:
-		s.log.Error("appservice rejected our hs_token (token mismatch); check its registration", fields...)
+		s.logger().Error("appservice rejected our hs_token (token mismatch); check its registration", fields...)
 	case wasUp:
-		s.log.Warn("appservice down", fields...)
+		s.logger().Warn("appservice down", fields...)
 	default:
-		s.log.Debug("appservice still down", fields...)
+		s.logger().Debug("appservice still down", fields...)
 	}
 	if !t.saved {
 		// Every retry, across restarts too, repeats these exact bytes.
@@ -1419,7 +1445,7 @@ func (s *Sender) writeDone(in WriteDone) {
 	}
 	if in.Err == nil {
 		s.storeFail = 0
-		s.writes = s.writes[1:]
+		s.writes = popFront(s.writes)
 		return
 	}
 	if errors.Is(in.Err, txnstore.ErrLeaseLost) && s.cfg.Shared {
@@ -1430,12 +1456,12 @@ func (s *Sender) writeDone(in WriteDone) {
 	switch {
 	case w.state != nil && w.fails >= 3:
 		// Status only: not worth holding completions up for.
-		s.log.Warn("recording the appservice's state failed; giving up on this update", zap.Error(in.Err))
-		s.writes = s.writes[1:]
+		s.logger().Warn("recording the appservice's state failed; giving up on this update", zap.Error(in.Err))
+		s.writes = popFront(s.writes)
 		return
 	case w.complete != nil && s.cfg.Bug == BugDropCompletion:
-		s.log.Warn("recording delivered transactions failed", zap.Int64s("txn_ids", w.complete), zap.Error(in.Err))
-		s.writes = s.writes[1:]
+		s.logger().Warn("recording delivered transactions failed", zap.Int64s("txn_ids", w.complete), zap.Error(in.Err))
+		s.writes = popFront(s.writes)
 		return
 	}
 	// Whether it landed is unknown: re-read, then redo what did not.
