@@ -114,10 +114,13 @@ const (
 	// tens of ms: 16 ran dry within each. The bodies frozen ahead stay
 	// bounded by 4 transactions of MaxBytes (core.readTxns), whatever the
 	// depth; at the default caps it is the depth that bounds them (and
-	// their items). A catch-up of 1,000,000 events of one AS drained in
-	// 2.8-5.1 s at 256, 6.7-10.9 s at 64 (5.6-12.7 s at 16), for a peak RSS
-	// of 185-215 MiB against 80-85 (62 at 16).
-	pipelineDepth = 256
+	// their items), and that memory is held by every AS with a backlog at
+	// once. A catch-up of 1,000,000 events of one AS, quiet machine,
+	// alternated: 3.97 and 4.63 s at 64 (peak RSS 81-84 MiB), 3.90 and
+	// 3.53 s at 256 (201-203 MiB); on a loaded machine 256 drained faster
+	// (2.8-5.1 s against 4.7-10.9 s) but holds about 20 MiB per
+	// backlogged AS of 500-byte events against 4.
+	pipelineDepth = 64
 	// memLimit bounds the items a sender keeps in memory (and memBytes
 	// times MaxBytes their size); past it, the sender reads its backlog
 	// from the store instead.
