@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -77,8 +78,12 @@ type Queues struct {
 	retry, storeRetry []time.Duration
 	seed              uint64
 
-	mu     sync.Mutex
-	slots  map[txnstore.ASKey]*slot
+	mu    sync.Mutex
+	slots map[txnstore.ASKey]*slot
+	// byID finds the slots of an AS id for Wake without a scan of every
+	// slot (O(n) per ping at 10,000 ASes): kept by Start, the only writer
+	// of a slot's target.
+	byID   map[string][]*slot
 	closed bool
 	wg     sync.WaitGroup // the scheduler's workers
 	sched  *sched
@@ -186,6 +191,7 @@ func New(store txnstore.Store, opts Options) *Queues {
 		storeRetry: Schedule(50*time.Millisecond, 5*time.Second),
 		seed:       binary.LittleEndian.Uint64(rb[:]),
 		slots:      make(map[txnstore.ASKey]*slot),
+		byID:       make(map[string][]*slot),
 		index:      make(map[*slot]int),
 	}
 	q.sched = newSched(&q.wg)
@@ -291,6 +297,13 @@ func (q *Queues) Start(as AS) {
 	if s == nil {
 		s = newSlot(q, as)
 		q.slots[as.Key] = s
+		q.byID[as.ID] = append(q.byID[as.ID], s)
+	} else if old := s.target().ID; old != as.ID {
+		q.byID[old] = slices.DeleteFunc(q.byID[old], func(o *slot) bool { return o == s })
+		if len(q.byID[old]) == 0 {
+			delete(q.byID, old)
+		}
+		q.byID[as.ID] = append(q.byID[as.ID], s)
 	}
 	var rec *core.RecoverDone
 	if r, ok := q.preload[as.Key]; ok {
@@ -351,10 +364,8 @@ func (q *Queues) Halt(key txnstore.ASKey) (wait func(context.Context) error) {
 func (q *Queues) Wake(id string) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for _, s := range q.slots {
-		if s.target().ID == id {
-			s.post(core.Wake{})
-		}
+	for _, s := range q.byID[id] {
+		s.post(core.Wake{})
 	}
 }
 

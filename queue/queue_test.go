@@ -704,3 +704,62 @@ func TestPreload(t *testing.T) {
 		})
 	}
 }
+
+func TestWakeWakesOnlyTheASOfTheID(t *testing.T) {
+	h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{RetryInitial: time.Hour, RetryMax: time.Hour})
+	defer h.close()
+	a := newFakeAS(t, func(int, attempt) int { return http.StatusServiceUnavailable })
+	b := newFakeAS(t, func(int, attempt) int { return http.StatusServiceUnavailable })
+	ka := h.start(a, "a")
+	kb := h.start(b, "b")
+	h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{ka, kb}, seqBodies("e", 5)...)
+	waitFor(t, "both to fail once", func() bool { return len(a.attempts()) == 1 && len(b.attempts()) == 1 })
+	for _, f := range []*fakeAS{a, b} {
+		f.mu.Lock()
+		f.respond = nil
+		f.mu.Unlock()
+	}
+	h.q.Wake("unknown")
+	h.q.Wake("b")
+	waitFor(t, "the woken AS to catch up", func() bool { return len(b.delivered()) == 5 })
+	if n := len(a.attempts()); n != 1 {
+		t.Errorf("the AS not woken made %d attempts, want 1", n)
+	}
+	// A Start that gives a key another id moves the slot to that id.
+	as := a.target("renamed")
+	as.Key = ka
+	h.q.Start(as)
+	h.q.mu.Lock()
+	_, old := h.q.byID["a"]
+	slots := h.q.byID["renamed"]
+	h.q.mu.Unlock()
+	if old || len(slots) != 1 || slots[0] != h.q.slots[ka] {
+		t.Errorf("after the rename: byID[a] present %v, byID[renamed] = %v", old, slots)
+	}
+	waitFor(t, "the renamed AS to catch up", func() bool { return len(a.delivered()) == 5 })
+}
+
+// BenchmarkWake is an admin ping of one AS among 10,000 running ones.
+func BenchmarkWake(b *testing.B) {
+	store, err := txnstore.Open(context.Background(), filepath.Join(b.TempDir(), "q.db"), txnstore.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer store.Close()
+	q := New(store, Options{})
+	defer q.Close(context.Background())
+	ids := make([]string, 10000)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("as%05d", i)
+	}
+	keys, err := store.EnsureASes(context.Background(), ids)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i, k := range keys {
+		q.Start(AS{Key: k, ID: ids[i]})
+	}
+	for b.Loop() {
+		q.Wake("as05000")
+	}
+}

@@ -2,9 +2,13 @@ package txnstore
 
 import (
 	"context"
+	"database/sql"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"testing"
+
+	"github.com/asdispatch/asdispatch/internal/storehook"
 )
 
 // TestGCWalksOnlyMovedCursors: after the first collection, one collects
@@ -70,5 +74,45 @@ func TestIdleWriterCollectsEveryFewCommits(t *testing.T) {
 	commits, gcs := int(st.commits-st0.commits), st.gcs-st0.gcs
 	if want := commits / gcIdleEvery; gcs < want-1 || gcs > want+1 {
 		t.Errorf("%d collections in %d commits of an idle writer, want about %d", gcs, commits, want)
+	}
+}
+
+// TestFailedCollectionLeavesNextCommitDue: a commit that carried a
+// collection and failed collected nothing, so the next commit collects;
+// it used to wait gcEvery more commits with the garbage in place.
+func TestFailedCollectionLeavesNextCommitDue(t *testing.T) {
+	ctx := context.Background()
+	f := &faults{}
+	s, err := Open(storehook.With(ctx, f.hooks()), filepath.Join(t.TempDir(), "s.db"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a := ensure(t, s, "a")
+	b := ensure(t, s, "b")
+	collectGarbage(s)
+	seqs := appendN(t, s, 4, KindEvent, a, b)
+	if _, err := s.Freeze(ctx, a, 0, []Txn{{Range: Range{0, seqs[3]}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Complete(ctx, a, 1); err != nil {
+		t.Fatal(err)
+	}
+	before := count(t, s, "streams")
+	// A commit due to collect a's stream row fails.
+	f.arm(storehook.State, storehook.Fail)
+	err = s.do(ctx, storehook.State, 0, func(*sql.Tx, *batch) error { s.sinceGC = 1 << 20; return nil })
+	if !errors.Is(err, storehook.ErrInjected) {
+		t.Fatalf("the failing commit: %v", err)
+	}
+	if got := count(t, s, "streams"); got != before {
+		t.Fatalf("stream rows %d after the failed collection, want %d", got, before)
+	}
+	gcs := s.stats().gcs // this commit is the next one
+	if got := count(t, s, "streams"); got != before-1 {
+		t.Errorf("stream rows %d after the commit that followed the failed collection, want %d (a's collected)", got, before-1)
+	}
+	if got := s.stats().gcs; got != gcs+1 {
+		t.Errorf("%d collections in the commit after the failed one, want 1", got-gcs)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -437,10 +438,15 @@ func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, max
 	return want, nil
 }
 
+// querier is a *sql.DB or a *sql.Tx.
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
 // queryWant runs SELECT seq, cols FROM items for the seqs of want
 // (ascending) and hands each result to scan: one range query when want is
 // dense, else lists of seqs.
-func queryWant(ctx context.Context, db *sql.DB, d *dialect, want []int64, cols string, scan func(*sql.Rows) error) error {
+func queryWant(ctx context.Context, db querier, d *dialect, want []int64, cols string, scan func(*sql.Rows) error) error {
 	lo, hi := want[0], want[len(want)-1]
 	if hi-lo+1 <= int64(4*len(want)) {
 		rows, err := db.QueryContext(ctx, d.q(`SELECT seq, `+cols+` FROM items WHERE seq BETWEEN ? AND ?`), lo, hi)
@@ -589,23 +595,40 @@ func readRecovery(ctx context.Context, db *sql.DB, d *dialect, as ASKey, all boo
 	return out, nil
 }
 
-// statuses implements Store.Statuses.
+// statuses implements Store.Statuses in a constant number of queries, in
+// one snapshot: at 10,000 ASes a query per AS made each status or metrics
+// poll 10,000 queries.
 func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
+	// Repeatable read so that every query sees the cursors the first read
+	// (PostgreSQL; a SQLite read transaction is one snapshot anyway).
+	tx, err := db.BeginTx(ctx, &sql.TxOptions{Isolation: sql.LevelRepeatableRead, ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	defer tx.Rollback()
+	out, err := readStatuses(ctx, tx, d)
+	if err != nil {
+		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	}
+	return out, nil
+}
+
+func readStatuses(ctx context.Context, tx *sql.Tx, d *dialect) ([]Status, error) {
 	// A read-only status may see a store not migrated yet by the new
 	// version of the program: before version 3 there are no split rows.
 	var v int
-	if err := db.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
-		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+		return nil, err
 	}
 	live := ` AND t.replaced_by = 0`
 	if v < 3 {
 		live = ``
 	}
-	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
+	rows, err := tx.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
 		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key`+live+` AND t.last_seq > a.delivered)
 		FROM appservices a ORDER BY id`)
 	if err != nil {
-		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+		return nil, err
 	}
 	var out []Status
 	for rows.Next() {
@@ -614,36 +637,82 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 		var ls, le, nr int64
 		if err := rows.Scan(&st.Key, &st.ID, &st.Delivered, &up, &st.Failures, &ls, &st.LastError, &le, &nr, &st.PendingTxns); err != nil {
 			rows.Close()
-			return nil, fmt.Errorf("txnstore: statuses: %w", err)
+			return nil, err
 		}
 		st.Up, st.LastSuccess, st.LastErrorAt, st.NextRetry = up == 1, fromMS(ls), fromMS(le), fromMS(nr)
 		out = append(out, st)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("txnstore: statuses: %w", err)
+		return nil, err
 	}
-	for i := range out {
-		st := &out[i]
-		oldest := int64(0)
-		err := pendingSeqs(ctx, db, d, st.Key, st.Delivered, func(q int64) bool {
-			st.PendingItems++
-			if oldest == 0 {
-				oldest = q
-			}
-			return true
-		})
+	idx := make(map[ASKey]int, len(out))
+	for i, st := range out {
+		idx[st.Key] = i
+	}
+	// Every AS's pending stream rows in one query, as pendingSeqs reads
+	// one AS's.
+	rows, err = tx.QueryContext(ctx, `SELECT s.as_key, s.seqs FROM streams s JOIN appservices a ON a.as_key = s.as_key
+		WHERE s.last_seq > a.delivered ORDER BY s.as_key, s.last_seq`)
+	if err != nil {
+		return nil, err
+	}
+	// The oldest pending seq of each AS with a backlog, to out's indexes:
+	// one item may be the oldest of many ASes.
+	oldest := map[int64][]int{}
+	for rows.Next() {
+		var k ASKey
+		var blob []byte
+		if err := rows.Scan(&k, &blob); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		i, ok := idx[k]
+		if !ok {
+			continue
+		}
+		seqs, err := decodeSeqs(blob)
 		if err != nil {
-			return nil, fmt.Errorf("txnstore: statuses: %w", err)
+			rows.Close()
+			return nil, err
 		}
-		if oldest != 0 {
-			var created int64
-			if err := db.QueryRowContext(ctx, d.q(`SELECT created_ms FROM items WHERE seq = ?`), oldest).Scan(&created); err == nil {
-				st.OldestPending = fromMS(created)
+		st := &out[i]
+		for _, q := range seqs {
+			if q <= st.Delivered {
+				continue
 			}
+			if st.PendingItems == 0 {
+				oldest[q] = append(oldest[q], i)
+			}
+			st.PendingItems++
 		}
 	}
-	return out, nil
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if len(oldest) == 0 {
+		return out, nil
+	}
+	want := make([]int64, 0, len(oldest))
+	for q := range oldest {
+		want = append(want, q)
+	}
+	slices.Sort(want)
+	err = queryWant(ctx, tx, d, want, "created_ms", func(rows *sql.Rows) error {
+		defer rows.Close()
+		for rows.Next() {
+			var q, created int64
+			if err := rows.Scan(&q, &created); err != nil {
+				return err
+			}
+			for _, i := range oldest[q] {
+				out[i].OldestPending = fromMS(created)
+			}
+		}
+		return rows.Err()
+	})
+	return out, err
 }
 
 // freezeTxns implements Freeze inside tx for both backends: start is the

@@ -252,7 +252,7 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 	seq0 := s.nextSeq
 	errs := make([]error, len(ops))
 	b := &batch{now: time.Now().UnixMilli(), streams: map[ASKey][]int64{}, undo: map[ASKey]asRow{}, posUndo: map[string]int64{}}
-	culprit, landed, collected := -1, false, false
+	culprit, landed, due, collected := -1, false, false, false
 	err := func() error {
 		tx, err := s.wdb.Begin()
 		if err != nil {
@@ -279,7 +279,7 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 				s.gcDirty[k] = struct{}{}
 			}
 		}
-		if s.gcDue() {
+		if due = s.gcDue(); due {
 			// In the commit, not after it: its own commit would cost another
 			// fsync. A failed commit leaves the garbage for the next one.
 			if err := s.gcStreams(tx); err != nil {
@@ -311,6 +311,11 @@ func (s *SQLite) attempt(ops []*op) (int, error) {
 			} else {
 				s.positions[st] = p
 			}
+		}
+		if due {
+			// The collection did not happen either: the next commit is due,
+			// not the one gcEvery commits later.
+			s.sinceGC = gcEvery - 1
 		}
 		return culprit, err
 	}
@@ -437,15 +442,18 @@ func (s *SQLite) gcStreams(tx *sql.Tx) error {
 	return nil
 }
 
+// gcEvery is how many commits a busy writer makes per collection.
+const gcEvery = 64
+
 // gcDue says whether this commit also deletes the stream rows and items
-// nothing needs any more: every 64th commit, or every gcIdleEvery-th when
+// nothing needs any more: every gcEvery-th commit, or every gcIdleEvery-th when
 // the writer is idle, so the cost is spread thin. Not more often: an idle
 // writer is no idle CPU, and at 10,000 ASes a collection every other
 // commit (the writer was idle between most of them) cost a fifth of its
 // time.
 func (s *SQLite) gcDue() bool {
 	s.sinceGC++
-	if s.sinceGC < 64 && !(s.w.idle() && s.sinceGC >= gcIdleEvery) {
+	if s.sinceGC < gcEvery && !(s.w.idle() && s.sinceGC >= gcIdleEvery) {
 		return false
 	}
 	s.sinceGC = 0
