@@ -24,6 +24,11 @@ type asServer struct {
 	down    atomic.Bool
 	mu      sync.Mutex
 	latency []time.Duration
+	// bodies holds request body buffers (*bytes.Buffer): io.ReadAll's
+	// growing (and zeroing) a 4 MiB catch-up body on each request cost the
+	// in-process AS servers a sixth of a catch-up's CPU. The baseline and
+	// the limit use the same servers.
+	bodies sync.Pool
 }
 
 var tMarker = []byte(`"t":`)
@@ -38,9 +43,9 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
-	buf := bodyBuf(r.ContentLength)
-	defer bodyPool.Put(buf)
-	body := readBody(r.Body, buf)
+	buf := a.readBody(r.Body, r.ContentLength)
+	defer a.bodies.Put(buf)
+	body := buf.Bytes()
 	now := time.Now().UnixNano()
 	var n int64
 	var sample []time.Duration
@@ -71,35 +76,19 @@ func (a *asServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Write([]byte("{}"))
 }
 
-// bodyPool holds request body buffers: io.ReadAll's growing (and zeroing)
-// a 4 MiB catch-up body on each request cost the in-process AS servers a
-// sixth of a catch-up's CPU. The baseline and the limit use the same
-// servers.
-var bodyPool sync.Pool
-
-func bodyBuf(n int64) *[]byte {
-	// One byte more than the body, to see EOF without growing.
-	if p, ok := bodyPool.Get().(*[]byte); ok && (n < 0 || int64(cap(*p)) > n) {
-		return p
+// readBody reads a body of n bytes (-1: unknown) into a pooled buffer,
+// sized up front when n is known so it does not grow.
+func (a *asServer) readBody(r io.Reader, n int64) *bytes.Buffer {
+	buf, _ := a.bodies.Get().(*bytes.Buffer)
+	if buf == nil {
+		buf = new(bytes.Buffer)
 	}
-	b := make([]byte, 0, max(n+1, 64<<10))
-	return &b
-}
-
-// readBody reads r into *buf, growing it if needed.
-func readBody(r io.Reader, buf *[]byte) []byte {
-	b := (*buf)[:0]
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := r.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err != nil {
-			*buf = b
-			return b
-		}
+	buf.Reset()
+	if n > 0 {
+		buf.Grow(int(n) + bytes.MinRead) // ReadFrom wants MinRead free to see EOF
 	}
+	buf.ReadFrom(r)
+	return buf
 }
 
 func (a *asServer) reset() {
