@@ -445,6 +445,10 @@ func (s *SQLite) gcStreams(tx *sql.Tx) error {
 // gcEvery is how many commits a busy writer makes per collection.
 const gcEvery = 64
 
+// gcIdleEvery is how many commits an idle writer lets pass between
+// collections.
+const gcIdleEvery = 8
+
 // gcDue says whether this commit also deletes the stream rows and items
 // nothing needs any more: every gcEvery-th commit, or every gcIdleEvery-th when
 // the writer is idle, so the cost is spread thin. Not more often: an idle
@@ -513,10 +517,6 @@ func (s *SQLite) ensure(tx *sql.Tx, b *batch, id string) (ASKey, error) {
 }
 
 const rowsPerInsert = 64
-
-// gcIdleEvery is how many commits an idle writer lets pass between
-// collections.
-const gcIdleEvery = 8
 
 var insertMany = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", rowsPerInsert), ", ")
 
