@@ -17,11 +17,7 @@ import (
 // others' rows.
 func TestGCWalksOnlyMovedCursors(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(ctx, filepath.Join(t.TempDir(), "s.db"), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSQLite(t)
 	var keys []ASKey
 	for i := 0; i < 40; i++ {
 		keys = append(keys, ensure(t, s, fmt.Sprintf("as%d", i)))
@@ -59,11 +55,7 @@ func TestGCWalksOnlyMovedCursors(t *testing.T) {
 // writer idle at every commit; it still collects only every gcIdleEvery-th
 // commit, not every other one (a fifth of its time at 10,000 ASes).
 func TestIdleWriterCollectsEveryFewCommits(t *testing.T) {
-	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "s.db"), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSQLite(t)
 	a := ensure(t, s, "a")
 	st0 := s.stats()
 	const n = 80

@@ -3,7 +3,6 @@ package txnstore
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"reflect"
 	"testing"
 )
@@ -85,11 +84,7 @@ func testRecover(t *testing.T, be backend) {
 // ASes at the end of the log, and an id twice gets one key.
 func TestEnsureASes(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(ctx, filepath.Join(t.TempDir(), "s.db"), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := openSQLite(t)
 	a := ensure(t, s, "a")
 	seqs := appendN(t, s, 2, KindEvent, a)
 	keys, err := s.EnsureASes(ctx, []string{"b", "a", "c", "b"})

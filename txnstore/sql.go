@@ -441,6 +441,7 @@ func withinBudget(ctx context.Context, db *sql.DB, d *dialect, want []int64, max
 // querier is a *sql.DB or a *sql.Tx.
 type querier interface {
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
 }
 
 // queryWant runs SELECT seq, cols FROM items for the seqs of want
@@ -613,37 +614,45 @@ func statuses(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
 	return out, nil
 }
 
-func readStatuses(ctx context.Context, tx *sql.Tx, d *dialect) ([]Status, error) {
+// readASStatuses reads every AS's row of Status, all but PendingItems and
+// OldestPending.
+func readASStatuses(ctx context.Context, q querier) ([]Status, error) {
 	// A read-only status may see a store not migrated yet by the new
 	// version of the program: before version 3 there are no split rows.
 	var v int
-	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
+	if err := q.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v); err != nil {
 		return nil, err
 	}
 	live := ` AND t.replaced_by = 0`
 	if v < 3 {
 		live = ``
 	}
-	rows, err := tx.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
+	rows, err := q.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
 		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key`+live+` AND t.last_seq > a.delivered)
 		FROM appservices a ORDER BY id`)
 	if err != nil {
 		return nil, err
 	}
+	defer rows.Close()
 	var out []Status
 	for rows.Next() {
 		var st Status
 		var up int
 		var ls, le, nr int64
 		if err := rows.Scan(&st.Key, &st.ID, &st.Delivered, &up, &st.Failures, &ls, &st.LastError, &le, &nr, &st.PendingTxns); err != nil {
-			rows.Close()
 			return nil, err
 		}
 		st.Up, st.LastSuccess, st.LastErrorAt, st.NextRetry = up == 1, fromMS(ls), fromMS(le), fromMS(nr)
 		out = append(out, st)
 	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+	return out, rows.Err()
+}
+
+// readStatuses is statuses inside tx: the pending items of every AS in one
+// query, their oldest's times in another.
+func readStatuses(ctx context.Context, tx *sql.Tx, d *dialect) ([]Status, error) {
+	out, err := readASStatuses(ctx, tx)
+	if err != nil {
 		return nil, err
 	}
 	idx := make(map[ASKey]int, len(out))
@@ -652,7 +661,7 @@ func readStatuses(ctx context.Context, tx *sql.Tx, d *dialect) ([]Status, error)
 	}
 	// Every AS's pending stream rows in one query, as pendingSeqs reads
 	// one AS's.
-	rows, err = tx.QueryContext(ctx, `SELECT s.as_key, s.seqs FROM streams s JOIN appservices a ON a.as_key = s.as_key
+	rows, err := tx.QueryContext(ctx, `SELECT s.as_key, s.seqs FROM streams s JOIN appservices a ON a.as_key = s.as_key
 		WHERE s.last_seq > a.delivered ORDER BY s.as_key, s.last_seq`)
 	if err != nil {
 		return nil, err

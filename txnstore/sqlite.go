@@ -445,6 +445,10 @@ func (s *SQLite) gcStreams(tx *sql.Tx) error {
 // gcEvery is how many commits a busy writer makes per collection.
 const gcEvery = 64
 
+// gcIdleEvery is how many commits an idle writer lets pass between
+// collections.
+const gcIdleEvery = 8
+
 // gcDue says whether this commit also deletes the stream rows and items
 // nothing needs any more: every gcEvery-th commit, or every gcIdleEvery-th when
 // the writer is idle, so the cost is spread thin. Not more often: an idle
@@ -463,13 +467,11 @@ func (s *SQLite) gcDue() bool {
 
 // EnsureAS implements Store.
 func (s *SQLite) EnsureAS(ctx context.Context, id string) (ASKey, error) {
-	var key ASKey
-	err := s.do(ctx, storehook.EnsureAS, 0, func(tx *sql.Tx, b *batch) error {
-		var err error
-		key, err = s.ensure(tx, b, id)
-		return err
-	})
-	return key, err
+	keys, err := s.EnsureASes(ctx, []string{id})
+	if err != nil {
+		return 0, err
+	}
+	return keys[0], nil
 }
 
 // EnsureASes implements ManyEnsurer: one commit for all, where 10,000
@@ -478,10 +480,23 @@ func (s *SQLite) EnsureASes(ctx context.Context, ids []string) ([]ASKey, error) 
 	keys := make([]ASKey, len(ids))
 	err := s.do(ctx, storehook.EnsureAS, 0, func(tx *sql.Tx, b *batch) error {
 		for i, id := range ids {
-			var err error
-			if keys[i], err = s.ensure(tx, b, id); err != nil {
+			if k, ok := s.ids[id]; ok {
+				keys[i] = k
+				continue
+			}
+			// A new AS starts at the end of the log.
+			res, err := tx.Exec(`INSERT INTO appservices (id, next_txn, delivered) VALUES (?, 1, ?)`, id, s.nextSeq-1)
+			if err != nil {
 				return err
 			}
+			k, err := res.LastInsertId()
+			if err != nil {
+				return err
+			}
+			keys[i] = ASKey(k)
+			b.newIDs = append(b.newIDs, id)
+			s.ids[id] = keys[i]
+			s.ases[keys[i]] = &asRow{nextTxn: 1, delivered: s.nextSeq - 1}
 		}
 		return nil
 	})
@@ -491,32 +506,7 @@ func (s *SQLite) EnsureASes(ctx context.Context, ids []string) ([]ASKey, error) 
 	return keys, nil
 }
 
-// ensure is EnsureAS inside the writer's transaction.
-func (s *SQLite) ensure(tx *sql.Tx, b *batch, id string) (ASKey, error) {
-	if k, ok := s.ids[id]; ok {
-		return k, nil
-	}
-	// A new AS starts at the end of the log.
-	res, err := tx.Exec(`INSERT INTO appservices (id, next_txn, delivered) VALUES (?, 1, ?)`, id, s.nextSeq-1)
-	if err != nil {
-		return 0, err
-	}
-	k, err := res.LastInsertId()
-	if err != nil {
-		return 0, err
-	}
-	key := ASKey(k)
-	b.newIDs = append(b.newIDs, id)
-	s.ids[id] = key
-	s.ases[key] = &asRow{nextTxn: 1, delivered: s.nextSeq - 1}
-	return key, nil
-}
-
 const rowsPerInsert = 64
-
-// gcIdleEvery is how many commits an idle writer lets pass between
-// collections.
-const gcIdleEvery = 8
 
 var insertMany = "INSERT INTO items (seq, kind, data, created_ms) VALUES " + strings.TrimSuffix(strings.Repeat("(?, ?, ?, ?), ", rowsPerInsert), ", ")
 

@@ -11,28 +11,13 @@ import (
 )
 
 // statusesPerAS is Statuses as it was before it read every AS's stream in
-// one query: a pendingSeqs and an items query per AS. It is the reference
-// the grouped reads must match.
+// one query: after the AS rows, a pendingSeqs and an items query per AS.
+// It is the reference the grouped reads must match.
 func statusesPerAS(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error) {
-	rows, err := db.QueryContext(ctx, `SELECT as_key, id, delivered, up, failures, last_success_ms, last_error, last_error_ms, next_retry_ms,
-		(SELECT COUNT(*) FROM txns t WHERE t.as_key = a.as_key AND t.replaced_by = 0 AND t.last_seq > a.delivered)
-		FROM appservices a ORDER BY id`)
+	out, err := readASStatuses(ctx, db)
 	if err != nil {
 		return nil, err
 	}
-	var out []Status
-	for rows.Next() {
-		var st Status
-		var up int
-		var ls, le, nr int64
-		if err := rows.Scan(&st.Key, &st.ID, &st.Delivered, &up, &st.Failures, &ls, &st.LastError, &le, &nr, &st.PendingTxns); err != nil {
-			rows.Close()
-			return nil, err
-		}
-		st.Up, st.LastSuccess, st.LastErrorAt, st.NextRetry = up == 1, fromMS(ls), fromMS(le), fromMS(nr)
-		out = append(out, st)
-	}
-	rows.Close()
 	for i := range out {
 		st := &out[i]
 		oldest := int64(0)
@@ -53,7 +38,7 @@ func statusesPerAS(ctx context.Context, db *sql.DB, d *dialect) ([]Status, error
 			}
 		}
 	}
-	return out, rows.Err()
+	return out, nil
 }
 
 func TestStatusesMatchPerAS(t *testing.T) { forEach(t, testStatusesMatchPerAS) }

@@ -84,6 +84,12 @@ func (be backend) fresh(t testing.TB, opts Options) testStore {
 	return s
 }
 
+// openSQLite opens a SQLite store in a new place, closed when t ends.
+func openSQLite(t testing.TB) *SQLite {
+	t.Helper()
+	return backends[0].fresh(t, Options{}).(*SQLite)
+}
+
 func ensure(t testing.TB, s Store, id string) ASKey {
 	t.Helper()
 	k, err := s.EnsureAS(context.Background(), id)
@@ -378,11 +384,7 @@ func BenchmarkAppend(b *testing.B) {
 			name = "positions=on"
 		}
 		b.Run(name, func(b *testing.B) {
-			s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
+			s := openSQLite(b)
 			targets := make([]ASKey, 10)
 			for i := range targets {
 				targets[i] = ensure(b, s, fmt.Sprintf("as%d", i))
@@ -417,11 +419,7 @@ type streamPos struct {
 // BenchmarkRawInsert is the limit Append is measured against: the same
 // bytes into a bare table, same durability, same group commit.
 func BenchmarkRawInsert(b *testing.B) {
-	s, err := Open(context.Background(), filepath.Join(b.TempDir(), "s.db"), Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
+	s := openSQLite(b)
 	if _, err := s.wdb.Exec(`CREATE TABLE raw (seq INTEGER PRIMARY KEY, data BLOB)`); err != nil {
 		b.Fatal(err)
 	}
@@ -561,11 +559,7 @@ func TestCompleteFreeze(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			s, err := Open(ctx, filepath.Join(t.TempDir(), "s.db"), Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
+			s := openSQLite(t)
 			a := ensure(t, s, "a")
 			seqs := appendN(t, s, 6, KindEvent, a)
 			start, _ := s.Delivered(ctx, a)
