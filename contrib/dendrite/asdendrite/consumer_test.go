@@ -2,13 +2,8 @@ package asdendrite
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"slices"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -99,27 +94,7 @@ func TestReplayPending(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				Content struct{ Body string } `json:"content"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.Content.Body)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, false)
 	ctx := context.Background()
 	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
 	if err != nil {
@@ -147,17 +122,5 @@ func TestReplayPending(t *testing.T) {
 		t.Fatalf("Position = %d, %v; want 3", p, err)
 	}
 	want := "m1,m2,m3"
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		s := strings.Join(got, ",")
-		mu.Unlock()
-		if s == want {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the AS got %q, want %s", s, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	as.wait(t, want)
 }
