@@ -26,6 +26,19 @@ func startJetStream(t *testing.T) nats.JetStreamContext {
 	return n.js
 }
 
+// publishMessage publishes a new room event of @irc_bob with body to
+// stream, as the sync API does. The event ID hashes the redacted event:
+// ts, not the body, makes it one of its own.
+func publishMessage(t *testing.T, js nats.JetStreamContext, stream, body string, ts int64) {
+	t.Helper()
+	ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":%q},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, body, ts))
+	msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
+	msg.Subject = stream
+	if _, err := js.PublishMsg(msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Consumers stock Dendrite left on the stream are removed (they would pin
 // every message on disk); ours and other components' are kept.
 func TestRemoveStockConsumers(t *testing.T) {
@@ -70,12 +83,7 @@ func TestReplayPending(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 1; i <= 4; i++ {
-		ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":"m%d"},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, i, i))
-		msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
-		msg.Subject = stream
-		if _, err := js.PublishMsg(msg); err != nil {
-			t.Fatal(err)
-		}
+		publishMessage(t, js, stream, fmt.Sprintf("m%d", i), int64(i))
 	}
 	set, as := startRecordAS(t, false)
 	ctx := context.Background()

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
 	"github.com/matrix-org/dendrite/setup/config"
 	"github.com/matrix-org/dendrite/setup/jetstream"
 	natsserver "github.com/nats-io/nats-server/v2/server"
@@ -156,14 +155,7 @@ func testStreamComesBackBehind(t *testing.T, kept int, recreate bool, wantEpoch 
 			node.stop()
 		}()
 		for _, body := range publish {
-			// The event ID hashes the redacted event: the timestamp, not
-			// the body, makes it one of its own.
-			ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":%q},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, body, crc32.ChecksumIEEE([]byte(body))))
-			msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
-			msg.Subject = stream
-			if _, err := node.js.PublishMsg(msg); err != nil {
-				t.Fatal(err)
-			}
+			publishMessage(t, node.js, stream, body, int64(crc32.ChecksumIEEE([]byte(body))))
 		}
 		deadline := time.Now().Add(15 * time.Second)
 		for {
