@@ -110,9 +110,7 @@ func (a *API) openEpoch(ctx context.Context, subj string, created time.Time, las
 		a.log.Error("JetStream stream came back behind what was handed over (its storage lost messages): new position epoch, so the sequences it hands out again are not taken for replays",
 			zap.String("jetstream_stream", subj), zap.Uint64("last_seq", last), zap.Int64("handed_over", pos),
 			zap.String("old_position_stream", old), zap.String("position_stream", name), zap.Int64("epoch", epoch))
-		if pos, err = a.d.Position(ctx, name); err != nil {
-			return fmt.Errorf("position of %s: %w", name, err)
-		}
+		pos = 0 // the loop above found nothing handed over under name
 	}
 	a.stream, a.handed, a.floor = name, pos, floor
 	a.log.Info("consuming room events", zap.String("position_stream", name), zap.Int64("handed_over", pos),

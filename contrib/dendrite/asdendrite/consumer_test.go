@@ -2,20 +2,14 @@ package asdendrite
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"slices"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
 	"github.com/matrix-org/dendrite/setup/config"
 	"github.com/matrix-org/dendrite/setup/jetstream"
-	natsserver "github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 
@@ -26,26 +20,23 @@ import (
 // startJetStream runs an in-process NATS server with JetStream in a temp dir.
 func startJetStream(t *testing.T) nats.JetStreamContext {
 	t.Helper()
-	srv, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: -1, JetStream: true,
-		StoreDir: t.TempDir(), NoSigs: true, NoLog: true})
-	if err != nil {
+	n := &natsNode{dir: t.TempDir()}
+	n.start(t)
+	t.Cleanup(n.stop)
+	return n.js
+}
+
+// publishMessage publishes a new room event of @irc_bob with body to
+// stream, as the sync API does. The event ID hashes the redacted event:
+// ts, not the body, makes it one of its own.
+func publishMessage(t *testing.T, js nats.JetStreamContext, stream, body string, ts int64) {
+	t.Helper()
+	ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":%q},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, body, ts))
+	msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
+	msg.Subject = stream
+	if _, err := js.PublishMsg(msg); err != nil {
 		t.Fatal(err)
 	}
-	go srv.Start()
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats not ready")
-	}
-	t.Cleanup(srv.Shutdown)
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := nc.JetStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
 }
 
 // Consumers stock Dendrite left on the stream are removed (they would pin
@@ -92,34 +83,9 @@ func TestReplayPending(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 1; i <= 4; i++ {
-		ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":"m%d"},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, i, i))
-		msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
-		msg.Subject = stream
-		if _, err := js.PublishMsg(msg); err != nil {
-			t.Fatal(err)
-		}
+		publishMessage(t, js, stream, fmt.Sprintf("m%d", i), int64(i))
 	}
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				Content struct{ Body string } `json:"content"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.Content.Body)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, false)
 	ctx := context.Background()
 	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
 	if err != nil {
@@ -147,17 +113,5 @@ func TestReplayPending(t *testing.T) {
 		t.Fatalf("Position = %d, %v; want 3", p, err)
 	}
 	want := "m1,m2,m3"
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		s := strings.Join(got, ",")
-		mu.Unlock()
-		if s == want {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the AS got %q, want %s", s, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	as.wait(t, want)
 }

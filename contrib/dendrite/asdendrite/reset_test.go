@@ -3,20 +3,15 @@ package asdendrite
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"hash/crc32"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	roomserverAPI "github.com/matrix-org/dendrite/roomserver/api"
 	"github.com/matrix-org/dendrite/setup/config"
 	"github.com/matrix-org/dendrite/setup/jetstream"
 	natsserver "github.com/nats-io/nats-server/v2/server"
@@ -125,27 +120,7 @@ func TestStreamComesBackBehind(t *testing.T) {
 func testStreamComesBackBehind(t *testing.T, kept int, recreate bool, wantEpoch string) {
 	jcfg := &config.JetStream{TopicPrefix: "Dendrite"}
 	stream := jcfg.Prefixed(jetstream.OutputAppserviceEvent)
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				Content struct{ Body string } `json:"content"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.Content.Body)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, false)
 	dataDir := t.TempDir()
 	node := &natsNode{dir: t.TempDir()}
 	core, logs := observer.New(zap.InfoLevel)
@@ -180,20 +155,11 @@ func testStreamComesBackBehind(t *testing.T, kept int, recreate bool, wantEpoch 
 			node.stop()
 		}()
 		for _, body := range publish {
-			// The event ID hashes the redacted event: the timestamp, not
-			// the body, makes it one of its own.
-			ev := pdu(t, fmt.Sprintf(`{"type":"m.room.message","content":{"body":%q},"room_id":"!r:example.org","sender":"@irc_bob:example.org","origin_server_ts":%d,"depth":3,"prev_events":[],"auth_events":[],"hashes":{"sha256":"x"},"signatures":{}}`, body, crc32.ChecksumIEEE([]byte(body))))
-			msg := outputMsg(t, roomserverAPI.OutputTypeNewRoomEvent, ev, nil, nil)
-			msg.Subject = stream
-			if _, err := node.js.PublishMsg(msg); err != nil {
-				t.Fatal(err)
-			}
+			publishMessage(t, node.js, stream, body, int64(crc32.ChecksumIEEE([]byte(body))))
 		}
 		deadline := time.Now().Add(15 * time.Second)
 		for {
-			mu.Lock()
-			s := strings.Join(got, ",")
-			mu.Unlock()
+			s := as.String()
 			if s == want {
 				break
 			}
@@ -289,10 +255,5 @@ func testStreamComesBackBehind(t *testing.T, kept int, recreate bool, wantEpoch 
 	if again := run([]string{"n4"}, "e1,e2,e3,e4,e5,n1,n2,n3,n4"); again != now {
 		t.Errorf("position stream %s after a plain restart, want %s", again, now)
 	}
-	time.Sleep(200 * time.Millisecond) // a duplicate would arrive by now
-	mu.Lock()
-	defer mu.Unlock()
-	if s := strings.Join(got, ","); s != "e1,e2,e3,e4,e5,n1,n2,n3,n4" {
-		t.Fatalf("the AS got %q", s)
-	}
+	as.settle(t, "e1,e2,e3,e4,e5,n1,n2,n3,n4") // a duplicate would arrive by now
 }

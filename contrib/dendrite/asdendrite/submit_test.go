@@ -2,13 +2,8 @@ package asdendrite
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"path/filepath"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,27 +16,7 @@ import (
 // An event the dispatcher can never take does not block the stream: the
 // batch is retried one by one, the bad event dropped, the others queued.
 func TestSubmitDropsOnlyTheUnqueueable(t *testing.T) {
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				EventID string `json:"event_id"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.EventID)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, true)
 	ctx := context.Background()
 	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
 	if err != nil {
@@ -56,46 +31,14 @@ func TestSubmitDropsOnlyTheUnqueueable(t *testing.T) {
 	if err := a.submit(ctx, items); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		s := strings.Join(got, ",")
-		mu.Unlock()
-		if s == "$1,$2" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the AS got %q, want $1,$2", s)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	as.wait(t, "$1,$2")
 }
 
 // A batch redelivered by JetStream (crash between Submit and the ack) is
 // skipped at its positions: the AS gets every event once, in sequence
 // order, even when a fetch returned them out of order.
 func TestSubmitReplayAtPositions(t *testing.T) {
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				EventID string `json:"event_id"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.EventID)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, true)
 	ctx := context.Background()
 	d, err := dispatcher.New(ctx, dispatcher.Config{Registry: registry.NewRegistry(set), DataDir: t.TempDir()})
 	if err != nil {
@@ -123,52 +66,15 @@ func TestSubmitReplayAtPositions(t *testing.T) {
 		t.Fatalf("Position = %d, %v; want 7", p, err)
 	}
 	want := "$1,$2,$3,$4,$5,$6,$7"
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		s := strings.Join(got, ",")
-		mu.Unlock()
-		if s == want {
-			break
-		}
-		if time.Now().After(deadline) || len(s) > len(want) {
-			t.Fatalf("the AS got %q, want %s", s, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(200 * time.Millisecond) // a duplicate would arrive by now
-	mu.Lock()
-	defer mu.Unlock()
-	if s := strings.Join(got, ","); s != want {
-		t.Fatalf("the AS got %q, want %s", s, want)
-	}
+	as.wait(t, want)
+	as.settle(t, want) // a duplicate would arrive by now
 }
 
 // A copy Dendrite's sync API publishes again after a kill (the same event
 // at a new sequence) is dropped once the original was handed over, also
 // across a restart; an original whose hand-over never landed still goes.
 func TestSubmitDropsRepublishedCopies(t *testing.T) {
-	var mu sync.Mutex
-	var got []string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var txn struct {
-			Events []struct {
-				EventID string `json:"event_id"`
-			} `json:"events"`
-		}
-		json.NewDecoder(r.Body).Decode(&txn)
-		mu.Lock()
-		for _, e := range txn.Events {
-			got = append(got, e.EventID)
-		}
-		mu.Unlock()
-		w.Write([]byte("{}"))
-	}))
-	defer srv.Close()
-	set, _, err := registry.Load("example.org", writeReg(t, t.TempDir(), "irc.yaml", ircReg(srv.URL)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	set, as := startRecordAS(t, true)
 	ctx := context.Background()
 	dir := t.TempDir()
 	stream := positionStream("DendriteOutputAppserviceEvent", time.Unix(1700000000, 0))
@@ -218,23 +124,6 @@ func TestSubmitDropsRepublishedCopies(t *testing.T) {
 		}
 	}
 	want := "$1,$2,$3,$4,$5"
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		mu.Lock()
-		s := strings.Join(got, ",")
-		mu.Unlock()
-		if s == want {
-			break
-		}
-		if time.Now().After(deadline) || len(s) > len(want) {
-			t.Fatalf("the AS got %q, want %s", s, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(200 * time.Millisecond) // a duplicate would arrive by now
-	mu.Lock()
-	defer mu.Unlock()
-	if s := strings.Join(got, ","); s != want {
-		t.Fatalf("the AS got %q, want %s", s, want)
-	}
+	as.wait(t, want)
+	as.settle(t, want) // a duplicate would arrive by now
 }

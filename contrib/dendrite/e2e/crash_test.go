@@ -92,17 +92,7 @@ func TestSIGKILLWhileASDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	as := &downAS{t: t, txns: map[string]string{}}
-	srv := httptest.NewServer(as)
-	defer srv.Close()
-	dir := t.TempDir()
-	reg := filepath.Join(dir, "crash.yaml")
-	os.WriteFile(reg, []byte(fmt.Sprintf("id: crash\nurl: %q\nas_token: as-crash\nhs_token: hs-crash\nsender_localpart: crashbot\nnamespaces:\n  users: [{exclusive: false, regex: \"@crash_.*\"}]\n", srv.URL)), 0o600)
-	cfg, err := harness.WriteConfig(dir, harness.Options{Registrations: []string{reg},
-		AsDispatch: fmt.Sprintf("data_dir: %s\nappservice:\n  retry_initial: 100ms\n  retry_max: 500ms\n", filepath.Join(dir, "asdispatch"))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	as, _, cfg := startCrashAS(t, false, "appservice:\n  retry_initial: 100ms\n  retry_max: 500ms\n")
 	hs, err := harness.Start(ctx, bin, cfg, testLog{t})
 	if err != nil {
 		t.Fatal(err)
@@ -151,6 +141,27 @@ func TestSIGKILLWhileASDown(t *testing.T) {
 		// the dispatcher must skip it at its positions.
 		t.Errorf("%d messages delivered twice: %q", as.dups, as.bodies)
 	}
+}
+
+// startCrashAS starts a downAS (up or not yet), registered as "crash", and
+// writes a dendrite-asdispatch config for it in a new temp dir, with extra
+// after asdispatch's data_dir. It returns the AS, the dir and the config.
+func startCrashAS(t *testing.T, up bool, extra string) (*downAS, string, string) {
+	t.Helper()
+	as := &downAS{t: t, up: up, txns: map[string]string{}}
+	srv := httptest.NewServer(as)
+	t.Cleanup(srv.Close)
+	dir := t.TempDir()
+	reg := filepath.Join(dir, "crash.yaml")
+	if err := os.WriteFile(reg, []byte(fmt.Sprintf("id: crash\nurl: %q\nas_token: as-crash\nhs_token: hs-crash\nsender_localpart: crashbot\nnamespaces:\n  users: [{exclusive: false, regex: \"@crash_.*\"}]\n", srv.URL)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := harness.WriteConfig(dir, harness.Options{Registrations: []string{reg},
+		AsDispatch: fmt.Sprintf("data_dir: %s\n", filepath.Join(dir, "asdispatch")) + extra})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return as, dir, cfg
 }
 
 func waitFor(t *testing.T, d time.Duration, cond func() bool) {

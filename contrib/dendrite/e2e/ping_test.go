@@ -3,10 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net/http/httptest"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -24,18 +21,7 @@ func TestPingWakesSender(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	as := &downAS{t: t, txns: map[string]string{}}
-	ts := httptest.NewServer(as)
-	defer ts.Close()
-	srv := ts.URL
-	dir := t.TempDir()
-	reg := filepath.Join(dir, "crash.yaml")
-	os.WriteFile(reg, []byte(fmt.Sprintf("id: crash\nurl: %q\nas_token: as-crash\nhs_token: hs-crash\nsender_localpart: crashbot\nnamespaces:\n  users: [{exclusive: false, regex: \"@crash_.*\"}]\n", srv)), 0o600)
-	cfg, err := harness.WriteConfig(dir, harness.Options{Registrations: []string{reg},
-		AsDispatch: fmt.Sprintf("data_dir: %s\nappservice:\n  retry_initial: 30s\n  retry_max: 30s\n", filepath.Join(dir, "asdispatch"))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	as, _, cfg := startCrashAS(t, false, "appservice:\n  retry_initial: 30s\n  retry_max: 30s\n")
 	hs, err := harness.Start(ctx, bin, cfg, testLog{t})
 	if err != nil {
 		t.Fatal(err)

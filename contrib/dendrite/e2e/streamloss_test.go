@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -29,17 +28,7 @@ func TestStreamCutShortByKill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	as := &downAS{t: t, up: true, txns: map[string]string{}}
-	srv := httptest.NewServer(as)
-	defer srv.Close()
-	dir := t.TempDir()
-	reg := filepath.Join(dir, "crash.yaml")
-	os.WriteFile(reg, []byte(fmt.Sprintf("id: crash\nurl: %q\nas_token: as-crash\nhs_token: hs-crash\nsender_localpart: crashbot\nnamespaces:\n  users: [{exclusive: false, regex: \"@crash_.*\"}]\n", srv.URL)), 0o600)
-	cfg, err := harness.WriteConfig(dir, harness.Options{Registrations: []string{reg},
-		AsDispatch: fmt.Sprintf("data_dir: %s\n", filepath.Join(dir, "asdispatch"))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	as, dir, cfg := startCrashAS(t, true, "")
 	hs, err := harness.Start(ctx, bin, cfg, testLog{t})
 	if err != nil {
 		t.Fatal(err)
