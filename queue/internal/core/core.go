@@ -803,12 +803,7 @@ func (s *Sender) recoverDone(in RecoverDone) {
 		// since the recover was issued and is in memory; those up to End
 		// are read from the store. An AS with nothing past its cursor
 		// reads nothing.
-		i := 0
-		for i < len(s.mem) && s.mem[i].Seq <= in.End {
-			s.memBytes -= len(s.mem[i].Data)
-			i++
-		}
-		s.mem = s.mem[i:]
+		s.trimMem(in.End)
 		s.completeAfter = in.End
 		return
 	}
@@ -918,16 +913,24 @@ func (s *Sender) advanceRead() {
 	}
 }
 
-// takeMem takes the remembered items after fetchedTo.
-func (s *Sender) takeMem() {
+// trimMem forgets the remembered items up to seq; an emptied memory lets
+// go of its array.
+func (s *Sender) trimMem(seq int64) {
 	i := 0
-	for i < len(s.mem) && s.mem[i].Seq <= s.fetchedTo {
+	for i < len(s.mem) && s.mem[i].Seq <= seq {
 		s.memBytes -= len(s.mem[i].Data)
 		i++
 	}
 	s.mem = s.mem[i:]
 	if len(s.mem) == 0 {
 		s.mem = nil
+	}
+}
+
+// takeMem takes the remembered items after fetchedTo.
+func (s *Sender) takeMem() {
+	s.trimMem(s.fetchedTo)
+	if len(s.mem) == 0 {
 		s.exhausted = true
 		return
 	}
