@@ -662,11 +662,12 @@ func TestRestartKeepsMSC3202BodyBytes(t *testing.T) {
 
 // TestPreload: senders started from the recoveries Preload read at once
 // deliver the backlog and what comes later; a commit announced between
-// Preload and the Starts voids them, so an item the senders were never
-// told of is still read from the store.
+// Preload's read and the Starts (while Preload runs, or after it) voids
+// them, so an item the senders were never told of is still read from
+// the store.
 func TestPreload(t *testing.T) {
-	for _, commitBetween := range []bool{false, true} {
-		t.Run(fmt.Sprintf("commit between %v", commitBetween), func(t *testing.T) {
+	for _, commit := range []string{"none", "between", "during"} {
+		t.Run("commit "+commit, func(t *testing.T) {
 			fa, fb := newFakeAS(t, nil), newFakeAS(t, nil)
 			h := newHarness(t, filepath.Join(t.TempDir(), "q.db"), Options{})
 			defer h.close()
@@ -680,11 +681,18 @@ func TestPreload(t *testing.T) {
 				t.Fatal(err)
 			}
 			h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{a}, "a1", "a2", "a3")
+			wantA, wantB := []string{"a1", "a2", "a3"}, []string(nil)
+			if commit == "during" {
+				// Committed and announced after the store was read, before
+				// Preload returns.
+				h.q.store = recoverAllThen{h.store, func() { h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{b}, "b1") }}
+				wantB = append(wantB, "b1")
+			}
 			if err := h.q.Preload(ctx); err != nil {
 				t.Fatal(err)
 			}
-			wantA, wantB := []string{"a1", "a2", "a3"}, []string(nil)
-			if commitBetween {
+			h.q.store = h.store
+			if commit == "between" {
 				h.appendEvents(txnstore.KindEvent, []txnstore.ASKey{b}, "b1")
 				wantB = append(wantB, "b1")
 			}
@@ -703,6 +711,22 @@ func TestPreload(t *testing.T) {
 			}
 		})
 	}
+}
+
+// recoverAllThen is a store whose RecoverAll calls then once it has read.
+type recoverAllThen struct {
+	txnstore.Store
+	then func()
+}
+
+func (s recoverAllThen) Recover(ctx context.Context, k txnstore.ASKey) (txnstore.Recovery, error) {
+	return s.Store.(txnstore.Recoverer).Recover(ctx, k)
+}
+
+func (s recoverAllThen) RecoverAll(ctx context.Context) (map[txnstore.ASKey]txnstore.Recovery, error) {
+	recs, err := s.Store.(txnstore.Recoverer).RecoverAll(ctx)
+	s.then()
+	return recs, err
 }
 
 func TestWakeWakesOnlyTheASOfTheID(t *testing.T) {

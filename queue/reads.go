@@ -10,6 +10,10 @@ import "sync"
 // goroutines and 60 MiB of stacks there.
 const maxReads = 64
 
+// compactReads is how many run reads the FIFO's head may hold before
+// the waiting ones move down.
+const compactReads = 1024
+
 // reads runs store reads on at most max short-lived goroutines; the others
 // wait in a FIFO as closures. No goroutine is left once it is empty.
 type reads struct {
@@ -49,6 +53,12 @@ func (r *reads) run(f func()) {
 		if r.head == len(r.waiting) {
 			// Drained: the backing array of a burst is not kept.
 			r.waiting, r.head = nil, 0
+		} else if r.head >= compactReads && 2*r.head >= len(r.waiting) {
+			// Never drained under a steady load: the slots already run
+			// are let go, or the array would grow with every read.
+			n := copy(r.waiting, r.waiting[r.head:])
+			clear(r.waiting[n:])
+			r.waiting, r.head = r.waiting[:n], 0
 		}
 		r.mu.Unlock()
 	}

@@ -69,3 +69,38 @@ func TestReadsBound(t *testing.T) {
 		}
 	}
 }
+
+// TestReadsSteadyLoad: under a load that never lets the FIFO drain, its
+// array stays bounded by what waits, not by every read since it was
+// last empty.
+func TestReadsSteadyLoad(t *testing.T) {
+	r := &reads{max: 1}
+	const waiting, total = 100, 50000
+	var wg sync.WaitGroup
+	release := make(chan struct{})
+	n, longest := 0, 0
+	var read func()
+	read = func() {
+		defer wg.Done()
+		<-release
+		r.mu.Lock()
+		longest = max(longest, len(r.waiting))
+		r.mu.Unlock()
+		if n++; n+waiting <= total {
+			wg.Add(1)
+			r.do(read) // one in for one out: never drained
+		}
+	}
+	for range waiting {
+		wg.Add(1)
+		r.do(read)
+	}
+	close(release)
+	wg.Wait()
+	if n != total {
+		t.Fatalf("%d reads ran, want %d", n, total)
+	}
+	if longest > 2*compactReads+waiting {
+		t.Errorf("the FIFO's array reached %d slots for %d waiting reads", longest, waiting)
+	}
+}

@@ -453,8 +453,11 @@ func (d *driver) lease(ctx context.Context, op *core.LeaseOp) core.Input {
 func (d *driver) send(op *core.SendOp) {
 	as := d.target()
 	base, opDone := d.opContext()
-	ctx, cancel := context.WithCancel(base)
-	if !op.Deadline.IsZero() {
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if op.Deadline.IsZero() {
+		ctx, cancel = context.WithCancel(base)
+	} else {
 		ctx, cancel = context.WithDeadline(base, op.Deadline)
 	}
 	d.sendMu.Lock()

@@ -373,9 +373,8 @@ type Sender struct {
 	// its answer, memory holds every item committed since.
 	recoverGen uint64
 	// preload is Start's Recovered, used by the first recover of a start
-	// from stopped if memory was not reset since (startGen).
-	preload  *RecoverDone
-	startGen uint64
+	// from stopped; a reset of memory drops it.
+	preload *RecoverDone
 
 	reconcile bool // a write failed: re-read before going on
 	retryAt   time.Time
@@ -491,7 +490,6 @@ func (s *Sender) Step(now time.Time, in Input) {
 			s.recovered = false
 			s.resetMem()
 			s.nextAcquire = s.now
-			s.preload, s.startGen = nil, s.overflows
 			if !s.cfg.Shared {
 				s.preload = in.Recovered
 			}
@@ -541,6 +539,10 @@ func (s *Sender) Step(now time.Time, in Input) {
 func (s *Sender) resetMem() {
 	s.mem, s.memBytes, s.completeAfter = nil, 0, unknown
 	s.overflows++
+	if s.cfg.Bug != BugStaleEnd {
+		// Items committed since the preload was read are gone.
+		s.preload = nil
+	}
 }
 
 func (s *Sender) committed(items []txnstore.Item) {
@@ -580,7 +582,7 @@ func (s *Sender) advance() {
 				s.recoverGen = s.overflows
 				pre := s.preload
 				s.preload = nil
-				if pre != nil && (s.overflows == s.startGen || s.cfg.Bug == BugStaleEnd) {
+				if pre != nil {
 					// Memory holds every item committed since the
 					// preload was read: it came after the Start.
 					in := *pre
@@ -801,12 +803,7 @@ func (s *Sender) recoverDone(in RecoverDone) {
 		// since the recover was issued and is in memory; those up to End
 		// are read from the store. An AS with nothing past its cursor
 		// reads nothing.
-		i := 0
-		for i < len(s.mem) && s.mem[i].Seq <= in.End {
-			s.memBytes -= len(s.mem[i].Data)
-			i++
-		}
-		s.mem = s.mem[i:]
+		s.trimMem(in.End)
 		s.completeAfter = in.End
 		return
 	}
@@ -916,16 +913,24 @@ func (s *Sender) advanceRead() {
 	}
 }
 
-// takeMem takes the remembered items after fetchedTo.
-func (s *Sender) takeMem() {
+// trimMem forgets the remembered items up to seq; an emptied memory lets
+// go of its array.
+func (s *Sender) trimMem(seq int64) {
 	i := 0
-	for i < len(s.mem) && s.mem[i].Seq <= s.fetchedTo {
+	for i < len(s.mem) && s.mem[i].Seq <= seq {
 		s.memBytes -= len(s.mem[i].Data)
 		i++
 	}
 	s.mem = s.mem[i:]
 	if len(s.mem) == 0 {
 		s.mem = nil
+	}
+}
+
+// takeMem takes the remembered items after fetchedTo.
+func (s *Sender) takeMem() {
+	s.trimMem(s.fetchedTo)
+	if len(s.mem) == 0 {
 		s.exhausted = true
 		return
 	}

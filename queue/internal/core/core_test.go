@@ -1,6 +1,7 @@
 package core
 
 import (
+	"go/ast"
 	"go/parser"
 	"go/token"
 	"math/rand/v2"
@@ -27,16 +28,22 @@ func TestNoIO(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		af, err := parser.ParseFile(token.NewFileSet(), f, src, parser.ImportsOnly)
+		af, err := parser.ParseFile(token.NewFileSet(), f, src, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
+		ast.Inspect(af, func(n ast.Node) bool {
+			if _, ok := n.(*ast.GoStmt); ok {
+				t.Errorf("%s starts a goroutine", f)
+			}
+			return true
+		})
 		for _, im := range af.Imports {
 			if p, _ := strconv.Unquote(im.Path.Value); banned[p] {
 				t.Errorf("%s imports %s", f, p)
 			}
 		}
-		for _, bad := range []string{"time.Now(", "time.Since(", "time.Until(", "time.After(", "time.NewTimer(", "go func"} {
+		for _, bad := range []string{"time.Now(", "time.Since(", "time.Until(", "time.After(", "time.NewTimer("} {
 			if strings.Contains(string(src), bad) {
 				t.Errorf("%s uses %s", f, bad)
 			}
@@ -217,26 +224,10 @@ func TestCatchupBatching(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := testConfig(false)
 			cfg.CatchupEvents, cfg.Bytes = tt.catchup, tt.bytes
-			m := New(cfg, rand.New(rand.NewPCG(1, 2)))
-			now := time.Unix(0, 0)
-			m.Step(now, Start{Target: Target{HasURL: true}})
-			r := m.Ready()
-			m.Step(now, RecoverDone{Tok: r.Recover.Tok})
-			r = m.Ready()
-			if r.Read == nil {
-				t.Fatalf("no read after recovery: %+v", r)
-			}
-			items := make([]txnstore.Item, tt.waiting)
-			for i := range items {
-				items[i] = txnstore.Item{Seq: int64(i + 1), Kind: txnstore.KindEvent, Data: []byte(`{"a":"12345"}`)} // 14 bytes with its comma
-			}
-			m.Step(now, ReadDone{Tok: r.Read.Tok, Items: items})
-			r = m.Ready()
-			if r.Freeze == nil {
-				t.Fatalf("nothing frozen: %+v", r)
-			}
+			m, read := readingEmpty(t, cfg)
+			freeze := freezeOfRead(t, m, read, tt.waiting)
 			var got []int
-			for _, tx := range r.Freeze.Txns {
+			for _, tx := range freeze.Txns {
 				got = append(got, int(tx.Range.Last-tx.Range.After))
 			}
 			if !slices.Equal(got, tt.want) {
@@ -337,39 +328,53 @@ func TestDeepPipeline(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := testConfig(false)
 			cfg.Depth, cfg.Bytes = tt.depth, tt.bytes
-			m := New(cfg, rand.New(rand.NewPCG(1, 2)))
-			now := time.Unix(0, 0)
-			m.Step(now, Start{Target: Target{HasURL: true}})
-			r := m.Ready()
-			m.Step(now, RecoverDone{Tok: r.Recover.Tok})
-			r = m.Ready()
-			if r.Read == nil {
-				t.Fatalf("no read after recovery: %+v", r)
-			}
-			if min(r.Read.MaxItems, r.Read.MaxBytes/item) <= tt.wantFrozen*cfg.Events {
-				t.Fatalf("read of %d items, %d bytes: not enough for %d transactions of %d events", r.Read.MaxItems, r.Read.MaxBytes, tt.wantFrozen, cfg.Events)
+			m, read := readingEmpty(t, cfg)
+			if min(read.MaxItems, read.MaxBytes/item) <= tt.wantFrozen*cfg.Events {
+				t.Fatalf("read of %d items, %d bytes: not enough for %d transactions of %d events", read.MaxItems, read.MaxBytes, tt.wantFrozen, cfg.Events)
 			}
 			// The store returns what it was asked for: a backlog of more.
-			n := min(r.Read.MaxItems, r.Read.MaxBytes/item+1)
-			items := make([]txnstore.Item, n)
-			for i := range items {
-				items[i] = txnstore.Item{Seq: int64(i + 1), Kind: txnstore.KindEvent, Data: []byte(`{"a":"12345"}`)}
-			}
-			m.Step(now, ReadDone{Tok: r.Read.Tok, Items: items})
-			r = m.Ready()
-			if r.Freeze == nil {
-				t.Fatalf("nothing frozen: %+v", r)
-			}
+			freeze := freezeOfRead(t, m, read, min(read.MaxItems, read.MaxBytes/item+1))
 			ahead := 0
-			for _, tx := range r.Freeze.Txns {
+			for _, tx := range freeze.Txns {
 				ahead += tx.Len
 			}
-			if len(r.Freeze.Txns) != tt.wantFrozen {
-				t.Errorf("froze %d transactions, want %d", len(r.Freeze.Txns), tt.wantFrozen)
+			if len(freeze.Txns) != tt.wantFrozen {
+				t.Errorf("froze %d transactions, want %d", len(freeze.Txns), tt.wantFrozen)
 			}
-			if limit := readTxns * cfg.Bytes; ahead-r.Freeze.Txns[len(r.Freeze.Txns)-1].Len >= limit {
+			if limit := readTxns * cfg.Bytes; ahead-freeze.Txns[len(freeze.Txns)-1].Len >= limit {
 				t.Errorf("%d bytes frozen ahead before the last transaction, over %d", ahead, limit)
 			}
 		})
 	}
+}
+
+// readingEmpty starts a machine of cfg on an empty queue and returns it
+// with the read of the stream it then asks for.
+func readingEmpty(t *testing.T, cfg Config) (*Sender, *ReadOp) {
+	t.Helper()
+	m := New(cfg, rand.New(rand.NewPCG(1, 2)))
+	now := time.Unix(0, 0)
+	m.Step(now, Start{Target: Target{HasURL: true}})
+	m.Step(now, RecoverDone{Tok: m.Ready().Recover.Tok})
+	r := m.Ready()
+	if r.Read == nil {
+		t.Fatalf("no read after recovery: %+v", r)
+	}
+	return m, r.Read
+}
+
+// freezeOfRead answers read with n events of 14 bytes each (with their
+// comma), seqs 1 to n, and returns the freeze the machine then asks for.
+func freezeOfRead(t *testing.T, m *Sender, read *ReadOp, n int) *FreezeOp {
+	t.Helper()
+	items := make([]txnstore.Item, n)
+	for i := range items {
+		items[i] = txnstore.Item{Seq: int64(i + 1), Kind: txnstore.KindEvent, Data: []byte(`{"a":"12345"}`)}
+	}
+	m.Step(time.Unix(0, 0), ReadDone{Tok: read.Tok, Items: items})
+	r := m.Ready()
+	if r.Freeze == nil {
+		t.Fatalf("nothing frozen: %+v", r)
+	}
+	return r.Freeze
 }
