@@ -274,6 +274,9 @@ func ensureASes(ctx context.Context, store txnstore.Store, all []*registry.AppSe
 		if err != nil {
 			return fmt.Errorf("dispatcher: reload: appservices: %w", err)
 		}
+		if len(got) != len(ids) {
+			return fmt.Errorf("dispatcher: reload: appservices: the store returned %d keys for %d ids", len(got), len(ids))
+		}
 		copy(keys, got)
 		return nil
 	}
